@@ -1,0 +1,133 @@
+"""A trained model on disk: ``<repo>/<name>/manifest.yaml`` + edge weights + cloud ONNX + card.
+
+Edge and cloud both load bundles by name from a model repository folder (default: the bundles
+installed with the package, ``edgecloud.models``), as Triton does.
+
+Layout of a bundle folder::
+
+    manifest.yaml   this schema (family, arch kwargs, input, classes, exits, cloud, training)
+    edge.pt         torch state_dict of the whole SplitModel (edge parts are what the edge uses)
+    cloud.onnx      the cloud part, full precision, input tensor ``cloud.input_name``
+    README.md       the model card
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST = "manifest.yaml"
+EDGE_WEIGHTS = "edge.pt"
+CLOUD_ONNX = "cloud.onnx"
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "INPUT"
+    shape: list[int]                    # one sample, e.g. [1, 28, 28]
+    datatype: Literal["FP32"] = "FP32"  # pixels in [0, 1]; the daemon also accepts UINT8 0..255
+    mean: list[float] = Field(default_factory=list)  # normalisation applied inside the model
+    std: list[float] = Field(default_factory=list)
+
+
+class ExitSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    threshold: float | None = None  # None: this exit always answers what reaches it
+
+
+class CloudSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    offload: Literal["features", "raw"] = "features"
+    input_name: str = "FEATURES"
+    input_shape: list[int]          # one sample
+    output_name: str = "LOGITS"
+    model_name: str = ""            # name the cloud serves it under; default: the bundle name
+    macs: int = 0                   # MACs per sample of the cloud part (for energy accounting)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    version: str = "1"
+    family: str                     # registry name, e.g. "cdhn"
+    arch: dict[str, Any] = Field(default_factory=dict)  # kwargs for the family's constructor
+    input: InputSpec
+    classes: list[str]
+    policy: Literal["entropy", "max_prob"] = "entropy"
+    exits: list[ExitSpec]
+    cloud: CloudSpec
+    training: dict[str, Any] = Field(default_factory=dict)  # command, seed, wall_time_s, data
+    metrics: dict[str, Any] = Field(default_factory=dict)   # measured results (from eval)
+
+    @property
+    def cloud_model_name(self) -> str:
+        return self.cloud.model_name or self.name
+
+
+def default_repository() -> Path:
+    """The folder of bundles installed with the package."""
+    return Path(str(resources.files("edgecloud.models")))
+
+
+class Bundle:
+    """One bundle folder, loaded lazily (the cloud never needs torch weights, the edge never ONNX)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{self.path} is not a model bundle: no {MANIFEST}")
+        with manifest_path.open() as fh:
+            data = yaml.safe_load(fh)
+        try:
+            self.manifest = Manifest.model_validate(data)
+        except Exception as exc:  # pydantic.ValidationError: re-raise naming the file
+            raise ValueError(f"invalid manifest {manifest_path}: {exc}") from exc
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def edge_weights(self) -> Path:
+        return self.path / EDGE_WEIGHTS
+
+    @property
+    def cloud_onnx(self) -> Path:
+        return self.path / CLOUD_ONNX
+
+    def build_model(self):  # -> SplitModel; imported lazily so the cloud does not import torch nets
+        import torch
+
+        from edgecloud.nets import create_model
+
+        model = create_model(self.manifest.family, **self.manifest.arch)
+        state = torch.load(self.edge_weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        model.eval()
+        return model
+
+
+class ModelRepository:
+    """A folder of bundle folders, looked up by bundle name."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root else default_repository()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"model repository {self.root} does not exist")
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
+
+    def get(self, name: str) -> Bundle:
+        path = self.root / name
+        if not (path / MANIFEST).is_file():
+            raise KeyError(
+                f"no bundle {name!r} in {self.root}; available: {', '.join(self.names()) or 'none'}"
+            )
+        return Bundle(path)

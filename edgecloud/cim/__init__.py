@@ -1,0 +1,1 @@
+"""Simulated compute-in-memory backends, event counting and energy accounting."""

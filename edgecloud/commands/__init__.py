@@ -1,0 +1,1 @@
+"""Sub-commands of the ``edgecloud`` CLI (see :mod:`edgecloud.cli`)."""

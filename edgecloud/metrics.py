@@ -1,0 +1,85 @@
+"""Every Prometheus metric family, named once (prefix ``edgecloud_``, base units).
+
+Each server owns a :class:`Metrics` with its own ``CollectorRegistry`` so that several servers
+can live in one process (tests) without "Duplicated timeseries". Energy is a joules *counter*;
+power is ``rate()`` of it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from edgecloud import __version__
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """The metric families of one server (``role`` is ``edge`` or ``cloud``)."""
+
+    def __init__(self, role: str, registry: CollectorRegistry | None = None) -> None:
+        self.role = role
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.build_info = Info("edgecloud_build", "edgecloud build information", registry=r)
+        self.build_info.info({"version": __version__, "role": role})
+        self.requests = Counter(
+            "edgecloud_requests", "Inference requests by model and final gRPC status",
+            ["model", "status"], registry=r,
+        )
+        self.samples = Counter(
+            "edgecloud_samples", "Samples answered, by model and the exit that answered them",
+            ["model", "exit"], registry=r,
+        )
+        self.degraded_samples = Counter(
+            "edgecloud_degraded_samples",
+            "Samples that needed the cloud but were answered by an edge exit (cloud down or late)",
+            ["model"], registry=r,
+        )
+        self.energy = Counter(
+            "edgecloud_energy_joules", "Simulated energy spent, by component",
+            ["model", "component"], registry=r,
+        )
+        self.latency = Histogram(
+            "edgecloud_request_duration_seconds", "Latency by stage (queue, edge_compute, "
+            "cloud_round_trip, cloud_compute, total)",
+            ["model", "stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.offload_bytes = Counter(
+            "edgecloud_offload_bytes", "Bytes of tensors sent from the edge to the cloud",
+            ["model"], registry=r,
+        )
+        self.cloud_failures = Counter(
+            "edgecloud_cloud_failures", "Failed edge->cloud calls by gRPC status code",
+            ["model", "code"], registry=r,
+        )
+        self.batch_size = Histogram(
+            "edgecloud_batch_size", "Samples per executed batch", ["model"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge(
+            "edgecloud_queue_depth", "Samples waiting in the batching queue", ["model"], registry=r,
+        )
+        self.circuit_open = Gauge(
+            "edgecloud_circuit_breaker_open",
+            "Edge->cloud circuit breaker state (0 closed, 0.5 half-open, 1 open)", registry=r,
+        )
+        self.exit_threshold = Gauge(
+            "edgecloud_exit_threshold", "Current exit threshold per exit", ["model", "exit"],
+            registry=r,
+        )
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Start the ``/metrics`` HTTP endpoint; returns the bound port (0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http_server = server
+        return int(server.server_address[1])
+
+    def shutdown(self) -> None:
+        server = getattr(self, "_http_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()

@@ -1,0 +1,1 @@
+"""Trained model bundles shipped with edgecloud (installed as ``edgecloud.models``)."""
