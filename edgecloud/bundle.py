@@ -58,6 +58,8 @@ class Manifest(BaseModel):
     arch: dict[str, Any] = Field(default_factory=dict)  # kwargs for the family's constructor
     input: InputSpec
     classes: list[str]
+    reference_macs: int = 0  # MACs per sample of the whole network in full precision, i.e. the
+    #                          "send everything to the cloud" baseline the energy is compared to
     policy: Literal["entropy", "max_prob"] = "entropy"
     exits: list[ExitSpec]
     cloud: CloudSpec
