@@ -1,0 +1,268 @@
+"""The edge part of one bundle: model on a CiM backend, exit policy, per-sample energy.
+
+:class:`EdgeRunner` is everything the daemon needs from the model side and nothing from the
+network side: it turns a batch of input pixels into an :class:`EdgeResult` (the best local
+answer for every sample plus the cloud input for the undecided ones), and then, once the cloud
+has answered or failed, into final :class:`SampleResults` with the energy of every component.
+Keeping the two steps apart lets the servicer micro-batch the first across requests and send
+the second through the cloud client.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgecloud.bundle import Bundle
+from edgecloud.cim.backend import Backend, create_backend
+from edgecloud.cim.energy import EnergyMeter
+from edgecloud.cim.events import EventLog, recording
+from edgecloud.exits import ExitPolicy
+
+RADIO = "radio"
+CLOUD = "cloud"
+
+
+def policy_from_manifest(bundle: Bundle, override: list[float | None] | None = None) -> ExitPolicy:
+    """The manifest's exit policy, with thresholds optionally replaced (config or flags)."""
+    manifest = bundle.manifest
+    thresholds = [e.threshold for e in manifest.exits]
+    if override is not None:
+        if len(override) != len(thresholds):
+            raise ValueError(
+                f"model {bundle.name!r}: {len(override)} thresholds given but the bundle has "
+                f"{len(thresholds)} exits ({', '.join(e.name for e in manifest.exits)})"
+            )
+        thresholds = list(override)
+    try:
+        return ExitPolicy(kind=manifest.policy, thresholds=thresholds)
+    except ValueError as exc:
+        raise ValueError(f"model {bundle.name!r}: {exc}") from exc
+
+
+def softmax_np(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32 (the cloud returns logits)."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@dataclass
+class EdgeResult:
+    """What the edge decided for N samples (numpy, ready to split per request).
+
+    ``exit_index`` is -1 for samples that need the cloud; for those ``best_exit`` is the edge
+    exit whose prediction ``probs`` holds (the degraded answer if the cloud cannot help).
+    """
+
+    probs: np.ndarray          # [N, C] float32
+    exit_index: np.ndarray     # [N] int32
+    best_exit: np.ndarray      # [N] int32
+    offload_index: np.ndarray  # [K] int64 rows that need the cloud
+    offload: np.ndarray        # [K, ...] float32 cloud input for those rows
+    energy: dict[str, np.ndarray] = field(default_factory=dict)  # component -> [N] joules
+    compute_s: float = 0.0     # wall time of the batch this result came from
+
+    @property
+    def size(self) -> int:
+        return int(self.probs.shape[0])
+
+    def take(self, start: int, stop: int) -> "EdgeResult":
+        """Rows [start, stop) as their own result (offload rows renumbered)."""
+        keep = (self.offload_index >= start) & (self.offload_index < stop)
+        return EdgeResult(
+            probs=self.probs[start:stop],
+            exit_index=self.exit_index[start:stop],
+            best_exit=self.best_exit[start:stop],
+            offload_index=self.offload_index[keep] - start,
+            offload=self.offload[keep],
+            energy={k: v[start:stop] for k, v in self.energy.items()},
+            compute_s=self.compute_s,
+        )
+
+
+@dataclass
+class SampleResults:
+    """Final per-sample answer of one request."""
+
+    probabilities: np.ndarray  # [N, C] float32
+    class_index: np.ndarray    # [N] int32
+    exit_index: np.ndarray     # [N] int32; edge exits 0.., cloud = number of edge exits
+    confidence: np.ndarray     # [N] float32, max probability
+    energy_joules: np.ndarray  # [N] float64, all components
+    energy: dict[str, np.ndarray]  # component -> [N] joules
+    degraded: np.ndarray       # [N] bool: needed the cloud, answered by an edge exit
+    cloud: np.ndarray          # [N] bool: answered by the cloud
+
+
+class EdgeRunner:
+    """One bundle's edge model, prepared on a backend, with a live exit policy."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: Backend | str = "digital",
+        policy: ExitPolicy | None = None,
+        energy_meter: EnergyMeter | None = None,
+        *,
+        backend_options: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.name = bundle.name
+        self.exit_names = [e.name for e in self.manifest.exits]
+        self.cloud_exit = len(self.exit_names)
+        self.sample_shape = tuple(int(d) for d in self.manifest.input.shape)
+        self.num_classes = len(self.manifest.classes)
+        self.policy = policy or policy_from_manifest(bundle)
+        if len(self.policy.thresholds) != len(self.exit_names):
+            raise ValueError(
+                f"model {self.name!r}: policy has {len(self.policy.thresholds)} thresholds, "
+                f"bundle has {len(self.exit_names)} exits"
+            )
+        self.meter = energy_meter or EnergyMeter()
+        self.radio_joules_per_bit = self.meter.table.per_event("radio_bit")
+        self.cloud_joules_per_sample = self.manifest.cloud.macs * self.meter.table.per_event("mac_fp32")
+        torch.manual_seed(seed)
+        if isinstance(backend, str):
+            backend = create_backend(backend, backend_options, seed)
+        self.backend = backend
+        self.model = backend.prepare(bundle.build_model())
+        self.model.eval()
+        # A backend may hold state (noise generators, programmed tiles): one batch at a time.
+        self._lock = threading.Lock()
+
+    # ---- inputs --------------------------------------------------------------------------
+    def to_tensor(self, x: np.ndarray) -> torch.Tensor:
+        """FP32 pixels in [0, 1] or UINT8 0..255 -> float32 tensor in [0, 1]."""
+        if x.dtype == np.uint8:
+            return torch.from_numpy(x.astype(np.float32) / 255.0)
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+    # ---- step 1: the edge ----------------------------------------------------------------
+    def run(self, x: np.ndarray, exit0_threshold: float | None = None) -> EdgeResult:
+        """Run the edge part on a batch; ``exit0_threshold`` overrides exit 0 for this call only."""
+        policy = self.policy
+        if exit0_threshold is not None:
+            policy = ExitPolicy(kind=self.policy.kind, thresholds=list(self.policy.thresholds))
+            policy.set_threshold(0, exit0_threshold)
+        n = int(x.shape[0])
+        tensor = self.to_tensor(x)
+        log = EventLog(n)
+        with self._lock:
+            start = time.perf_counter()
+            with torch.inference_mode(), recording(log):
+                decision = self.model.route(tensor, policy)
+            compute_s = time.perf_counter() - start
+        probs = decision.probs.detach().float().cpu().numpy()
+        exit_index = decision.exit_index.detach().cpu().numpy().astype(np.int32)
+        best = getattr(decision, "best_exit", None)
+        if best is not None:
+            best_exit = np.asarray(best.detach().cpu().numpy() if isinstance(best, torch.Tensor) else best,
+                                   dtype=np.int32)
+        else:  # the contract does not say which exit the fallback came from: the deepest one
+            best_exit = np.full(n, len(self.exit_names) - 1, dtype=np.int32)
+        best_exit = np.where(exit_index >= 0, exit_index, best_exit).astype(np.int32)
+        offload_index = decision.offload_index.detach().cpu().numpy().astype(np.int64)
+        offload = decision.offload.detach().float().cpu().numpy()
+        if offload.shape[0] != offload_index.shape[0]:
+            raise RuntimeError(
+                f"model {self.name!r}: route() returned {offload.shape[0]} offload rows for "
+                f"{offload_index.shape[0]} offloaded samples"
+            )
+        if offload.dtype != np.float32:
+            offload = offload.astype(np.float32)
+        energy = {k: np.asarray(v, dtype=np.float64) for k, v in self.meter.per_component(log).items()}
+        return EdgeResult(probs, exit_index, best_exit, offload_index, offload, energy, compute_s)
+
+    def run_many(self, batches: list[np.ndarray]) -> list[EdgeResult]:
+        """One model call for several requests' inputs, split back per request (micro-batching)."""
+        if len(batches) == 1:
+            return [self.run(batches[0])]
+        joined = self.run(np.concatenate(batches, axis=0))
+        out, start = [], 0
+        for b in batches:
+            stop = start + int(b.shape[0])
+            out.append(joined.take(start, stop))
+            start = stop
+        return out
+
+    # ---- step 2: combine with the cloud --------------------------------------------------
+    def complete(
+        self,
+        edge: EdgeResult,
+        cloud_probs: np.ndarray | None,
+        transmitted: bool,
+    ) -> SampleResults:
+        """Final answers: cloud probabilities for offloaded rows if the cloud answered, else the
+        best edge exit (degraded). Radio energy counts if the features were sent at all; cloud
+        compute only for samples the cloud answered."""
+        n = edge.size
+        probs = edge.probs.copy()
+        exit_index = edge.exit_index.copy()
+        rows = edge.offload_index
+        cloud = np.zeros(n, dtype=bool)
+        degraded = np.zeros(n, dtype=bool)
+        energy = {k: v.copy() for k, v in edge.energy.items()}
+        radio = np.zeros(n, dtype=np.float64)
+        cloud_j = np.zeros(n, dtype=np.float64)
+        if rows.size:
+            if transmitted:
+                per_sample_bits = float(edge.offload[0].nbytes) * 8.0
+                radio[rows] = per_sample_bits * self.radio_joules_per_bit
+            if cloud_probs is not None:
+                probs[rows] = cloud_probs
+                exit_index[rows] = self.cloud_exit
+                cloud[rows] = True
+                cloud_j[rows] = self.cloud_joules_per_sample
+            else:
+                exit_index[rows] = edge.best_exit[rows]
+                degraded[rows] = True
+        energy[RADIO] = radio
+        energy[CLOUD] = cloud_j
+        total = np.zeros(n, dtype=np.float64)
+        for v in energy.values():
+            total += v
+        return SampleResults(
+            probabilities=probs.astype(np.float32, copy=False),
+            class_index=probs.argmax(axis=1).astype(np.int32),
+            exit_index=exit_index.astype(np.int32),
+            confidence=probs.max(axis=1).astype(np.float32) if n else np.zeros(0, np.float32),
+            energy_joules=total,
+            energy=energy,
+            degraded=degraded,
+            cloud=cloud,
+        )
+
+    # ---- thresholds ----------------------------------------------------------------------
+    def thresholds(self) -> list[float | None]:
+        with self.policy._lock:
+            return list(self.policy.thresholds)
+
+    def set_threshold(self, exit_index: int, value: float | None) -> None:
+        self.policy.set_threshold(exit_index, value)
+
+    def set_thresholds(self, values: list[float | None]) -> None:
+        """Replace all thresholds at once (SIGHUP reload); validated before any is changed."""
+        fresh = ExitPolicy(kind=self.policy.kind, thresholds=list(values))
+        if len(fresh.thresholds) != len(self.exit_names):
+            raise ValueError(
+                f"model {self.name!r}: {len(values)} thresholds given, {len(self.exit_names)} exits"
+            )
+        with self.policy._lock:
+            self.policy.thresholds[:] = fresh.thresholds
+
+    def exit_label(self, exit_index: int) -> str:
+        """Metric label of an exit: its manifest name, or ``cloud``."""
+        if 0 <= exit_index < len(self.exit_names):
+            return self.exit_names[exit_index]
+        return "cloud"
+
+
+__all__ = ["EdgeRunner", "EdgeResult", "SampleResults", "policy_from_manifest", "softmax_np"]

@@ -1,0 +1,228 @@
+"""Write a trained :class:`SplitModel` as a model bundle (see :mod:`edgecloud.bundle`).
+
+``export_bundle`` writes ``edge.pt`` (the whole state_dict), ``cloud.onnx`` (the cloud part,
+full precision, dynamic batch, weights embedded), the model card ``README.md`` and, last, the
+``manifest.yaml`` — so a folder without a manifest is never mistaken for a finished bundle. The
+ONNX file is checked against torch with ONNX Runtime before the manifest is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from edgecloud.bundle import CLOUD_ONNX, EDGE_WEIGHTS, MANIFEST, CloudSpec, ExitSpec, InputSpec, Manifest
+from edgecloud.exits import ExitPolicy
+from edgecloud.nets.base import SplitModel
+from edgecloud.nets.layers import count_macs, reference_macs
+
+ONNX_OPSET = 17
+OUTPUT_NAME = "LOGITS"
+
+
+def input_spec_of(model: nn.Module) -> InputSpec:
+    """The input spec a family's model implies (shape and the normalisation inside it)."""
+    c, s = int(model.in_channels), int(model.image_size)  # type: ignore[arg-type]
+    norm = getattr(model, "normalize", None)
+    mean = norm.mean.flatten().tolist() if norm is not None else []
+    std = norm.std.flatten().tolist() if norm is not None else []
+    return InputSpec(shape=[c, s, s], mean=[round(v, 6) for v in mean], std=[round(v, 6) for v in std])
+
+
+def export_onnx(module: nn.Module, path: Path, sample_shape: Sequence[int], input_name: str) -> None:
+    """Export ``module`` (full precision) with a dynamic batch dimension, weights in one file."""
+    module = copy.deepcopy(module).float().eval().to(memory_format=torch.contiguous_format)
+    dummy = torch.rand(2, *sample_shape, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(
+            module, (dummy,), str(path),
+            input_names=[input_name], output_names=[OUTPUT_NAME],
+            dynamic_axes={input_name: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=ONNX_OPSET, dynamo=False,
+        )
+
+
+def verify_onnx(module: nn.Module, path: Path, sample_shape: Sequence[int], input_name: str,
+                atol: float = 1e-4, batch: int = 3) -> float:
+    """Max |ORT - torch| over a random batch; raises if above ``atol`` (relative to the logit scale)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = torch.randn(batch, *sample_shape, generator=torch.Generator().manual_seed(1))
+    module = copy.deepcopy(module).float().eval()
+    with torch.no_grad():
+        expected = module(x).numpy()
+    got = session.run([OUTPUT_NAME], {input_name: x.numpy()})[0]
+    err = float(np.abs(got - expected).max())
+    scale = max(1.0, float(np.abs(expected).max()))
+    if err > atol * scale:
+        raise RuntimeError(f"ONNX export of the cloud part differs from torch by {err:.3g} (> {atol * scale:.3g})")
+    return err
+
+
+def _exit_specs(model: SplitModel, exits: Sequence[Any] | None) -> list[ExitSpec]:
+    names = list(model.exit_names)
+    if exits is None:
+        exits = [None] * len(names)
+    if len(exits) != len(names):
+        raise ValueError(f"model has {len(names)} edge exits {names}, got {len(exits)} exit specs")
+    specs = []
+    for name, e in zip(names, exits):
+        if isinstance(e, ExitSpec):
+            specs.append(e)
+        elif isinstance(e, Mapping):
+            specs.append(ExitSpec(**{"name": name, **e}))
+        else:
+            specs.append(ExitSpec(name=name, threshold=None if e is None else float(e)))
+    return specs
+
+
+def export_bundle(
+    model: SplitModel,
+    out_dir: str | Path,
+    *,
+    name: str,
+    family: str,
+    arch: Mapping[str, Any] | None = None,
+    input_spec: InputSpec | Mapping[str, Any] | None = None,
+    classes: Sequence[str],
+    exits: Sequence[Any] | None = None,
+    policy: str = "entropy",
+    training: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    verify: bool = True,
+) -> Path:
+    """Write the bundle folder ``out_dir`` and return its path.
+
+    ``exits``: one threshold (or ``None``/ExitSpec/dict) per edge exit, in ``model.exit_names``
+    order. ``input_spec`` defaults to the model's own shape and normalisation. ``training`` and
+    ``metrics`` go to the manifest and the model card as given.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    if input_spec is None:
+        spec = input_spec_of(model)
+    elif isinstance(input_spec, InputSpec):
+        spec = input_spec
+    else:
+        spec = InputSpec(**input_spec)
+    sample_shape = tuple(spec.shape)
+    classes = [str(c) for c in classes]
+    if len(classes) != getattr(model, "num_classes", len(classes)):
+        raise ValueError(f"{len(classes)} class names for a {model.num_classes}-class model")
+
+    offload_shape = tuple(int(v) for v in model.offload_shape())
+    input_name = "FEATURES" if model.offload_kind == "features" else "INPUT"
+    cloud = model.cloud_module()
+    cloud_macs = int(count_macs(cloud, offload_shape))  # type: ignore[arg-type]
+    edge_macs = count_macs(model, sample_shape, lambda m, x: m.route(x, _never_exit(m)), by_precision=True)
+    manifest = Manifest(
+        name=name,
+        family=family,
+        arch=dict(arch or {}),
+        input=spec,
+        classes=classes,
+        reference_macs=reference_macs(model, sample_shape),
+        policy=policy,  # type: ignore[arg-type]
+        exits=_exit_specs(model, exits),
+        cloud=CloudSpec(
+            offload=model.offload_kind, input_name=input_name, input_shape=list(offload_shape),
+            output_name=OUTPUT_NAME, macs=cloud_macs,
+        ),
+        training=dict(training or {}),
+        metrics=dict(metrics or {}),
+    )
+
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        manifest_path.unlink()  # the folder is not a valid bundle until the new manifest lands
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, out / EDGE_WEIGHTS)
+    export_onnx(cloud, out / CLOUD_ONNX, offload_shape, input_name)
+    onnx_err = verify_onnx(cloud, out / CLOUD_ONNX, offload_shape, input_name) if verify else None
+    (out / "README.md").write_text(model_card(manifest, edge_macs, onnx_err))
+    _atomic_write(manifest_path, yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False))
+    return out
+
+
+class _NeverExit(ExitPolicy):
+    """A policy under which every edge exit declines, so route() runs the whole edge part."""
+
+    def confident(self, probs: torch.Tensor, exit_index: int) -> torch.Tensor:
+        return torch.zeros(probs.shape[0], dtype=torch.bool)
+
+
+def _never_exit(model: SplitModel) -> ExitPolicy:
+    return _NeverExit("max_prob", [None] * len(model.exit_names))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def model_card(manifest: Manifest, edge_macs: Mapping[str, int] | int, onnx_err: float | None) -> str:
+    """The bundle's README: what it is, how it was made, what was measured."""
+    m = manifest
+    t = m.training
+    lines = [
+        f"# {m.name}",
+        "",
+        f"Family `{m.family}` — an edge–cloud split network. Input: {m.input.datatype} "
+        f"{list(m.input.shape)} pixels in [0, 1] (tensor `{m.input.name}`); normalisation "
+        f"(mean {m.input.mean}, std {m.input.std}) happens inside the model.",
+        "",
+        "## Where each part runs",
+        "",
+        f"- **Edge** (`edge.pt`, torch state_dict): MACs per sample by precision "
+        f"{dict(edge_macs) if isinstance(edge_macs, Mapping) else edge_macs} "
+        "(quantized layers run on the selected CiM backend).",
+        f"- **Exits** ({m.policy} policy): "
+        + ", ".join(f"`{e.name}` threshold {e.threshold}" for e in m.exits)
+        + (" — none (every sample goes to the cloud)" if not m.exits else ""),
+        f"- **Cloud** (`cloud.onnx`, FP32, opset {ONNX_OPSET}): input `{m.cloud.input_name}` "
+        f"{m.cloud.input_shape} ({m.cloud.offload}), output `{m.cloud.output_name}`, "
+        f"{m.cloud.macs:,} MACs per sample.",
+        f"- Offload per sample: {int(np.prod(m.cloud.input_shape)) * 4:,} bytes as FP32.",
+        f"- Reference (whole network in full precision, everything in the cloud): "
+        f"{m.reference_macs:,} MACs per sample.",
+    ]
+    if onnx_err is not None:
+        lines.append(f"- ONNX Runtime vs torch (cloud part): max |diff| = {onnx_err:.2e}.")
+    lines += ["", "## Architecture", "", "```yaml", yaml.safe_dump(m.arch or {}, sort_keys=False).strip()
+              or "{}", "```", "", "Classes: " + ", ".join(m.classes), "", "## Training", ""]
+    if t:
+        if "command" in t:
+            lines += ["Reproduce with:", "", "```bash", str(t["command"]), "```", ""]
+        lines += [f"- {k}: {_fmt(v)}" for k, v in t.items() if k != "command"]
+    else:
+        lines.append("Untrained (weights are the seeded initialisation).")
+    lines += ["", "## Measured metrics", ""]
+    if m.metrics:
+        lines += [f"- {k}: {_fmt(v)}" for k, v in m.metrics.items()]
+    else:
+        lines.append("None recorded.")
+    lines.append("")
+    return "\n".join(lines)
