@@ -1,0 +1,148 @@
+"""One ONNX Runtime session per bundle's ``cloud.onnx``.
+
+To the cloud a bundle's cloud part is just an ONNX model with one FP32 input
+(``manifest.cloud.input_name``, shape ``[N] + cloud.input_shape``) and logits out. It may be
+the tail of a split network (input: intermediate features) or a whole model (input: the raw
+sample); both load the same way. The session's threading comes from :class:`CloudConfig`:
+``intra_op_threads`` and ``session.intra_op.allow_spinning`` (spinning starves other
+processes on a 2-core machine, so it can be turned off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgecloud.bundle import Bundle, ModelRepository
+from edgecloud.config import CloudConfig
+
+PROBABILITIES = "probabilities"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, stable for large logits."""
+    z = logits.astype(np.float32, copy=False)
+    z = z - z.max(axis=1, keepdims=True)
+    np.exp(z, out=z) if z is not logits else None
+    e = np.exp(z) if z is logits else z
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
+
+
+def session_options(config: CloudConfig) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    if config.intra_op_threads:
+        opts.intra_op_num_threads = int(config.intra_op_threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                  "1" if config.allow_spinning else "0")
+    return opts
+
+
+@dataclass
+class CloudModel:
+    """A loaded cloud part and the tensor contract it is served under."""
+
+    name: str                      # served name (manifest.cloud_model_name)
+    version: str
+    bundle: Bundle
+    session: ort.InferenceSession
+    input_name: str                # OIP input name == ONNX input name
+    input_shape: list[int]         # one sample
+    output_name: str               # OIP name of the logits output
+    onnx_output: str               # ONNX output that holds the logits
+    num_classes: int
+    macs: int                      # per sample, for energy accounting
+    max_batch_size: int | None = None  # set when the ONNX batch dimension is fixed at 1
+    offload: str = "features"
+    outputs: list[str] = field(default_factory=list)
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Logits and softmax probabilities, FP32 [N, C]."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        (logits,) = self.session.run([self.onnx_output], {self.input_name: batch})
+        logits = np.asarray(logits, dtype=np.float32).reshape(batch.shape[0], -1)
+        return {self.output_name: logits, PROBABILITIES: softmax(logits)}
+
+
+def _static(dim: object) -> int | None:
+    return dim if isinstance(dim, int) else None
+
+
+def load_cloud_model(bundle: Bundle, config: CloudConfig) -> CloudModel:
+    """Open ``bundle``'s cloud.onnx and check it against the manifest (clear errors)."""
+    m = bundle.manifest
+    path: Path = bundle.cloud_onnx
+    if not path.is_file():
+        raise FileNotFoundError(f"bundle {m.name!r}: no {path.name} in {bundle.path}")
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=session_options(config), providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ValueError(f"bundle {m.name!r}: cannot load {path}: {exc}") from exc
+    inputs = {i.name: i for i in session.get_inputs()}
+    spec = m.cloud
+    if spec.input_name not in inputs or len(inputs) != 1:
+        raise ValueError(
+            f"bundle {m.name!r}: manifest cloud.input_name={spec.input_name!r} but {path.name} "
+            f"has inputs {sorted(inputs)} (exactly one expected)"
+        )
+    onnx_in = inputs[spec.input_name]
+    if "float" not in onnx_in.type or "16" in onnx_in.type or "double" in onnx_in.type:
+        raise ValueError(f"bundle {m.name!r}: {path.name} input is {onnx_in.type}, not float32")
+    dims = list(onnx_in.shape)
+    if len(dims) != 1 + len(spec.input_shape):
+        raise ValueError(
+            f"bundle {m.name!r}: {path.name} input rank {len(dims)} does not match "
+            f"[N] + cloud.input_shape {spec.input_shape}"
+        )
+    for got, want in zip(dims[1:], spec.input_shape):
+        if _static(got) is not None and got != want:
+            raise ValueError(
+                f"bundle {m.name!r}: {path.name} input shape {dims} does not match "
+                f"cloud.input_shape {spec.input_shape}"
+            )
+    max_batch = None
+    batch_dim = _static(dims[0])
+    if batch_dim is not None:
+        if batch_dim != 1:
+            raise ValueError(
+                f"bundle {m.name!r}: {path.name} has a fixed batch dimension {batch_dim}; "
+                "export it with a dynamic batch axis"
+            )
+        max_batch = 1
+    outputs = [o.name for o in session.get_outputs()]
+    onnx_output = spec.output_name if spec.output_name in outputs else outputs[0]
+    model = CloudModel(
+        name=m.cloud_model_name, version=m.version, bundle=bundle, session=session,
+        input_name=spec.input_name, input_shape=list(spec.input_shape),
+        output_name=spec.output_name, onnx_output=onnx_output, num_classes=len(m.classes),
+        macs=int(spec.macs), max_batch_size=max_batch, offload=spec.offload, outputs=outputs,
+    )
+    # Warm up (first run allocates the arena) and check the class count on the way.
+    probe = model.run(np.zeros([1, *spec.input_shape], dtype=np.float32))[spec.output_name]
+    if probe.shape[1] != model.num_classes:
+        raise ValueError(
+            f"bundle {m.name!r}: {path.name} gives {probe.shape[1]} logits but the manifest "
+            f"lists {model.num_classes} classes"
+        )
+    return model
+
+
+def load_cloud_models(config: CloudConfig) -> dict[str, CloudModel]:
+    """Every requested bundle (all in the repository if ``config.models`` is empty), by served name."""
+    repo = ModelRepository(config.repository)
+    names = config.models or repo.names()
+    if not names:
+        raise ValueError(f"model repository {repo.root} holds no bundles")
+    models: dict[str, CloudModel] = {}
+    for name in names:
+        model = load_cloud_model(repo.get(name), config)
+        if model.name in models:
+            raise ValueError(f"two bundles serve the cloud model name {model.name!r}")
+        models[model.name] = model
+    return models
