@@ -59,7 +59,11 @@ class ServerConfig(_Strict):
 
 class BatchingConfig(_Strict):
     max_batch_size: int = Field(64, ge=1, description="largest batch run at once (samples)")
-    max_queue_delay_ms: float = Field(2.0, ge=0, description="how long a batch may wait to fill")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0,
+        description="how long a batch may wait to fill; 0 = take whatever is queued when the worker "
+        "is free (batches still form under load, and a lone request pays no delay)",
+    )
     max_queue_size: int = Field(1024, ge=1, description="samples queued before RESOURCE_EXHAUSTED")
     max_request_batch: int = Field(256, ge=1, description="largest batch one request may carry")
 
@@ -80,7 +84,7 @@ class CloudLinkConfig(_Strict):
     client_cert: Path | None = None
     client_key: Path | None = None
     server_name_override: str | None = None
-    batching: BatchingConfig = BatchingConfig(max_batch_size=128, max_queue_delay_ms=1.0)
+    batching: BatchingConfig = BatchingConfig(max_batch_size=128)
 
 
 class BackendConfig(_Strict):

@@ -241,9 +241,10 @@ class GrpcServer:
         """Graceful stop; safe to call twice and from any thread.
 
         1. health -> NOT_SERVING for every service (probes and balancers stop sending);
-        2. wait until in-flight RPCs finish (at most ``grace`` s; default config
+        2. wait until in-flight RPCs finish (at most ``grace / 2`` s; default config
            ``shutdown_grace_s``) while still answering — so nothing accepted is lost;
-        3. stop accepting; RPCs still running get what is left of the grace;
+        3. stop accepting; RPCs still running get what is left of the grace, then are
+           cancelled;
         4. stop ``/metrics``, ``close()`` the servicers, remove the ready file.
         """
         with self._stop_lock:
@@ -252,7 +253,9 @@ class GrpcServer:
             grace = self.config.shutdown_grace_s if grace is None else grace
             deadline = time.monotonic() + grace
             self._health.enter_graceful_shutdown()
-            self._in_flight.wait_idle(grace)
+            # Keep answering for at most half the grace while in-flight work finishes, so a
+            # busy server still leaves the other half to RPCs that are running at step 3.
+            self._in_flight.wait_idle(grace / 2)
             remaining = max(0.0, deadline - time.monotonic())
             self._server.stop(remaining).wait()
             self.metrics.shutdown()

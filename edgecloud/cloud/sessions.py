@@ -24,11 +24,9 @@ PROBABILITIES = "probabilities"
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float32, stable for large logits."""
-    z = logits.astype(np.float32, copy=False)
-    z = z - z.max(axis=1, keepdims=True)
-    np.exp(z, out=z) if z is not logits else None
-    e = np.exp(z) if z is logits else z
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
+    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True).astype(np.float32)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def session_options(config: CloudConfig) -> ort.SessionOptions:

@@ -26,6 +26,7 @@ from edgecloud.exits import ExitPolicy
 
 RADIO = "radio"
 CLOUD = "cloud"
+MAX_COMPONENTS = 16  # energy components (digital, crossbar, adc, ...) one edge model can report
 
 
 def policy_from_manifest(bundle: Bundle, override: list[float | None] | None = None) -> ExitPolicy:
@@ -71,19 +72,6 @@ class EdgeResult:
     @property
     def size(self) -> int:
         return int(self.probs.shape[0])
-
-    def take(self, start: int, stop: int) -> "EdgeResult":
-        """Rows [start, stop) as their own result (offload rows renumbered)."""
-        keep = (self.offload_index >= start) & (self.offload_index < stop)
-        return EdgeResult(
-            probs=self.probs[start:stop],
-            exit_index=self.exit_index[start:stop],
-            best_exit=self.best_exit[start:stop],
-            offload_index=self.offload_index[keep] - start,
-            offload=self.offload[keep],
-            energy={k: v[start:stop] for k, v in self.energy.items()},
-            compute_s=self.compute_s,
-        )
 
 
 @dataclass
@@ -137,13 +125,16 @@ class EdgeRunner:
         self.model.eval()
         # A backend may hold state (noise generators, programmed tiles): one batch at a time.
         self._lock = threading.Lock()
+        self.offload_shape = tuple(int(d) for d in self.manifest.cloud.input_shape)
+        self._components: list[str] = []
+        self._slots_lock = threading.Lock()
 
     # ---- inputs --------------------------------------------------------------------------
     def to_tensor(self, x: np.ndarray) -> torch.Tensor:
         """FP32 pixels in [0, 1] or UINT8 0..255 -> float32 tensor in [0, 1]."""
         if x.dtype == np.uint8:
             return torch.from_numpy(x.astype(np.float32) / 255.0)
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return torch.from_numpy(np.array(x, dtype=np.float32))  # a writable copy
 
     # ---- step 1: the edge ----------------------------------------------------------------
     def run(self, x: np.ndarray, exit0_threshold: float | None = None) -> EdgeResult:
@@ -181,17 +172,54 @@ class EdgeRunner:
         energy = {k: np.asarray(v, dtype=np.float64) for k, v in self.meter.per_component(log).items()}
         return EdgeResult(probs, exit_index, best_exit, offload_index, offload, energy, compute_s)
 
-    def run_many(self, batches: list[np.ndarray]) -> list[EdgeResult]:
-        """One model call for several requests' inputs, split back per request (micro-batching)."""
-        if len(batches) == 1:
-            return [self.run(batches[0])]
-        joined = self.run(np.concatenate(batches, axis=0))
-        out, start = [], 0
-        for b in batches:
-            stop = start + int(b.shape[0])
-            out.append(joined.take(start, stop))
-            start = stop
-        return out
+    # ---- fixed-shape rows for the micro-batcher -------------------------------------------
+    def run_rows(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`run` as per-sample rows (every array has N rows), so a dynamic batcher can
+        concatenate several requests' inputs and hand each request its own rows back."""
+        result = self.run(x)
+        n = result.size
+        need = np.zeros(n, dtype=bool)
+        need[result.offload_index] = True
+        offload = np.zeros((n, *self.offload_shape), dtype=np.float32)
+        if result.offload_index.size:
+            rows = result.offload
+            if tuple(rows.shape[1:]) != self.offload_shape:
+                raise RuntimeError(
+                    f"model {self.name!r}: route() offloads samples of shape {list(rows.shape[1:])} "
+                    f"but the manifest's cloud.input_shape is {list(self.offload_shape)}"
+                )
+            offload[result.offload_index] = rows
+        energy = np.zeros((n, MAX_COMPONENTS), dtype=np.float64)
+        for component, joules in result.energy.items():
+            energy[:, self._slot(component)] = joules
+        return {
+            "probs": result.probs, "exit_index": result.exit_index, "best_exit": result.best_exit,
+            "need": need, "offload": offload, "energy": energy,
+            "compute_s": np.full(n, result.compute_s, dtype=np.float64),
+        }
+
+    def from_rows(self, rows: dict[str, np.ndarray]) -> EdgeResult:
+        """The :class:`EdgeResult` of one request's rows (inverse of :meth:`run_rows`)."""
+        offload_index = np.flatnonzero(rows["need"]).astype(np.int64)
+        with self._slots_lock:
+            components = list(self._components)
+        return EdgeResult(
+            probs=rows["probs"],
+            exit_index=rows["exit_index"],
+            best_exit=rows["best_exit"],
+            offload_index=offload_index,
+            offload=rows["offload"][offload_index],
+            energy={c: rows["energy"][:, i] for i, c in enumerate(components)},
+            compute_s=float(rows["compute_s"].max()) if rows["compute_s"].size else 0.0,
+        )
+
+    def _slot(self, component: str) -> int:
+        with self._slots_lock:
+            if component not in self._components:
+                if len(self._components) >= MAX_COMPONENTS:
+                    raise RuntimeError(f"more than {MAX_COMPONENTS} energy components")
+                self._components.append(component)
+            return self._components.index(component)
 
     # ---- step 2: combine with the cloud --------------------------------------------------
     def complete(

@@ -1,0 +1,45 @@
+"""``edgecloud export CHECKPOINT``: write a bundle from a training checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def _threshold(value: str) -> float | str:
+    return value if value == "auto" else float(value)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a bundle from a training checkpoint",
+        description="Rebuild the model from checkpoint.pt (which embeds its recipe), choose the exit "
+                    "threshold on the validation split (or use --threshold), measure the test split "
+                    "and write the bundle folder.",
+    )
+    p.add_argument("checkpoint", type=Path, help="checkpoint.pt or the run folder holding it")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--name", help="bundle name (default: the recipe's)")
+    p.add_argument("--threshold", type=_threshold, help="'auto' or a number (default: the recipe's)")
+    p.add_argument("--data-root", help="data folder (overrides the recipe's data.root)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgecloud.train.loop import finalize, load_checkpoint
+
+    recipe, model, ckpt = load_checkpoint(args.checkpoint)
+    if args.data_root:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"root": args.data_root})})
+    path, metrics = finalize(
+        model, recipe, args.out, name=args.name, threshold=args.threshold,
+        training={"command": f"edgecloud train {recipe.name} (exported with: edgecloud "
+                             f"{shlex.join(sys.argv[1:])})",
+                  "epochs": ckpt["epoch"], "wall_time_s": round(ckpt["wall_time_s"], 1)},
+    )
+    print(f"bundle written to {path}")
+    print(f"  threshold: {metrics['threshold']}  test accuracy: {metrics.get('test_accuracy')}  "
+          f"edge exit share: {metrics.get('test_edge_exit_share')}")
+    return 0

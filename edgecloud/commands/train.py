@@ -1,0 +1,71 @@
+"""``edgecloud train RECIPE``: train a recipe, then export its bundle with measured metrics."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model recipe and export its bundle",
+        description="Train a recipe (a name from edgecloud/train/recipes or a YAML path); checkpoints every "
+                    "epoch into --out; then picks the exit threshold on the validation split, measures the "
+                    "test split and writes the bundle.",
+    )
+    p.add_argument("recipe", nargs="?", help="recipe name or YAML file (see --list)")
+    p.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
+    p.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
+    p.add_argument("--seed", type=int, help="override the recipe's seed")
+    p.add_argument("--out", type=Path, help="run folder for checkpoints (default: runs/<recipe name>)")
+    p.add_argument("--export", type=Path, dest="export_dir",
+                   help="bundle folder to write (default: <out>/<recipe name>)")
+    p.add_argument("--name", help="bundle name (default: the recipe's)")
+    p.add_argument("--data-root", help="data folder (overrides the recipe's data.root)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from edgecloud.train.loop import finalize, load_splits, run_training
+    from edgecloud.train.recipe import list_recipes, load_recipe
+
+    if args.list or not args.recipe:
+        print("\n".join(list_recipes()))
+        return 0 if args.list else 2
+    recipe = load_recipe(args.recipe)
+    updates: dict = {}
+    if args.seed is not None:
+        updates["seed"] = args.seed
+    if args.epochs is not None:
+        updates["optim"] = recipe.optim.model_copy(update={"epochs": args.epochs})
+    if args.data_root:
+        updates["data"] = recipe.data.model_copy(update={"root": args.data_root})
+    recipe = recipe.model_copy(update=updates)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or Path("runs") / recipe.name
+    bundle_dir = args.export_dir or out / (args.name or recipe.name)
+    command = "edgecloud " + shlex.join(sys.argv[1:]) if sys.argv and "train" in sys.argv else None
+    started = time.perf_counter()
+    splits = load_splits(recipe)
+    result = run_training(recipe, out, resume=args.resume, splits=splits, progress=not args.no_progress)
+    path, metrics = finalize(
+        result.model, recipe, bundle_dir, splits=splits, name=args.name,
+        training={"command": command or f"edgecloud train {args.recipe}", "epochs": result.epochs,
+                  "wall_time_s": round(result.wall_time_s, 1),
+                  "total_wall_time_s": round(time.perf_counter() - started, 1)},
+    )
+    print(f"bundle written to {path}")
+    for key in ("threshold", "val_accuracy", "val_edge_exit_share", "test_accuracy",
+                "test_accuracy_cloud_alone", "test_edge_exit_share"):
+        if key in metrics:
+            print(f"  {key}: {metrics[key]}")
+    return 0

@@ -1,0 +1,173 @@
+"""Assembling the edge daemon: bundles -> runners -> servicer + admin + cloud link -> GrpcServer.
+
+``build_edge_server(settings)`` returns a not-yet-started :class:`GrpcServer`;
+``run_edge(settings, ready_file, config_path)`` starts it, re-reads exit thresholds from the
+config file on SIGHUP, and serves until SIGTERM/SIGINT (then drains).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from edgecloud.bundle import ModelRepository
+from edgecloud.cim.energy import EnergyMeter, EnergyTable
+from edgecloud.config import Settings, load_settings
+from edgecloud.edge.admin import ADMIN_SERVICE_NAME, EdgeAdminServicer
+from edgecloud.edge.cloud_client import CloudClient, CloudModel
+from edgecloud.edge.runner import EdgeRunner, policy_from_manifest
+from edgecloud.edge.servicer import EdgeServicer
+from edgecloud.grpc_server import GrpcServer
+from edgecloud.metrics import Metrics
+from edgecloud.protocol import admin_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# {model: {exit_index: threshold or None}}: thresholds pinned by --threshold flags, applied
+# over the manifest and the config file (also after a SIGHUP reload).
+ThresholdPins = Mapping[str, Mapping[int, float | None]]
+
+
+def resolve_thresholds(
+    runner_or_bundle: Any,
+    configured: list[float | None] | None,
+    pins: Mapping[int, float | None] | None,
+) -> list[float | None]:
+    """Manifest thresholds < config file/env list < pinned flags, validated."""
+    bundle = getattr(runner_or_bundle, "bundle", runner_or_bundle)
+    policy = policy_from_manifest(bundle, configured)
+    values = list(policy.thresholds)
+    for index, value in (pins or {}).items():
+        if not 0 <= index < len(values):
+            raise ValueError(
+                f"--threshold {bundle.name}:{index}: the model has exits 0..{len(values) - 1}"
+            )
+        values[index] = value
+    policy_from_manifest(bundle, values)  # validates the pinned values too
+    return values
+
+
+def _check_names(kind: str, names: list[str], served: list[str]) -> None:
+    unknown = sorted(set(names) - set(served))
+    if unknown:
+        raise ValueError(f"{kind} names unknown model(s) {unknown}; served: {', '.join(served)}")
+
+
+def build_edge_server(
+    settings: Settings,
+    *,
+    ready_file: str | Path | None = None,
+    threshold_pins: ThresholdPins | None = None,
+    out: TextIO | None = None,
+) -> GrpcServer:
+    """The edge daemon as an unstarted :class:`GrpcServer` (``.servicer`` is the EdgeServicer)."""
+    edge = settings.edge
+    if edge.torch_threads:
+        import torch
+
+        torch.set_num_threads(edge.torch_threads)
+    repository = ModelRepository(edge.repository)
+    available = repository.names()
+    names = list(edge.models) or available
+    if not names:
+        raise ValueError(f"model repository {repository.root} holds no bundles")
+    _check_names("edge.models", names, available)
+    _check_names("edge.thresholds", list(edge.thresholds), names)
+    _check_names("--threshold", list(threshold_pins or {}), names)
+
+    options = dict(edge.backend.options)
+    table_path = options.pop("energy_table", None)
+    meter = EnergyMeter(EnergyTable.load(table_path))
+    metrics = Metrics("edge")
+    runners: dict[str, EdgeRunner] = {}
+    for name in names:
+        bundle = repository.get(name)
+        thresholds = resolve_thresholds(bundle, edge.thresholds.get(name),
+                                        (threshold_pins or {}).get(name))
+        policy = policy_from_manifest(bundle, thresholds)
+        runners[name] = EdgeRunner(
+            bundle, edge.backend.name, policy, meter,
+            backend_options=options, seed=edge.backend.seed,
+        )
+
+    cloud: CloudClient | None = None
+    if edge.cloud.address:
+        cloud = CloudClient(edge.cloud, metrics, max_message_bytes=edge.server.max_message_bytes)
+        for runner in runners.values():
+            spec = runner.manifest.cloud
+            cloud.add_model(CloudModel(
+                name=runner.name, cloud_name=runner.manifest.cloud_model_name,
+                input_name=spec.input_name, output_name=spec.output_name,
+                num_classes=runner.num_classes,
+            ))
+    servicer = EdgeServicer(
+        runners, metrics=metrics, batching=edge.batching, cloud=cloud,
+        backend_name=edge.backend.name,
+    )
+    admin = EdgeAdminServicer(runners, on_change=servicer.publish_thresholds)
+    return GrpcServer(
+        "edge", edge.server, servicer, metrics=metrics,
+        extra_services=[(admin_pb2_grpc.add_EdgeAdminServicer_to_server, admin, ADMIN_SERVICE_NAME)],
+        ready_file=ready_file, out=out,
+    )
+
+
+def reload_thresholds(
+    server: GrpcServer,
+    config_path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    threshold_pins: ThresholdPins | None = None,
+) -> None:
+    """Re-read thresholds from the config file (SIGHUP). All models are validated before any
+    changes, so a bad file leaves every threshold as it was."""
+    settings = load_settings(config_path, overrides)
+    servicer: EdgeServicer = server.servicer
+    runners = {name: model.runner for name, model in servicer.models.items()}
+    _check_names("edge.thresholds", list(settings.edge.thresholds), list(runners))
+    fresh = {
+        name: resolve_thresholds(runner, settings.edge.thresholds.get(name),
+                                 (threshold_pins or {}).get(name))
+        for name, runner in runners.items()
+    }
+    for name, values in fresh.items():
+        runners[name].set_thresholds(values)
+        servicer.publish_thresholds(runners[name])
+    log.warning("thresholds reloaded from %s: %s", config_path, fresh)
+
+
+def run_edge(
+    settings: Settings,
+    ready_file: str | Path | None = None,
+    config_path: str | Path | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    threshold_pins: ThresholdPins | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; SIGHUP re-reads thresholds from ``config_path`` if given."""
+    server = build_edge_server(settings, ready_file=ready_file, threshold_pins=threshold_pins)
+    server.start()
+    previous = None
+    if config_path is not None and threading.current_thread() is threading.main_thread():
+
+        def on_hup(_signum: int, _frame: Any) -> None:
+            def work() -> None:
+                try:
+                    reload_thresholds(server, config_path, overrides, threshold_pins)
+                except Exception as exc:  # noqa: BLE001 - keep serving with the old thresholds
+                    log.error("SIGHUP reload of %s failed, thresholds unchanged: %s", config_path, exc)
+                    print(f"edgecloud edge: SIGHUP reload failed, thresholds unchanged: {exc}", flush=True)
+                else:
+                    print(f"edgecloud edge: thresholds reloaded from {config_path}", flush=True)
+
+            threading.Thread(target=work, name="edge-sighup", daemon=True).start()
+
+        previous = signal.signal(signal.SIGHUP, on_hup)
+    try:
+        return server.serve_forever()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)

@@ -1,0 +1,261 @@
+"""The training loop: joint multi-exit loss, checkpoint every epoch, resume, seeded.
+
+``run_training(recipe, out_dir)`` trains (or resumes) and returns the trained model; the run
+folder holds ``checkpoint.pt`` (model, optimiser, schedule, epoch, history, wall time) and
+``history.json``. ``finalize`` picks the exit threshold on the validation split, measures the
+test split and exports the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from edgecloud.data.dataset import ImageDataset, train_val_split
+from edgecloud.data.loader import Loader
+from edgecloud.data.registry import load_dataset
+from edgecloud.nets import create_model
+from edgecloud.train.exitstats import choose_threshold, policy_for, predict_exits, routed_metrics
+from edgecloud.train.recipe import OptimSpec, Recipe
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Splits:
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset | None
+
+
+def load_splits(recipe: Recipe, with_test: bool = True) -> Splits:
+    """Train/validation from the TRAIN split (seeded, stratified); test only for reporting."""
+    d = recipe.data
+    full = load_dataset(d.dataset, "train", d.root)
+    train, val = train_val_split(full, d.val_fraction, seed=recipe.seed)
+    if d.train_limit:
+        train = train.subset(np.arange(min(d.train_limit, len(train))))
+        val = val.subset(np.arange(min(max(d.train_limit // 5, 100), len(val))))
+    test = load_dataset(d.dataset, "test", d.root) if with_test else None
+    if test is not None and d.train_limit:
+        test = test.subset(np.arange(min(max(d.train_limit // 5, 100), len(test))))
+    return Splits(train, val, test)
+
+
+def build_model(recipe: Recipe) -> nn.Module:
+    seed_everything(recipe.seed)
+    return create_model(recipe.family, **recipe.arch)
+
+
+def make_optimizer(model: nn.Module, o: OptimSpec) -> torch.optim.Optimizer:
+    """No weight decay on BN parameters and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, o: OptimSpec, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if o.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=o.lr, total_steps=total_steps, pct_start=max(o.warmup_fraction, 1e-3),
+            cycle_momentum=o.optimizer == "sgd",
+        )
+    warm = int(o.warmup_fraction * total_steps)
+
+    def factor(step: int) -> float:
+        if o.schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def exit_weights(o: OptimSpec, n_outputs: int) -> list[float]:
+    w = o.exit_weights or [1.0] * n_outputs
+    if len(w) != n_outputs:
+        raise ValueError(f"exit_weights has {len(w)} entries but the model has {n_outputs} outputs")
+    return list(w)
+
+
+def joint_loss(outputs: list[torch.Tensor], y: torch.Tensor, weights: list[float], smoothing: float) -> torch.Tensor:
+    """Weighted sum of the cross-entropies of every exit (edge exits and the cloud)."""
+    return sum(w * F.cross_entropy(o, y, label_smoothing=smoothing) for o, w in zip(outputs, weights) if w)
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, ds: ImageDataset, batch_size: int = 500) -> list[float]:
+    """Accuracy of every output on ``ds``."""
+    probs = predict_exits(model, ds, batch_size)
+    return [float((p.argmax(1) == ds.labels).float().mean()) for p in probs]
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    epochs: int = 0
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def run_training(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    splits: Splits | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``recipe`` into ``out_dir`` (checkpoint each epoch); with ``resume``, continue."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    o = recipe.optim
+    splits = splits or load_splits(recipe, with_test=False)
+    model = build_model(recipe)
+    if o.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = Loader(splits.train, o.batch_size, shuffle=True, drop_last=len(splits.train) > o.batch_size,
+                    crop_padding=recipe.data.crop_padding, hflip=recipe.data.hflip, seed=recipe.seed,
+                    channels_last=o.channels_last)
+    opt = make_optimizer(model, o)
+    sched = make_scheduler(opt, o, o.epochs * len(loader))
+    history: list[dict[str, Any]] = []
+    start_epoch, wall = 0, 0.0
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["recipe"] != recipe.model_dump(mode="json"):
+            raise ValueError(f"{ckpt_path} was written by a different recipe/settings; resume with the same ones")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch, history, wall = ckpt["epoch"], ckpt["history"], ckpt["wall_time_s"]
+        torch.set_rng_state(ckpt["torch_rng"])
+    weights = exit_weights(o, len(getattr(model, "exit_names", [])) + 1)
+    for epoch in range(start_epoch, o.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        loader.set_epoch(epoch)
+        total, count, correct = 0.0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{o.epochs}", disable=not progress, leave=False,
+                   mininterval=1.0, dynamic_ncols=True)
+        for x, y in bar:
+            outputs = model(x)
+            loss = joint_loss(outputs, y, weights, o.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+            correct += int((outputs[-1].detach().argmax(1) == y).sum())
+            bar.set_postfix(loss=f"{total / count:.3f}", acc=f"{correct / count:.3f}", refresh=False)
+        val_acc = evaluate_accuracy(model, splits.val) if len(splits.val) else []
+        wall += time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "loss": total / max(count, 1), "train_accuracy": correct / max(count, 1),
+                  "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"], "wall_time_s": round(wall, 1)}
+        history.append(record)
+        if progress:
+            accs = " ".join(f"{a:.4f}" for a in val_acc)
+            tqdm.write(f"epoch {epoch + 1}/{o.epochs}: loss {record['loss']:.4f} val acc per exit [{accs}] "
+                       f"({wall:.0f} s)")
+        _save(ckpt_path, {
+            "recipe": recipe.model_dump(mode="json"), "epoch": epoch + 1, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
+            "wall_time_s": wall, "torch_rng": torch.get_rng_state(),
+        })
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    return TrainResult(model=model, history=history, wall_time_s=wall, epochs=o.epochs)
+
+
+def load_checkpoint(path: str | Path) -> tuple[Recipe, nn.Module, dict[str, Any]]:
+    """(recipe, model with the checkpoint's weights, raw checkpoint) from ``checkpoint.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    recipe = Recipe.model_validate(ckpt["recipe"])
+    model = build_model(recipe)
+    model.load_state_dict(ckpt["model"])
+    return recipe, model.eval(), ckpt
+
+
+def finalize(
+    model: nn.Module,
+    recipe: Recipe,
+    bundle_dir: str | Path,
+    *,
+    splits: Splits | None = None,
+    training: dict[str, Any] | None = None,
+    name: str | None = None,
+    threshold: float | str | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Choose the exit threshold on validation, measure test, export the bundle."""
+    from edgecloud.export import export_bundle
+
+    splits = splits or load_splits(recipe)
+    model = model.eval()
+    kind = recipe.exits.policy
+    threshold = recipe.exits.threshold if threshold is None else threshold
+    val_probs = predict_exits(model, splits.val)
+    if threshold == "auto":
+        t, val_m = choose_threshold(model, val_probs, splits.val.labels, kind, recipe.exits.max_drop)
+        how = (f"auto on the validation split ({len(splits.val)} samples held out of train): largest edge-exit "
+               f"share with accuracy within {recipe.exits.max_drop} points of cloud-only")
+    else:
+        t = float(threshold)
+        val_m = routed_metrics(model, val_probs, splits.val.labels, policy_for(kind, model, t))
+        how = "fixed"
+    policy = policy_for(kind, model, t)
+    metrics: dict[str, Any] = {"threshold": t, "threshold_selection": how,
+                               "val_accuracy": round(val_m["accuracy"], 4),
+                               "val_edge_exit_share": round(val_m["edge_exit_share"], 4)}
+    if splits.test is not None:
+        test_probs = predict_exits(model, splits.test)
+        test_m = routed_metrics(model, test_probs, splits.test.labels, policy)
+        metrics["test_samples"] = len(splits.test)
+        metrics.update({f"test_{k}": round(v, 4) for k, v in test_m.items()})
+    info = {"seed": recipe.seed, "recipe": recipe.name, "data": recipe.data.model_dump(mode="json"),
+            "optim": recipe.optim.model_dump(mode="json"), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    info.update(training or {})
+    exits = [p for p in policy.thresholds]
+    path = export_bundle(model, bundle_dir, name=name or recipe.name, family=recipe.family, arch=recipe.arch,
+                         classes=splits.val.classes, exits=exits, policy=kind, training=info, metrics=metrics)
+    return path, metrics

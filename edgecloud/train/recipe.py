@@ -1,0 +1,88 @@
+"""Training recipes: one YAML file per trained model, shipped in ``edgecloud/train/recipes``.
+
+A recipe names the family and its arch kwargs, the data, the optimiser and schedule, the
+per-exit loss weights and how the bundle's exit threshold is chosen (on the validation split).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DataSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: Literal["fashion-mnist", "mnist", "cifar10"]
+    root: str | None = None          # None: the data set's default folder / environment variable
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out of TRAIN for threshold selection
+    crop_padding: int = 0
+    hflip: bool = False
+    train_limit: int | None = None   # use only the first N training samples (smoke runs)
+
+
+class OptimSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_fraction: float = Field(0.15, ge=0.0, lt=1.0)  # of all steps (onecycle pct_start / cosine warm-up)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    exit_weights: list[float] | None = None  # one per output (edge exits..., cloud); default all 1
+    channels_last: bool = True
+    grad_clip: float | None = None
+
+
+class ThresholdSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    policy: Literal["entropy", "max_prob"] = "entropy"
+    # "auto": the largest edge-exit share on VALIDATION whose accuracy stays within
+    # ``max_drop`` points of the cloud-only (final exit) accuracy; or a fixed number.
+    threshold: Literal["auto"] | float = "auto"
+    max_drop: float = Field(0.5, ge=0.0)
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str                       # bundle name
+    description: str = ""
+    family: str
+    arch: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+    data: DataSpec
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    exits: ThresholdSpec = Field(default_factory=ThresholdSpec)
+    stages: list[dict[str, Any]] = Field(default_factory=list)  # family-specific extra stages (MEANet)
+
+
+def recipes_dir() -> Path:
+    return Path(str(resources.files("edgecloud.train").joinpath("recipes")))
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A shipped recipe by name (``fmnist-hybrid``) or any YAML file path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = recipes_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no recipe {str(name_or_path)!r}: not a file and not one of {', '.join(list_recipes())}"
+        )
+    with path.open() as fh:
+        data = yaml.safe_load(fh)
+    try:
+        return Recipe.model_validate(data)
+    except Exception as exc:
+        raise ValueError(f"invalid recipe {path}: {exc}") from exc
