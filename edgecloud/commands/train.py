@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from edgecloud.train.loop import finalize, load_splits, run_training
+    from edgecloud.train.perf import tune_malloc
     from edgecloud.train.recipe import list_recipes, load_recipe
 
     if args.list or not args.recipe:
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe.model_copy(update=updates)
     if args.threads:
         torch.set_num_threads(args.threads)
+    tune_malloc()
     out = args.out or Path("runs") / recipe.name
     bundle_dir = args.export_dir or out / (args.name or recipe.name)
     command = "edgecloud " + shlex.join(sys.argv[1:]) if sys.argv and "train" in sys.argv else None

@@ -117,8 +117,7 @@ class EdgeRunner:
         self.meter = energy_meter or EnergyMeter()
         self.radio_joules_per_bit = self.meter.table.per_event("radio_bit")
         self.cloud_joules_per_sample = self.manifest.cloud.macs * self.meter.table.per_event("mac_fp32")
-        torch.manual_seed(seed)
-        if isinstance(backend, str):
+        if isinstance(backend, str):  # the backend owns its randomness (seeded), no global seed
             backend = create_backend(backend, backend_options, seed)
         self.backend = backend
         self.model = backend.prepare(bundle.build_model())
@@ -270,8 +269,7 @@ class EdgeRunner:
 
     # ---- thresholds ----------------------------------------------------------------------
     def thresholds(self) -> list[float | None]:
-        with self.policy._lock:
-            return list(self.policy.thresholds)
+        return [self.policy.threshold(i) for i in range(len(self.exit_names))]
 
     def set_threshold(self, exit_index: int, value: float | None) -> None:
         self.policy.set_threshold(exit_index, value)
@@ -283,8 +281,8 @@ class EdgeRunner:
             raise ValueError(
                 f"model {self.name!r}: {len(values)} thresholds given, {len(self.exit_names)} exits"
             )
-        with self.policy._lock:
-            self.policy.thresholds[:] = fresh.thresholds
+        for index, value in enumerate(fresh.thresholds):
+            self.policy.set_threshold(index, value)
 
     def exit_label(self, exit_index: int) -> str:
         """Metric label of an exit: its manifest name, or ``cloud``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -136,7 +137,7 @@ def reload_thresholds(
     for name, values in fresh.items():
         runners[name].set_thresholds(values)
         servicer.publish_thresholds(runners[name])
-    log.warning("thresholds reloaded from %s: %s", config_path, fresh)
+    log.info("thresholds reloaded from %s: %s", config_path, fresh)
 
 
 def run_edge(
@@ -147,26 +148,31 @@ def run_edge(
     overrides: dict[str, Any] | None = None,
     threshold_pins: ThresholdPins | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT; SIGHUP re-reads thresholds from ``config_path`` if given."""
+    """Serve until SIGTERM/SIGINT; SIGHUP re-reads thresholds from ``config_path`` (and is
+    ignored, not fatal, without one)."""
     server = build_edge_server(settings, ready_file=ready_file, threshold_pins=threshold_pins)
-    server.start()
     previous = None
-    if config_path is not None and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
 
         def on_hup(_signum: int, _frame: Any) -> None:
+            if config_path is None:  # the default action would kill the daemon
+                print("edgecloud edge: SIGHUP ignored: started without --config", flush=True)
+                return
+
             def work() -> None:
                 try:
                     reload_thresholds(server, config_path, overrides, threshold_pins)
                 except Exception as exc:  # noqa: BLE001 - keep serving with the old thresholds
-                    log.error("SIGHUP reload of %s failed, thresholds unchanged: %s", config_path, exc)
-                    print(f"edgecloud edge: SIGHUP reload failed, thresholds unchanged: {exc}", flush=True)
+                    print(f"edgecloud edge: SIGHUP reload failed, thresholds unchanged: {exc}",
+                          file=sys.stderr, flush=True)
                 else:
                     print(f"edgecloud edge: thresholds reloaded from {config_path}", flush=True)
 
             threading.Thread(target=work, name="edge-sighup", daemon=True).start()
 
-        previous = signal.signal(signal.SIGHUP, on_hup)
+        previous = signal.signal(signal.SIGHUP, on_hup)  # before the ready file exists
     try:
+        server.start()
         return server.serve_forever()
     finally:
         if previous is not None:

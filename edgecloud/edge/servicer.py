@@ -29,6 +29,7 @@ from edgecloud.batching import DynamicBatcher
 from edgecloud.config import BatchingConfig
 from edgecloud.edge.cloud_client import CloudClient, CloudUnavailable
 from edgecloud.edge.runner import EdgeResult, EdgeRunner, SampleResults
+from edgecloud.exits import ExitPolicy
 from edgecloud.metrics import Metrics
 from edgecloud.protocol import codec, pb, pb_grpc
 from edgecloud.protocol.errors import InferenceError, InvalidArgument, NotFound
@@ -252,7 +253,7 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         value = float(getattr(param, kind))
         try:
-            runner.policy._check(value)
+            ExitPolicy(kind=runner.policy.kind, thresholds=[value])  # validates the value
         except ValueError as exc:
             raise InvalidArgument(f"parameter {THRESHOLD_PARAMETER!r}: {exc}") from exc
         return value

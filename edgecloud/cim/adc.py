@@ -1,0 +1,77 @@
+"""Column ADCs: resolution, range, and the quantizer applied to every analog partial sum.
+
+All values are in *integer units*: one unit is the partial sum of one input LSB times one
+weight (cell) LSB, so an ideal array produces integers and the ADC sees integers plus errors.
+
+Range modes (one range per column of each array, as with a per-column reference DAC):
+
+- ``max``: the range is every value the programmed column can reach,
+  ``[lo, hi] = off + (2^v - 1) * [sum_i min(0, d_i), sum_i max(0, d_i)]`` for nominal cell
+  values ``d_i`` (differential for a crossbar pair, unsigned for an SRAM polarity).
+  Its width is at most ``N (2^k - 1)(2^v - 1)``, hence the lossless resolution
+  ``B_lossless = ceil(log2(N_active (2^k - 1)(2^v - 1) + 1))`` (:func:`lossless_adc_bits`).
+  With fewer bits the step becomes ``2^(bits_needed - B)`` units (the ADC drops LSBs), so the
+  column is still covered and outputs stay on an integer grid.
+- ``calibrated``: the range is the [100 - p, p] percentile of the analog partial sums seen on
+  the first batch(es) (CrossSim CALIBRATED, aihwkit ``out_bound``); step = width / (2^B - 1),
+  never finer than one unit. Values outside the range are clipped.
+
+The quantizer is ``q = clamp(floor((y - lo) / step + 0.5 + noise), 0, 2^B - 1)`` and the
+digital side reconstructs ``lo + step * q``. ``floor(. + 0.5)`` (not round-half-even) makes two
+values with the same fractional part round the same way. ADC noise is input-referred Gaussian
+with sigma in LSB (steps).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def lossless_adc_bits(n_active: int, cell_bits: int, input_bits: int) -> int:
+    """Fewest bits that resolve every sum of ``n_active`` products of k-bit cells and v-bit inputs."""
+    top = n_active * (2**cell_bits - 1) * (2**input_bits - 1)
+    return max(1, math.ceil(math.log2(top + 1)))
+
+
+def bits_to_cover(span: torch.Tensor) -> torch.Tensor:
+    """ceil(log2(span + 1)) elementwise, for non-negative integer-valued spans."""
+    return torch.ceil(torch.log2(span.double().clamp_min(0) + 1.0) - 1e-12).clamp_min(1.0)
+
+
+@dataclass
+class AdcRanges:
+    """Per-(array, column) ranges: ``lo`` and ``step`` are (n_tiles, J) float64 tensors."""
+
+    bits: int
+    lo: torch.Tensor
+    step: torch.Tensor
+
+    @property
+    def top_code(self) -> int:
+        return 2**self.bits - 1
+
+
+def max_ranges(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> AdcRanges:
+    """``max`` mode: cover [lo, hi]; power-of-two steps once the span needs more than ``bits``."""
+    lo = torch.floor(lo.double() + 1e-9)
+    span = torch.ceil(hi.double() - 1e-9) - lo
+    drop = (bits_to_cover(span) - bits).clamp_min(0.0)
+    return AdcRanges(bits, lo, torch.pow(2.0, drop))
+
+
+def calibrated_ranges(samples: torch.Tensor, bits: int, percentile: float) -> AdcRanges:
+    """``calibrated`` mode from analog samples (n_tiles, n, J): [100 - p, p] percentiles."""
+    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=torch.float64)
+    lo_list, hi_list = [], []
+    for tile in samples.double():  # quantile's size limit: one array at a time
+        both = torch.quantile(tile, q, dim=0)
+        lo_list.append(both[0])
+        hi_list.append(both[1])
+    lo, hi = torch.stack(lo_list), torch.stack(hi_list)
+    step = (hi - lo) / (2**bits - 1)
+    # a range narrower than 2^B units gets unit steps from an integer start: integers stay exact
+    narrow = step <= 1.0
+    return AdcRanges(bits, torch.where(narrow, torch.floor(lo), lo), torch.where(narrow, 1.0, step))

@@ -1,0 +1,265 @@
+"""The simulated array pass shared by the crossbar and SRAM backends.
+
+A backend *programs* a layer into a :class:`MappedLayer` (effective per-cell weights of every
+array, in integer units, with the chip's variation already applied) and then runs
+:func:`run_mapped` on each call. One call does, per block of patch rows:
+
+1. split the uint8 inputs into bit-planes (``n_cycles`` cycles of ``bits_per_cycle`` bits);
+2. one GEMM per array over all planes at once (all slices / polarities are columns of the
+   same GEMM): exact int8 x int8 -> int32 with ``torch._int_mm`` when planes and weights fit
+   int8 (non-integer weights are put on a 2^-f fixed-point grid, ~1/100 of the cell range),
+   otherwise float32 (exact for integers below 2^24); planes that are all zero skip the GEMM;
+3. the analog stage on every partial sum: analog offset, bit-line saturation, per-read noise
+   (read noise ~ sqrt(sum x^2), ADC noise in LSB), fixed per-site errors, ADC quantization;
+4. digital shift-and-add over cycles, arrays and sub-columns (slices, polarities).
+
+Blocks are sized so a block of partial sums stays around ``block_bytes`` (cache-sized), so
+memory stays flat in the batch size. With every non-ideality off and an ideal or lossless ADC
+the result equals the integer product exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from edgecloud.cim.adc import AdcRanges, calibrated_ranges, max_ranges
+from edgecloud.cim.noise import ReadNoise, saturate
+from edgecloud.cim.tiling import bit_planes
+
+CALIBRATION_SAMPLES = 4096  # analog samples kept per array and calibration batch
+
+
+@dataclass
+class MappedLayer:
+    """One layer programmed onto arrays. Column j of every array is ``sub * O + o``."""
+
+    name: str
+    tiles: list[tuple[int, int]]
+    weights: list[torch.Tensor]  # per array: (rows, J), int8 (int GEMM) or float32, in GEMM units
+    weight_unit: float  # integer units per GEMM unit (2^-f), 1.0 for integer weights
+    int_gemm: bool
+    n_sub: int
+    out_features: int
+    coef: torch.Tensor  # (n_sub,) digital weight of each sub-column (+-2^(k s))
+    bits_per_cycle: int
+    n_cycles: int
+    reach_lo: torch.Tensor  # (n_tiles, J) lowest / highest nominal analog value (after offset
+    reach_hi: torch.Tensor  # and saturation): the ``max`` ADC range
+    offset: torch.Tensor | None = None  # (n_tiles, J) analog offset added before, removed after
+    adc_bits: int | None = None  # None: ideal ADC (no quantization)
+    adc_range: str = "max"
+    adc_percentile: float = 99.9
+    calib_batches: int = 1
+    adc_noise_lsb: float = 0.0
+    row_noise: float = 0.0  # read-noise sigma per sqrt(sum_i x_i^2), integer units
+    fixed_lsb: torch.Tensor | None = None  # (n_tiles, J) fixed per-site error, in LSB
+    saturation: str | None = None
+    v_sat: float = 0.0
+    ranges: AdcRanges | None = None
+    calib_seen: int = 0
+    calib_samples: list[torch.Tensor] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stacked: torch.Tensor | None = None  # (n_full, rows, J) float32 for the batched GEMM
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tiles)
+
+    @property
+    def columns(self) -> int:
+        return self.n_sub * self.out_features
+
+    def needs_calibration(self) -> bool:
+        return self.adc_bits is not None and self.adc_range == "calibrated" and self.calib_seen < self.calib_batches
+
+    def finalize(self) -> None:
+        """Set ``max`` ranges and the batched-GEMM weights once the arrays are programmed."""
+        if self.adc_bits is not None and self.adc_range == "max":
+            self.ranges = max_ranges(self.reach_lo, self.reach_hi, self.adc_bits)
+        full = [w for (a, b), w in zip(self.tiles, self.weights) if b - a == self.tiles[0][1] - self.tiles[0][0]]
+        if not self._loop_tiles() and len(full) > 1:
+            self.stacked = torch.stack([w.float() for w in full])
+
+    def _loop_tiles(self) -> bool:
+        """One int8 GEMM per array (few, tall arrays) vs. one batched float GEMM (many small ones)."""
+        return self.int_gemm and self.n_tiles <= 16
+
+
+def _gemm(mapped: MappedLayer, planes: torch.Tensor) -> torch.Tensor:
+    """Partial sums (n_tiles, T' m, J) in GEMM units for planes (T', m, K) uint8."""
+    t, m, _ = planes.shape
+    rows_total = t * m
+    j = mapped.columns
+    if mapped._loop_tiles():
+        src = planes.view(torch.int8)
+        out = torch.empty(mapped.n_tiles, rows_total, j, dtype=torch.int32)
+        for r, ((a, b), w) in enumerate(zip(mapped.tiles, mapped.weights)):
+            torch._int_mm(src[:, :, a:b].reshape(rows_total, b - a), w, out=out[r])
+        return out
+    src = planes.float() if planes.dtype != torch.float32 else planes
+    out = torch.empty(mapped.n_tiles, rows_total, j, dtype=torch.float32)
+    n_full = 0
+    if mapped.stacked is not None:
+        n_full, rows = mapped.stacked.shape[0], mapped.stacked.shape[1]
+        lhs = src[:, :, : n_full * rows].reshape(rows_total, n_full, rows).transpose(0, 1)
+        torch.bmm(lhs, mapped.stacked, out=out[:n_full])
+    for r in range(n_full, mapped.n_tiles):
+        a, b = mapped.tiles[r]
+        w = mapped.weights[r]
+        torch.mm(src[:, :, a:b].reshape(rows_total, b - a), w if w.dtype == torch.float32 else w.float(), out=out[r])
+    return out
+
+
+def _row_sq_sums(mapped: MappedLayer, planes: torch.Tensor) -> torch.Tensor:
+    """(n_tiles, T' m) sum_i x_i^2 over each array's rows, for read noise."""
+    t, m, _ = planes.shape
+    sq = planes.to(torch.int32)
+    if mapped.bits_per_cycle > 1:
+        sq = sq * sq
+    return torch.stack([sq[:, :, a:b].sum(-1).reshape(t * m) for a, b in mapped.tiles]).float()
+
+
+def _analog(mapped: MappedLayer, partial: torch.Tensor) -> torch.Tensor:
+    """Noiseless analog values in integer units (float32): unit * P + offset, saturated."""
+    y = partial.float() if partial.dtype != torch.float32 else partial.clone()
+    if mapped.weight_unit != 1.0:
+        y.mul_(mapped.weight_unit)
+    if mapped.offset is not None:
+        y.add_(mapped.offset.float().unsqueeze(1))
+    if mapped.saturation:
+        saturate(y, mapped.v_sat, mapped.saturation)
+    return y
+
+
+@dataclass
+class _Stage:
+    """Per-call constants of the ADC stage, (n_tiles, 1, J) float32 unless noted."""
+
+    scale: torch.Tensor  # multiplies raw GEMM output (or the saturated analog value)
+    shift: torch.Tensor
+    inv_step: torch.Tensor
+    step: torch.Tensor  # (n_tiles, J)
+    const: torch.Tensor  # (J,) digital constant per unit of sum_t 2^(v t)
+    quantize: bool
+    top: float
+
+
+def _stage(mapped: MappedLayer) -> _Stage:
+    n_tiles, j = mapped.n_tiles, mapped.columns
+    zeros = torch.zeros(n_tiles, j, dtype=torch.float64)
+    quantize = mapped.adc_bits is not None
+    if quantize:
+        assert mapped.ranges is not None
+        lo, step = mapped.ranges.lo, mapped.ranges.step
+        top = float(mapped.ranges.top_code)
+    else:
+        lo, step, top = zeros, torch.ones_like(zeros), 0.0
+    off = mapped.offset if mapped.offset is not None else zeros
+    fixed = mapped.fixed_lsb if mapped.fixed_lsb is not None else zeros
+    inv = 1.0 / step
+    if mapped.saturation:  # the offset is applied before the non-linearity
+        scale = inv
+        shift = -lo * inv + fixed + (0.5 if quantize else 0.0)
+    else:
+        scale = mapped.weight_unit * inv
+        shift = (off - lo) * inv + fixed + (0.5 if quantize else 0.0)
+    const = (lo - off).sum(0) if quantize else (-off).sum(0)
+    return _Stage(
+        scale.float().unsqueeze(1), shift.float().unsqueeze(1), inv.float().unsqueeze(1),
+        step.float(), const.float(), quantize, top,
+    )
+
+
+def _adc(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, noise: ReadNoise | None,
+         row_sigma: torch.Tensor | None) -> torch.Tensor:
+    """ADC codes (or ideal analog values) in normalised units, in a fresh float32 tensor."""
+    if mapped.saturation:
+        u = _analog(mapped, partial)
+        u.mul_(st.scale).add_(st.shift)
+    else:
+        u = torch.addcmul(st.shift, partial, st.scale)
+    if noise is not None and mapped.adc_noise_lsb > 0:
+        u.view(-1).add_(noise.draw(u.numel()), alpha=mapped.adc_noise_lsb)
+    if noise is not None and row_sigma is not None:
+        xi = noise.draw(u.numel()).view(u.shape) * row_sigma.unsqueeze(-1)
+        u.addcmul_(xi, st.inv_step)
+    if st.quantize:
+        u.floor_().clamp_(0.0, st.top)
+    return u
+
+
+def _calibrate(mapped: MappedLayer, patches: torch.Tensor, block_rows: int) -> None:
+    """Collect analog partial sums of one batch and set percentile ranges from all seen so far."""
+    gen = torch.Generator()
+    gen.manual_seed(len(mapped.calib_samples) + 1)
+    per_block = max(1, CALIBRATION_SAMPLES * block_rows // max(patches.shape[0], 1))
+    for start in range(0, patches.shape[0], block_rows):
+        planes = bit_planes(patches[start:start + block_rows], mapped.bits_per_cycle, mapped.n_cycles)
+        y = _analog(mapped, _gemm(mapped, planes))
+        idx = torch.randint(0, y.shape[1], (min(per_block, y.shape[1]),), generator=gen)
+        mapped.calib_samples.append(y[:, idx])
+    assert mapped.adc_bits is not None
+    mapped.ranges = calibrated_ranges(torch.cat(mapped.calib_samples, dim=1), mapped.adc_bits, mapped.adc_percentile)
+    mapped.calib_seen += 1
+
+
+def block_rows_for(mapped: MappedLayer, block_bytes: int) -> int:
+    per_row = mapped.n_tiles * mapped.n_cycles * mapped.columns * 4
+    return max(64, block_bytes // max(per_row, 1))
+
+
+def run_mapped(mapped: MappedLayer, patches: torch.Tensor, noise: ReadNoise | None,
+               block_bytes: int = 2 << 20) -> torch.Tensor:
+    """(M, O) float32 integer-unit results of the programmed layer for uint8 patches (M, K)."""
+    block = block_rows_for(mapped, block_bytes)
+    with mapped.lock:
+        if mapped.needs_calibration():
+            _calibrate(mapped, patches, block)
+    st = _stage(mapped)
+    v, n_cycles = mapped.bits_per_cycle, mapped.n_cycles
+    cycle_w = torch.pow(2.0, v * torch.arange(n_cycles, dtype=torch.float32))
+    noisy = noise is not None and (mapped.adc_noise_lsb > 0 or mapped.row_noise > 0)
+    zero_codes: torch.Tensor | None = None
+    m_total, o = patches.shape[0], mapped.out_features
+    out = torch.empty(m_total, o, dtype=torch.float32)
+    coef = mapped.coef.float().view(1, -1, 1)
+    for start in range(0, m_total, block):
+        chunk = patches[start:start + block]
+        m = chunk.shape[0]
+        planes = bit_planes(chunk, v, n_cycles)
+        live: torch.Tensor | None = None
+        if n_cycles > 1:
+            live = planes.reshape(n_cycles, -1).amax(dim=1) > 0
+            if bool(live.all()):
+                live = None
+        extra: torch.Tensor | None = None  # summed codes of skipped all-zero planes, (n_tiles, J)
+        weights = cycle_w
+        if live is None:
+            partial = _gemm(mapped, planes)
+        elif not noisy:  # an all-zero plane converts to the (deterministic) code of 0: skip it
+            if zero_codes is None:
+                zero_codes = _adc(mapped, st, torch.zeros(mapped.n_tiles, 1, mapped.columns), None, None)[:, 0]
+            extra = zero_codes * cycle_w[~live].sum()
+            weights = cycle_w[live]
+            partial = _gemm(mapped, planes[live]) if weights.numel() else None
+        else:  # noisy conversions of zero planes still happen: only their GEMM is skipped
+            some = _gemm(mapped, planes[live])
+            partial = torch.zeros(mapped.n_tiles, n_cycles * m, mapped.columns, dtype=some.dtype)
+            partial.view(mapped.n_tiles, n_cycles, m, -1)[:, live] = some.view(mapped.n_tiles, -1, m, mapped.columns)
+        if partial is None:
+            acc = torch.zeros(m, mapped.columns)
+        else:
+            row_sigma = None
+            if noisy and mapped.row_noise > 0:
+                row_sigma = _row_sq_sums(mapped, planes).sqrt_().mul_(mapped.row_noise)
+            codes = _adc(mapped, st, partial, noise if noisy else None, row_sigma)
+            summed = torch.matmul(weights.view(1, 1, -1), codes.view(mapped.n_tiles, weights.numel(), -1))
+            acc = (summed.view(mapped.n_tiles, m, -1) * st.step.unsqueeze(1)).sum(0)
+        if extra is not None:
+            acc = acc + (extra * st.step).sum(0)
+        acc = acc + st.const * cycle_w.sum()
+        out[start:start + m] = (acc.view(m, mapped.n_sub, o) * coef).sum(1)
+    return out

@@ -1,0 +1,116 @@
+"""``edgecloud eval BUNDLE --dataset ...``: accuracy, exit shares and energy of a bundle on a backend.
+
+Runs the edge daemon's own path (route on the chosen CiM backend, the bundle's cloud.onnx in
+ONNX Runtime for offloaded samples, the daemon's energy accounting) over a data set, optionally
+over several simulated chips (``--chips N``: seeds ``seed .. seed+N-1``, mean ± std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BATCH = 256  # = edgecloud.evaluate.evaluator.DEFAULT_BATCH (not imported: keeps --help fast)
+
+
+def add_common_args(p: argparse.ArgumentParser, split_default: str) -> None:
+    """Flags shared by ``eval`` and ``sweep``."""
+    p.add_argument("bundle", help="bundle name in the repository, or a bundle folder")
+    p.add_argument("--dataset", required=True, choices=["fashion-mnist", "mnist", "cifar10"])
+    p.add_argument("--data-root", help="data folder (default: the data set's default folder / env var)")
+    p.add_argument("--split", choices=["test", "val"], default=split_default,
+                   help="test split, or the validation hold-out of train the threshold was chosen on "
+                        f"(default {split_default})")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--backend", default="digital", help="CiM backend: digital, crossbar, sram")
+    p.add_argument("--backend-option", action="append", metavar="K=V", default=[],
+                   help="backend option (repeatable), value parsed as YAML, e.g. noise_sigma=0.02")
+    p.add_argument("--seed", type=int, default=0, help="chip seed (first chip with --chips)")
+    p.add_argument("--energy-table", help="energy table YAML (default: the packaged one)")
+    p.add_argument("--repository", help="model repository folder (for a bundle given by name)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    p.add_argument("--cloud", choices=["onnx", "torch"], default=None,
+                   help="cloud part runtime (default: the bundle's cloud.onnx in ONNX Runtime, as served)")
+    p.add_argument("--json", action="store_true", help="no progress bars; print one JSON object last")
+
+
+def parse_threshold_overrides(items: list[str] | None, exit_names: list[str]) -> dict[int, float | None]:
+    """``EXIT=VALUE`` (EXIT an index or exit name; VALUE a number or ``none``) -> {exit: value}."""
+    out: dict[int, float | None] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--threshold {item!r}: expected EXIT=VALUE, e.g. 0=0.5 or edge=0.5")
+        if key in exit_names:
+            index = exit_names.index(key)
+        else:
+            try:
+                index = int(key)
+            except ValueError as exc:
+                raise ValueError(f"--threshold {item!r}: no exit {key!r}; exits: {', '.join(exit_names)}") from exc
+            if not 0 <= index < len(exit_names):
+                raise ValueError(f"--threshold {item!r}: exit {index} does not exist; exits are "
+                                 f"0..{len(exit_names) - 1} ({', '.join(exit_names)})")
+        if value.strip().lower() in ("none", "null", "off"):
+            out[index] = None
+        else:
+            try:
+                out[index] = float(value)
+            except ValueError as exc:
+                raise ValueError(f"--threshold {item!r}: {value!r} is not a number") from exc
+    return out
+
+
+def prepare(args: argparse.Namespace, thresholds: list[float | None] | None = None) -> tuple[Any, Any, dict, Any]:
+    """(bundle, data, data info, EvalConfig) from the shared flags."""
+    from edgecloud.commands.edge import parse_backend_options
+    from edgecloud.evaluate import EvalConfig, load_eval_data, resolve_bundle
+
+    bundle = resolve_bundle(args.bundle, args.repository)
+    if args.energy_table and not Path(args.energy_table).is_file():
+        raise FileNotFoundError(f"energy table {args.energy_table} does not exist")
+    data, info = load_eval_data(args.dataset, args.split, bundle.manifest, args.data_root, args.limit)
+    config = EvalConfig(
+        backend=args.backend, backend_options=parse_backend_options(args.backend_option),
+        seed=args.seed, chips=getattr(args, "chips", 1), thresholds=thresholds,
+        energy_table=args.energy_table, cloud=args.cloud, batch_size=args.batch_size,
+        progress=not args.json,
+    )
+    return bundle, data, info, config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="accuracy, exit shares and energy of a bundle on a data set",
+        description="Evaluate a bundle as the edge daemon runs it: edge blocks on a CiM backend, exit "
+                    "policy, cloud part (ONNX) for offloaded samples; accuracy overall and per exit, "
+                    "share per exit, energy per sample by component and vs the full-precision network.",
+    )
+    add_common_args(p, "test")
+    p.add_argument("--chips", type=int, default=1, help="Monte-Carlo chip instances (mean ± std)")
+    p.add_argument("--threshold", action="append", metavar="EXIT=VALUE", default=[],
+                   help="override one exit's threshold (repeatable); EXIT an index or name, VALUE a number or none")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgecloud.evaluate import evaluate, resolve_bundle
+    from edgecloud.evaluate.report import eval_table
+    from edgecloud.evaluate.results import json_safe
+
+    manifest = resolve_bundle(args.bundle, args.repository).manifest
+    thresholds = None
+    if args.threshold:
+        thresholds = [e.threshold for e in manifest.exits]
+        for index, value in parse_threshold_overrides(args.threshold, [e.name for e in manifest.exits]).items():
+            thresholds[index] = value
+    bundle, data, info, config = prepare(args, thresholds)
+    report = evaluate(bundle, data, config)
+    out = {**report.to_json(), **info, "samples": len(data)}
+    print(eval_table(out))
+    if args.json:
+        print(json.dumps(json_safe(out)))
+    return 0

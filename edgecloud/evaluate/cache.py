@@ -1,0 +1,172 @@
+"""Run the network once, then evaluate any exit thresholds from cached outputs (threshold sweeps).
+
+What is cached per sample (one chip):
+
+- the softmax of EVERY edge exit (``model(x)``, which returns all exits' logits) and the cloud
+  logits on that sample's offloaded tensor (the same cloud part as :func:`evaluate`);
+- the full energy by component of every place the sample could end: for each edge exit ``e``,
+  a ``route`` pass whose policy stops every sample at exit ``e`` (so the log holds the events of
+  exactly the blocks a sample exiting there runs); for the cloud, a pass where no exit answers,
+  completed with the radio bits of the offloaded tensor and the cloud MACs x ``mac_fp32`` by
+  :meth:`EdgeRunner.complete` — the daemon's own accounting.
+
+Replaying a policy then picks, per sample, the exit the routing rule gives
+(:func:`edgecloud.train.exitstats.route_outputs`: the first confident exit of the cascade, or the
+family's own ``route_outputs``) and that exit's prediction and energy. On the digital backend
+this equals a direct :func:`evaluate` at the same thresholds exactly (tests check it).
+
+Approximations (documented, not hidden): event counts are measured once per (sample, exit depth)
+rather than under each threshold, so counts that depend on which OTHER samples share a batch are
+taken from the full-batch passes; and on backends that draw fresh noise on every read, the
+cached exit outputs are one draw, so the replay matches a direct run in distribution, not sample
+by sample. A family whose ``route`` does not stop at the exit its policy accepts (checked on
+every batch) cannot be swept this way and raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edgecloud.data.dataset import ImageDataset
+from edgecloud.data.loader import Loader
+from edgecloud.edge.runner import EdgeRunner, softmax_np
+from edgecloud.evaluate.evaluator import EvalConfig, baseline_joules, make_policy, make_runner
+from edgecloud.evaluate.results import SampleTable, summarize
+from edgecloud.evaluate.source import CloudPart, ModelSource, make_cloud
+from edgecloud.exits import ExitPolicy
+from edgecloud.train.exitstats import route_outputs
+
+
+class _StopAt(ExitPolicy):
+    """Every sample exits at edge exit ``stop`` (``None``: no exit answers, all go to the cloud)."""
+
+    def __init__(self, n_exits: int, stop: int | None) -> None:
+        super().__init__("entropy", [None] * n_exits)
+        self.stop = stop
+
+    def confident(self, probs: torch.Tensor, exit_index: int) -> torch.Tensor:
+        return torch.full((probs.shape[0],), exit_index == self.stop, dtype=torch.bool)
+
+
+@contextlib.contextmanager
+def _policy(runner: EdgeRunner, policy: ExitPolicy) -> Iterator[None]:
+    saved = runner.policy
+    runner.policy = policy
+    try:
+        yield
+    finally:
+        runner.policy = saved
+
+
+@dataclass
+class OutputCache:
+    """Per-sample outputs and per-destination energies of one chip (see module docstring)."""
+
+    source: ModelSource
+    model: torch.nn.Module             # for a family's own ``route_outputs``
+    exit_names: list[str]
+    labels: np.ndarray                 # [N]
+    exit_probs: list[torch.Tensor]     # per edge exit: [N, C] softmax
+    cloud_logits: np.ndarray           # [N, C]
+    energy_at: list[dict[str, np.ndarray]]  # per destination (edge exits..., cloud): component -> [N] J
+    baseline_j: float
+    seed: int
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_names)
+
+    def routed_exits(self, policy: ExitPolicy) -> np.ndarray:
+        """Exit of every sample under ``policy`` (edge exits 0.., the cloud = #edge exits)."""
+        probs = [*self.exit_probs, torch.from_numpy(softmax_np(self.cloud_logits))]
+        idx = route_outputs(self.model, probs, policy).numpy()
+        return np.where(idx < 0, self.num_exits, idx).astype(np.int32)
+
+    def replay(self, policy: ExitPolicy) -> SampleTable:
+        """The per-sample outcome of ``policy`` without running the network again."""
+        exits = self.routed_exits(policy)
+        preds = [p.argmax(dim=1).numpy() for p in self.exit_probs] + [self.cloud_logits.argmax(axis=1)]
+        pred = np.choose(exits, preds) if len(preds) > 1 else preds[0]
+        components = sorted({c for d in self.energy_at for c in d})
+        n = len(self.labels)
+        energy = {}
+        for c in components:
+            stacked = np.stack([d.get(c, np.zeros(n)) for d in self.energy_at])  # [dest, N]
+            energy[c] = stacked[exits, np.arange(n)]
+        return SampleTable(self.labels.copy(), pred.astype(np.int64), exits, energy)
+
+    def metrics(self, policy: ExitPolicy) -> dict:
+        return summarize(self.replay(policy), self.exit_names, self.baseline_j)
+
+    def entropies(self, exit_index: int = 0) -> np.ndarray:
+        from edgecloud.exits import softmax_entropy
+
+        return softmax_entropy(self.exit_probs[exit_index]).numpy()
+
+
+def _check_route(runner: EdgeRunner, got: np.ndarray, want: int) -> None:
+    if not (got == want).all():
+        raise ValueError(
+            f"model {runner.name!r}: route() did not stop every sample where its policy said "
+            f"(wanted exit {want}, got {sorted(set(got.tolist()))}); this family cannot be swept "
+            "from cached outputs"
+        )
+
+
+def build_cache(source: ModelSource, data: ImageDataset, config: EvalConfig | None = None,
+                cloud: CloudPart | None = None) -> OutputCache:
+    """One chip (``config.seed``) over ``data``: cache every exit's outputs and energies."""
+    config = config or EvalConfig()
+    meter = config.meter()
+    runner = make_runner(source, config, config.seed, make_policy(source, None), meter)
+    cloud = cloud or make_cloud(source, config.cloud)
+    n_exits = len(runner.exit_names)
+    labels: list[np.ndarray] = []
+    probs: list[list[torch.Tensor]] = [[] for _ in range(n_exits)]
+    cloud_logits: list[np.ndarray] = []
+    energy_parts: list[list[dict[str, np.ndarray]]] = [[] for _ in range(n_exits + 1)]
+    loader = Loader(data, config.batch_size)
+    for x, y in tqdm(loader, desc="cache", total=len(loader), disable=not config.progress,
+                     leave=False, file=sys.stderr, unit="batch"):
+        labels.append(y.numpy())
+        with torch.inference_mode():  # outside any EventLog: no events recorded
+            outs = runner.model(x)
+        for e in range(n_exits):
+            probs[e].append(torch.softmax(outs[e].float(), dim=1))
+        pixels = x.numpy()
+        for e in range(n_exits):
+            with _policy(runner, _StopAt(n_exits, e)):
+                edge = runner.run(pixels)
+            _check_route(runner, edge.exit_index, e)
+            energy_parts[e].append(runner.complete(edge, None, transmitted=True).energy)
+        with _policy(runner, _StopAt(n_exits, None)):
+            edge = runner.run(pixels)
+        _check_route(runner, edge.exit_index, -1)
+        logits = cloud.logits(edge.offload)
+        order = np.argsort(edge.offload_index)  # rows back into batch order
+        cloud_logits.append(logits[order])
+        energy_parts[n_exits].append(runner.complete(edge, softmax_np(logits), transmitted=True).energy)
+
+    def join(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        keys = sorted({k for p in parts for k in p})
+        return {k: np.concatenate([p.get(k, np.zeros(len(next(iter(p.values()))))) for p in parts])
+                for k in keys}
+
+    return OutputCache(
+        source=source,
+        model=runner.model,
+        exit_names=list(runner.exit_names),
+        labels=np.concatenate(labels).astype(np.int64),
+        exit_probs=[torch.cat(p) for p in probs],
+        cloud_logits=np.concatenate(cloud_logits).astype(np.float32),
+        energy_at=[join(p) for p in energy_parts],
+        baseline_j=baseline_joules(source, meter),
+        seed=config.seed,
+    )

@@ -1,0 +1,66 @@
+"""Plain-text tables of evaluation and sweep results (for terminals and model cards)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pm(stat: dict[str, float] | None, fmt: str, chips: int, scale: float = 1.0) -> str:
+    if stat is None:
+        return "-"
+    text = format(stat["mean"] * scale, fmt)
+    return f"{text} ± {format(stat['std'] * scale, fmt)}" if chips > 1 else text
+
+
+def eval_table(report: dict[str, Any]) -> str:
+    """The human-readable view of :meth:`EvalReport.to_json`."""
+    s, chips = report["summary"], int(report["chips"])
+    seeds = report["seeds"]
+    where = f"{report.get('dataset', '?')}/{report.get('split', '?')}"
+    thresholds = ", ".join(f"{k}={v}" for k, v in report["thresholds"].items())
+    lines = [
+        f"bundle {report['bundle']}  data {where} ({report['samples']} samples)  backend {report['backend']}"
+        + (f" {report['backend_options']}" if report["backend_options"] else "")
+        + f"  chips {chips} (seed{'s' if chips > 1 else ''} {seeds[0]}"
+        + (f"..{seeds[-1]}" if chips > 1 else "") + f")  cloud {report['cloud_runtime']}",
+        f"policy {report['policy']}: {thresholds}",
+        "",
+        f"{'exit':<12}{'share %':>18}{'accuracy %':>18}",
+    ]
+    for name in report["exits"]:
+        lines.append(f"{name:<12}{_pm(s['exit_share'].get(name), '.2f', chips, 100):>18}"
+                     f"{_pm(s['exit_accuracy'].get(name), '.2f', chips, 100):>18}")
+    lines.append(f"{'overall':<12}{'100.00':>18}{_pm(s['accuracy'], '.2f', chips, 100):>18}")
+    lines += ["", f"{'energy per sample':<28}{'joules':>24}"]
+    for comp, stat in s["energy_j"].items():
+        lines.append(f"  {comp:<26}{_pm(stat, '.4g', chips):>24}")
+    lines.append(f"  {'total':<26}{_pm(s['energy_total_j'], '.4g', chips):>24}")
+    lines.append(f"  {'compute (no radio)':<26}{_pm(s['compute_energy_j'], '.4g', chips):>24}")
+    base = s.get("baseline_fp_j")
+    if base and base["mean"] > 0:
+        lines += [
+            f"  {'full-precision network':<26}{format(base['mean'], '.4g'):>24}",
+            f"energy ratio vs full precision: total {_pm(s['energy_ratio'], '.4g', chips)}, "
+            f"compute only {_pm(s['compute_energy_ratio'], '.4g', chips)} "
+            f"({_pm(s['compute_energy_reduction'], '.3g', chips)}x less compute energy)",
+        ]
+    else:
+        lines.append("full-precision baseline unknown (manifest reference_macs = 0)")
+    return "\n".join(lines)
+
+
+def sweep_table(rows: list[dict[str, Any]], exit_names: list[str], operating: dict[str, Any]) -> str:
+    head = f"{'threshold':>10}" + "".join(f"{'%' + n:>10}" for n in [*exit_names, "cloud"])
+    head += f"{'acc %':>9}{'energy J':>12}{'compute J':>12}{'E/E_fp':>10}"
+    lines = [head]
+
+    def line(r: dict[str, Any], mark: str = "") -> str:
+        t = "-" if r["threshold"] is None else f"{r['threshold']:.4g}"
+        text = f"{t:>10}" + "".join(f"{100 * r['share_' + n]:>10.1f}" for n in [*exit_names, "cloud"])
+        ratio = "-" if r["energy_ratio"] is None else f"{r['energy_ratio']:.3g}"
+        text += f"{100 * r['accuracy']:>9.2f}{r['energy_j']:>12.4g}{r['compute_energy_j']:>12.4g}{ratio:>10}"
+        return text + mark
+
+    lines += [line(r) for r in rows]
+    lines.append(line(operating, "   <- operating point (manifest)"))
+    return "\n".join(lines)

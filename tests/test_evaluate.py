@@ -1,0 +1,294 @@
+"""Evaluation and threshold sweeps on the untrained ``tiny`` bundle (fast: tens of samples).
+
+Samples are uniform-random images: the tiny bundle's threshold is the median exit entropy on
+such inputs, so at its own threshold roughly half exit at the edge and half go to the cloud.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgecloud.bundle import ModelRepository
+from edgecloud.cim.backend import available_backends
+from edgecloud.cim.energy import EnergyTable
+from edgecloud.cli import main
+from edgecloud.data.dataset import ImageDataset, train_val_split
+from edgecloud.data.idx import write_idx
+from edgecloud.evaluate import EvalConfig, InMemoryBundle, aggregate, build_cache, evaluate, sweep
+from edgecloud.evaluate.source import check_data, load_eval_data
+from edgecloud.evaluate.sweep import default_grid, parse_thresholds
+from edgecloud.exits import ExitPolicy, softmax_entropy
+from edgecloud.nets.layers import count_macs
+
+N = 40
+ALL_EDGE = 1e6  # an entropy threshold every sample is under
+
+
+def random_images(n: int, seed: int, shape: tuple[int, ...] = (1, 28, 28)) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_repo: Path):
+    return ModelRepository(tiny_repo).get("tiny")
+
+
+@pytest.fixture(scope="module")
+def data(bundle) -> ImageDataset:
+    images, labels = random_images(N, seed=7)
+    return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), tuple(bundle.manifest.classes))
+
+
+@pytest.fixture(scope="module")
+def reference(bundle, data):
+    """Independent expectations from the plain torch model (no backend, no runner)."""
+    model = bundle.build_model()
+    with torch.no_grad():
+        exit_logits, cloud_logits = model(data.images.float() / 255.0)
+    probs = torch.softmax(exit_logits, dim=1)
+    return {"entropy": softmax_entropy(probs).numpy(), "edge_pred": exit_logits.argmax(1).numpy(),
+            "cloud_pred": cloud_logits.argmax(1).numpy(), "labels": data.labels.numpy()}
+
+
+def run(bundle, data, thresholds=None, **kw):
+    config = EvalConfig(progress=False, batch_size=16, thresholds=thresholds, **kw)
+    return evaluate(bundle, data, config)
+
+
+@pytest.fixture(scope="module")
+def at_manifest(bundle, data):
+    return run(bundle, data)
+
+
+@pytest.fixture(scope="module")
+def all_cloud(bundle, data):
+    return run(bundle, data, [0.0])
+
+
+@pytest.fixture(scope="module")
+def all_edge(bundle, data):
+    return run(bundle, data, [ALL_EDGE])
+
+
+def test_shares_sum_to_one_and_routing_follows_the_exit_entropy(at_manifest, bundle, reference):
+    chip = at_manifest.per_chip[0]
+    shares = chip["exit_share"]
+    assert set(shares) == {"edge", "cloud"}
+    assert math.isclose(sum(shares.values()), 1.0)
+    assert 0.0 < shares["edge"] < 1.0  # the fixture's threshold is the median: both outcomes occur
+    table = at_manifest.tables[0]
+    threshold = bundle.manifest.exits[0].threshold
+    np.testing.assert_array_equal(table.exit_index, np.where(reference["entropy"] < threshold, 0, 1))
+    want = np.where(table.exit_index == 0, reference["edge_pred"], reference["cloud_pred"])
+    np.testing.assert_array_equal(table.pred, want)  # cloud answers come from cloud.onnx
+    overall = sum(shares[k] * (chip["exit_accuracy"][k] or 0.0) for k in shares)
+    assert math.isclose(chip["accuracy"], overall)
+    assert math.isclose(chip["accuracy"], float((want == reference["labels"]).mean()))
+    assert at_manifest.info["cloud_runtime"] == "onnx"
+
+
+def test_threshold_zero_sends_everything_to_the_cloud(all_cloud, reference):
+    chip = all_cloud.per_chip[0]
+    assert chip["exit_share"] == {"edge": 0.0, "cloud": 1.0}
+    assert chip["exit_accuracy"]["edge"] is None
+    cloud_alone = float((reference["cloud_pred"] == reference["labels"]).mean())
+    assert chip["accuracy"] == pytest.approx(cloud_alone)
+    assert chip["exit_accuracy"]["cloud"] == pytest.approx(cloud_alone)
+
+
+def test_huge_threshold_keeps_everything_at_the_edge(all_edge, reference):
+    chip = all_edge.per_chip[0]
+    assert chip["exit_share"] == {"edge": 1.0, "cloud": 0.0}
+    assert chip["energy_j"]["radio"] == 0.0 and chip["energy_j"]["cloud"] == 0.0
+    assert chip["accuracy"] == pytest.approx(float((reference["edge_pred"] == reference["labels"]).mean()))
+
+
+def test_energy_grows_with_the_share_sent_to_the_cloud(all_edge, at_manifest, all_cloud):
+    energies = [r.per_chip[0]["energy_total_j"] for r in (all_edge, at_manifest, all_cloud)]
+    assert energies[0] < energies[1] < energies[2]
+    per_sample_edge = all_edge.tables[0].total_energy()
+    per_sample_cloud = all_cloud.tables[0].total_energy()
+    assert (per_sample_cloud > per_sample_edge).all()
+    assert (per_sample_edge > 0).all()
+
+
+def test_all_cloud_energy_ratio_matches_a_hand_computation(all_cloud, bundle):
+    m = bundle.manifest
+    table = EnergyTable.load()
+    fp = table.per_event("mac_fp32")
+    never = ExitPolicy("entropy", [0.0])  # entropy < 0 never holds: the whole edge part runs
+    macs = count_macs(bundle.build_model(), m.input.shape, lambda mod, x: mod.route(x, never), by_precision=True)
+    edge_j = sum(n * table.per_event("mac_fp32" if k == "fp32" else k) for k, n in macs.items())
+    radio_j = int(np.prod(m.cloud.input_shape)) * 4 * 8 * table.per_event("radio_bit")
+    cloud_j = m.cloud.macs * fp
+    baseline = m.reference_macs * fp
+    chip = all_cloud.per_chip[0]
+    assert chip["baseline_fp_j"] == pytest.approx(baseline, rel=1e-12)
+    assert chip["energy_j"]["radio"] == pytest.approx(radio_j, rel=1e-12)
+    assert chip["energy_j"]["cloud"] == pytest.approx(cloud_j, rel=1e-12)
+    assert chip["edge_compute_j"] == pytest.approx(edge_j, rel=1e-9)
+    assert chip["energy_ratio"] == pytest.approx((edge_j + radio_j + cloud_j) / baseline, rel=1e-9)
+    assert chip["compute_energy_ratio"] == pytest.approx((edge_j + cloud_j) / baseline, rel=1e-9)
+
+
+def test_sweep_from_the_cache_equals_direct_evaluation(bundle, data, reference, at_manifest, all_cloud, all_edge):
+    cache = build_cache(bundle, data, EvalConfig(progress=False, batch_size=16))
+    np.testing.assert_allclose(cache.entropies(0), reference["entropy"], rtol=1e-5, atol=1e-6)
+    threshold = bundle.manifest.exits[0].threshold
+    for t, direct in ((threshold, at_manifest), (0.0, all_cloud), (ALL_EDGE, all_edge)):
+        replay = cache.replay(ExitPolicy("entropy", [t]))
+        want = direct.tables[0]
+        np.testing.assert_array_equal(replay.exit_index, want.exit_index)
+        np.testing.assert_array_equal(replay.pred, want.pred)
+        assert set(replay.energy) == set(want.energy)
+        for comp in want.energy:
+            np.testing.assert_allclose(replay.energy[comp], want.energy[comp], rtol=1e-12, err_msg=comp)
+        got_m = cache.metrics(ExitPolicy("entropy", [t]))
+        want_m = {k: v for k, v in direct.per_chip[0].items() if k != "seed"}
+        _close(got_m, want_m)
+    rows, operating = sweep(cache, [0.0, threshold, ALL_EDGE])
+    assert [r["share_cloud"] for r in rows] == [1.0, rows[1]["share_cloud"], 0.0]
+    assert operating["threshold"] == threshold
+    assert operating["accuracy"] == rows[1]["accuracy"] == at_manifest.per_chip[0]["accuracy"]
+
+
+def _close(a, b) -> None:
+    """Nested metrics dicts equal up to float rounding."""
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for k in a:
+            _close(a[k], b[k])
+    elif a is None or b is None:
+        assert a is b
+    else:
+        assert a == pytest.approx(b, rel=1e-12)
+
+
+def test_in_memory_model_with_the_torch_cloud_gives_the_same_answers(bundle, data, at_manifest):
+    source = InMemoryBundle(bundle.build_model(), bundle.manifest)
+    report = evaluate(source, data, EvalConfig(progress=False, batch_size=16))
+    assert report.info["cloud_runtime"] == "torch"
+    np.testing.assert_array_equal(report.tables[0].exit_index, at_manifest.tables[0].exit_index)
+    np.testing.assert_array_equal(report.tables[0].pred, at_manifest.tables[0].pred)
+
+
+def test_monte_carlo_on_the_digital_backend_has_zero_spread(bundle, data):
+    report = run(bundle, data, chips=2, seed=3)
+    assert report.info["seeds"] == [3, 4] and [c["seed"] for c in report.per_chip] == [3, 4]
+    s = report.summary
+    assert s["accuracy"]["std"] == 0.0 and s["energy_total_j"]["std"] == 0.0
+    assert s["accuracy"]["mean"] == report.per_chip[0]["accuracy"]
+    assert s["exit_share"]["edge"]["std"] == 0.0
+
+
+@pytest.mark.skipif("crossbar" not in available_backends(), reason="crossbar backend not built yet")
+def test_monte_carlo_on_a_noisy_crossbar_has_spread(bundle, data):
+    options = {"program_sigma": 0.3, "read_sigma": 0.05}
+    report = run(bundle, data, chips=2, seed=0, backend="crossbar", backend_options=options)
+    chips = report.per_chip
+    assert report.summary["energy_total_j"]["mean"] > 0
+    # different chips (programming variation) give different outputs: the edge decisions or
+    # predictions differ, so some metric has a spread
+    differs = (report.tables[0].pred != report.tables[1].pred).any() or \
+        (report.tables[0].exit_index != report.tables[1].exit_index).any()
+    assert differs
+    spreads = [report.summary["accuracy"]["std"], report.summary["exit_share"]["edge"]["std"],
+               report.summary["energy_total_j"]["std"]]
+    assert max(spreads) > 0, chips
+
+
+def test_aggregate_means_and_sample_std():
+    out = aggregate([{"a": 1.0, "d": {"x": None, "y": 2.0}}, {"a": 3.0, "d": {"x": 4.0, "y": 2.0}}])
+    assert out["a"] == {"mean": 2.0, "std": pytest.approx(math.sqrt(2))}
+    assert out["d"]["x"] == {"mean": 4.0, "std": 0.0}  # averaged over the chips that have it
+    assert out["d"]["y"] == {"mean": 2.0, "std": 0.0}
+
+
+def test_data_that_does_not_fit_the_bundle_is_rejected(bundle):
+    images, labels = random_images(4, seed=1, shape=(3, 32, 32))
+    cifar_like = ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), tuple("abcdefghij"))
+    with pytest.raises(ValueError, match=r"shape \[1, 28, 28\]"):
+        check_data(cifar_like, bundle.manifest)
+    assert default_grid("entropy", 10, 3) == [0.0, round(math.log(10) / 2, 6), round(math.log(10), 6)]
+    assert default_grid("max_prob", 10, 2) == [0.0, 1.0]
+    assert parse_thresholds("0, 0.5,1") == [0.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match="not a number"):
+        parse_thresholds("0,x")
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fmnist_root(tmp_path_factory) -> Path:
+    """A Fashion-MNIST-shaped IDX folder: 60 train and 40 test random images."""
+    root = tmp_path_factory.mktemp("fmnist")
+    for split, prefix, n, seed in (("train", "train", 60, 11), ("test", "t10k", 40, 12)):
+        images, labels = random_images(n, seed)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images[:, 0])
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    return root
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_cli_eval_prints_a_table_and_json(tiny_repo, fmnist_root, capsys):
+    rc = main(["eval", "tiny", "--repository", str(tiny_repo), "--dataset", "fashion-mnist",
+               "--data-root", str(fmnist_root), "--limit", "30", "--chips", "2", "--batch-size", "8", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "overall" in out and "energy ratio vs full precision" in out
+    report = last_json(out)
+    assert report["samples"] == 30 and report["split"] == "test" and report["chips"] == 2
+    assert report["summary"]["accuracy"]["std"] == 0.0
+    assert len(report["per_chip"]) == 2
+    rc = main(["eval", str(tiny_repo / "tiny"), "--dataset", "fashion-mnist", "--data-root", str(fmnist_root),
+               "--limit", "10", "--threshold", "edge=0", "--json"])
+    report = last_json(capsys.readouterr().out)
+    assert rc == 0 and report["thresholds"] == {"edge": 0.0}
+    assert report["summary"]["exit_share"]["cloud"]["mean"] == 1.0
+
+
+def test_cli_eval_reports_bad_input_in_one_line(tiny_repo, fmnist_root, capsys):
+    rc = main(["eval", "tiny", "--repository", str(tiny_repo), "--dataset", "fashion-mnist",
+               "--data-root", str(fmnist_root), "--threshold", "7=0.5"])
+    assert rc == 2 and "exit 7 does not exist" in capsys.readouterr().err
+    rc = main(["eval", "nope", "--repository", str(tiny_repo), "--dataset", "fashion-mnist",
+               "--data-root", str(fmnist_root)])
+    assert rc == 2 and "no bundle 'nope'" in capsys.readouterr().err
+
+
+def test_cli_sweep_writes_csv_and_png(tiny_repo, fmnist_root, tmp_path, capsys, bundle):
+    out_dir = tmp_path / "sweep"
+    rc = main(["sweep", "tiny", "--repository", str(tiny_repo), "--dataset", "fashion-mnist",
+               "--data-root", str(fmnist_root), "--grid", "5", "--out", str(out_dir), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    report = last_json(out)
+    # default split: the validation hold-out of train, re-created from the manifest's seed
+    assert report["split"] == "val"
+    from edgecloud.data.fashion_mnist import load_fashion_mnist
+
+    _, val = train_val_split(load_fashion_mnist("train", fmnist_root), 0.1, seed=bundle.manifest.training["seed"])
+    assert report["samples"] == len(val) > 0
+    with (out_dir / "sweep.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 5 == len(report["rows"])
+    for column in ("threshold", "share_edge", "share_cloud", "accuracy", "energy_j", "energy_ratio"):
+        assert column in rows[0]
+    assert float(rows[0]["threshold"]) == 0.0 and float(rows[0]["share_cloud"]) == 1.0
+    shares = [float(r["share_edge"]) for r in rows]
+    assert shares == sorted(shares)  # a larger entropy threshold lets more samples exit
+    energies = [float(r["energy_j"]) for r in rows]
+    assert energies == sorted(energies, reverse=True)
+    assert (out_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["operating_point"]["threshold"] == bundle.manifest.exits[0].threshold
