@@ -191,7 +191,7 @@ def test_monte_carlo_on_the_digital_backend_has_zero_spread(bundle, data):
 
 @pytest.mark.skipif("crossbar" not in available_backends(), reason="crossbar backend not built yet")
 def test_monte_carlo_on_a_noisy_crossbar_has_spread(bundle, data):
-    options = {"program_sigma": 0.3, "read_sigma": 0.05}
+    options = {"programming_noise": "proportional", "programming_sigma": 0.5, "read_noise": 0.05}
     report = run(bundle, data, chips=2, seed=0, backend="crossbar", backend_options=options)
     chips = report.per_chip
     assert report.summary["energy_total_j"]["mean"] > 0

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import subprocess
-import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -34,42 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--batch-size", type=int, default=1, help="samples per request")
     p.add_argument("--startup-timeout", type=float, default=90.0, help="seconds to wait for servers")
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave both servers up after the run (scrape their metrics) until Ctrl-C")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=run)
-
-
-def _spawn(role: str, extra: list[str], workdir: Path, log) -> tuple[subprocess.Popen, dict[str, Any]]:
-    ready = workdir / f"{role}.ready.json"
-    cmd = [sys.executable, "-m", "edgecloud", role, "serve", "--port", "0", "--metrics-port", "0",
-           "--ready-file", str(ready), *extra]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return proc, {"ready": ready, "cmd": cmd}
-
-
-def _wait_ready(proc: subprocess.Popen, ready: Path, log_path: Path, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready.exists():
-            try:
-                return json.loads(ready.read_text())
-            except json.JSONDecodeError:
-                pass  # being written
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.05)
-    raise TimeoutError(f"server not ready after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return int(proc.returncode)
 
 
 def _scrape(url: str, prefixes: tuple[str, ...]) -> list[str]:
@@ -86,57 +50,57 @@ def run(args: argparse.Namespace) -> int:
     from edgecloud.client import InferenceClient
     from edgecloud.data.samples import load_demo_sample
     from edgecloud.loadgen import run_load
+    from edgecloud.procs import start_server
 
     bundle = ModelRepository(args.repository).get(args.model)
     manifest = bundle.manifest
     images, labels, _classes = load_demo_sample()
     images, labels = images[: args.samples], labels[: args.samples]
-    repo = ["--repository", str(bundle.path.parent)]
-    quiet = args.json
-    say = (lambda *a, **k: None) if quiet else print
+    repo = ["--repository", str(bundle.path.parent), "--model", manifest.name]
+    say = (lambda *a, **k: None) if args.json else print
 
     with tempfile.TemporaryDirectory(prefix="edgecloud-demo-") as tmp:
         workdir = Path(tmp)
-        cloud_log_path, edge_log_path = workdir / "cloud.log", workdir / "edge.log"
-        procs: list[subprocess.Popen] = []
-        with open(cloud_log_path, "w") as cloud_log, open(edge_log_path, "w") as edge_log:
-            try:
-                say(f"starting cloud server (model {args.model}) ...")
-                cloud, c = _spawn("cloud", [*repo, "--model", manifest.name], workdir, cloud_log)
-                procs.append(cloud)
-                cloud_info = _wait_ready(cloud, c["ready"], cloud_log_path, args.startup_timeout)
-                cloud_addr = f"127.0.0.1:{cloud_info['grpc_port']}"
-                say(f"starting edge daemon (backend {args.backend}, cloud at {cloud_addr}) ...")
-                edge, e = _spawn("edge", [*repo, "--model", manifest.name, "--cloud", cloud_addr,
-                                          "--backend", args.backend], workdir, edge_log)
-                procs.append(edge)
-                edge_info = _wait_ready(edge, e["ready"], edge_log_path, args.startup_timeout)
-                edge_addr = f"127.0.0.1:{edge_info['grpc_port']}"
-                edge_metrics = f"http://127.0.0.1:{edge_info['metrics_port']}/metrics"
-                cloud_metrics = f"http://127.0.0.1:{cloud_info['metrics_port']}/metrics"
-
-                with InferenceClient(edge_addr) as client:
-                    client.wait_ready(30.0)
-                    n_requests = -(-len(images) // args.batch_size)
-                    bar = None if quiet else tqdm(total=n_requests * args.batch_size, unit="img",
+        servers = []
+        try:
+            say(f"starting cloud server (model {manifest.name}) ...")
+            cloud = start_server("cloud", repo, workdir, timeout=args.startup_timeout)
+            servers.append(cloud)
+            say(f"  cloud listening on {cloud.address}, metrics {cloud.metrics_url}")
+            say(f"starting edge daemon (backend {args.backend}, cloud at {cloud.address}) ...")
+            edge = start_server("edge", [*repo, "--cloud", cloud.address, "--backend", args.backend],
+                                workdir, timeout=args.startup_timeout)
+            servers.append(edge)
+            say(f"  edge listening on {edge.address}, metrics {edge.metrics_url}")
+            with InferenceClient(edge.address) as client:
+                client.wait_ready(30.0)
+                n_requests = -(-len(images) // args.batch_size)
+                bar = None if args.json else tqdm(total=n_requests * args.batch_size, unit="img",
                                                   desc="inference via edge")
-                    result = run_load(client, manifest.name, manifest.input.name, images,
-                                      batch_size=args.batch_size, concurrency=args.concurrency,
-                                      requests=n_requests, progress=bar)
-                    if bar is not None:
-                        bar.close()
-                scraped = _scrape(edge_metrics, ("edgecloud_samples_total", "edgecloud_energy_joules_total"))
-            finally:
-                codes = [_stop(p) for p in reversed(procs)]
+                result = run_load(client, manifest.name, manifest.input.name, images,
+                                  batch_size=args.batch_size, concurrency=args.concurrency,
+                                  requests=n_requests, progress=bar)
+                if bar is not None:
+                    bar.close()
+            scraped = _scrape(edge.metrics_url, ("edgecloud_samples_total", "edgecloud_energy_joules_total"))
+            if args.keep_running and not args.json:
+                print(f"servers running: edge {edge.address} ({edge.metrics_url}), "
+                      f"cloud {cloud.address} ({cloud.metrics_url}); Ctrl-C stops them")
+                try:
+                    signal.pause()
+                except KeyboardInterrupt:
+                    pass
+        finally:
+            codes = {s.role: s.stop() for s in reversed(servers)}
 
     summary = _summary(args, manifest, labels, result, EnergyTable.load())
-    summary["metrics_urls"] = {"edge": edge_metrics, "cloud": cloud_metrics}
-    summary["server_exit_codes"] = {"edge": codes[0], "cloud": codes[1]}
+    summary["metrics_urls"] = {"edge": edge.metrics_url, "cloud": cloud.metrics_url}
+    summary["server_exit_codes"] = codes
     if args.json:
         print(json.dumps(summary))
     else:
         _print(summary, scraped)
-    ok = not result.errors and all(code == 0 for code in codes)
+    ok = not result.errors and all(code == 0 for code in codes.values())
     return 0 if ok else 1
 
 

@@ -2,18 +2,21 @@
 
 What is cached per sample (one chip):
 
-- the softmax of EVERY edge exit (``model(x)``, which returns all exits' logits) and the cloud
-  logits on that sample's offloaded tensor (the same cloud part as :func:`evaluate`);
-- the full energy by component of every place the sample could end: for each edge exit ``e``,
-  a ``route`` pass whose policy stops every sample at exit ``e`` (so the log holds the events of
-  exactly the blocks a sample exiting there runs); for the cloud, a pass where no exit answers,
-  completed with the radio bits of the offloaded tensor and the cloud MACs x ``mac_fp32`` by
-  :meth:`EdgeRunner.complete` — the daemon's own accounting.
+- for each edge exit ``e``, a ``route`` pass whose policy stops every sample at exit ``e``: its
+  event log holds the events of exactly the blocks a sample exiting there runs, and its answer
+  is what ``route`` answers for a sample exiting there (a family may answer with the most
+  confident exit reached so far, not exit ``e`` alone);
+- a pass where no exit answers: its offloaded tensors go through the cloud part (the same one
+  as :func:`evaluate`) for the cloud logits, and :meth:`EdgeRunner.complete` adds the radio bits
+  of the offloaded tensor and the cloud MACs x ``mac_fp32`` — the daemon's own accounting;
+- each edge exit's own softmax, which the exit decisions are made on: exit 0's is the answer of
+  the stop-at-0 pass (nothing else was reached); deeper exits' come from ``model(x)``, which
+  returns every exit's logits (run only for multi-exit models).
 
 Replaying a policy then picks, per sample, the exit the routing rule gives
 (:func:`edgecloud.train.exitstats.route_outputs`: the first confident exit of the cascade, or the
-family's own ``route_outputs``) and that exit's prediction and energy. On the digital backend
-this equals a direct :func:`evaluate` at the same thresholds exactly (tests check it).
+family's own ``route_outputs``), and that destination's answer and energy. On the digital
+backend this equals a direct :func:`evaluate` at the same thresholds exactly (tests check it).
 
 Approximations (documented, not hidden): event counts are measured once per (sample, exit depth)
 rather than under each threshold, so counts that depend on which OTHER samples share a batch are
@@ -73,7 +76,8 @@ class OutputCache:
     model: torch.nn.Module             # for a family's own ``route_outputs``
     exit_names: list[str]
     labels: np.ndarray                 # [N]
-    exit_probs: list[torch.Tensor]     # per edge exit: [N, C] softmax
+    exit_probs: list[torch.Tensor]     # per edge exit: [N, C] its own softmax (for decisions)
+    answer_probs: list[np.ndarray]     # per edge exit: [N, C] route's answer when exiting there
     cloud_logits: np.ndarray           # [N, C]
     energy_at: list[dict[str, np.ndarray]]  # per destination (edge exits..., cloud): component -> [N] J
     baseline_j: float
@@ -92,7 +96,7 @@ class OutputCache:
     def replay(self, policy: ExitPolicy) -> SampleTable:
         """The per-sample outcome of ``policy`` without running the network again."""
         exits = self.routed_exits(policy)
-        preds = [p.argmax(dim=1).numpy() for p in self.exit_probs] + [self.cloud_logits.argmax(axis=1)]
+        preds = [p.argmax(axis=1) for p in self.answer_probs] + [self.cloud_logits.argmax(axis=1)]
         pred = np.choose(exits, preds) if len(preds) > 1 else preds[0]
         components = sorted({c for d in self.energy_at for c in d})
         n = len(self.labels)
@@ -130,22 +134,26 @@ def build_cache(source: ModelSource, data: ImageDataset, config: EvalConfig | No
     n_exits = len(runner.exit_names)
     labels: list[np.ndarray] = []
     probs: list[list[torch.Tensor]] = [[] for _ in range(n_exits)]
+    answers: list[list[np.ndarray]] = [[] for _ in range(n_exits)]
     cloud_logits: list[np.ndarray] = []
     energy_parts: list[list[dict[str, np.ndarray]]] = [[] for _ in range(n_exits + 1)]
     loader = Loader(data, config.batch_size)
     for x, y in tqdm(loader, desc="cache", total=len(loader), disable=not config.progress,
                      leave=False, file=sys.stderr, unit="batch"):
         labels.append(y.numpy())
-        with torch.inference_mode():  # outside any EventLog: no events recorded
-            outs = runner.model(x)
-        for e in range(n_exits):
-            probs[e].append(torch.softmax(outs[e].float(), dim=1))
         pixels = x.numpy()
         for e in range(n_exits):
             with _policy(runner, _StopAt(n_exits, e)):
                 edge = runner.run(pixels)
             _check_route(runner, edge.exit_index, e)
+            answers[e].append(edge.probs)
             energy_parts[e].append(runner.complete(edge, None, transmitted=True).energy)
+        probs[0].append(torch.from_numpy(answers[0][-1]))
+        if n_exits > 1:
+            with torch.inference_mode():  # outside any EventLog: no events recorded
+                outs = runner.model(x)
+            for e in range(1, n_exits):
+                probs[e].append(torch.softmax(outs[e].float(), dim=1))
         with _policy(runner, _StopAt(n_exits, None)):
             edge = runner.run(pixels)
         _check_route(runner, edge.exit_index, -1)
@@ -165,6 +173,7 @@ def build_cache(source: ModelSource, data: ImageDataset, config: EvalConfig | No
         exit_names=list(runner.exit_names),
         labels=np.concatenate(labels).astype(np.int64),
         exit_probs=[torch.cat(p) for p in probs],
+        answer_probs=[np.concatenate(a) for a in answers],
         cloud_logits=np.concatenate(cloud_logits).astype(np.float32),
         energy_at=[join(p) for p in energy_parts],
         baseline_j=baseline_joules(source, meter),

@@ -32,6 +32,7 @@ class EdgeDecision:
     exit_index: torch.Tensor     # [N] int64, -1 = needs the cloud
     offload_index: torch.Tensor  # [K] int64, rows of the batch that need the cloud
     offload: torch.Tensor        # [K, ...] float32, the cloud input for those rows
+    best_exit: torch.Tensor | None = None  # [N] int64: the edge exit ``probs`` came from
 
 
 class SplitModel(nn.Module):

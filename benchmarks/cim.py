@@ -1,0 +1,188 @@
+"""Crossbar simulation speed vs digital inference of the same quantized network.
+
+Model: a CIFAR ResNet-20-shaped network (3 stages x 3 basic blocks, widths 16/32/64, 1x1
+projection shortcuts) built here from ``QuantConv2d`` layers, BatchNorm statistics set from
+one batch of random images (so activations have realistic sparsity), random 32x32 inputs.
+
+Configurations (each against the *digital* backend running the same model):
+
+- ``a_bitsliced``: every conv 8-bit weights / 8-bit activations; crossbar 128x128 tiles,
+  2-bit cells (4 slices), bit-serial inputs (8 cycles), 8-bit ADC, preset "typical" (on/off
+  10, PCM programming noise, faults, read noise, IR drop, calibrated range, 0.5 LSB ADC
+  noise). Target: at least 1/15 of digital throughput.
+- ``b_binary``: the binary edge configuration: binary convs (1-bit inputs, 1-bit cells, one
+  cycle), full-precision stem conv as in the hybrid nets, same "typical" noise. Target >= 1/2.
+
+Every measurement runs in its own fresh process (``--worker``), digital and crossbar
+interleaved, medians over rounds; the calibration batch of the calibrated ADC is the untimed
+warm-up. Peak memory is each worker's ``ru_maxrss``. The last line is a one-line JSON summary.
+
+    python benchmarks/cim.py            # batch 256, 3 rounds
+    python benchmarks/cim.py --quick    # batch 32, 1 round (smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = {
+    "a_bitsliced": {
+        "weight_bits": 8, "act_bits": 8, "quant_stem": True, "target": 1 / 15,
+        "options": {"preset": "typical", "rows": 128, "cols": 128, "cell_bits": 2, "dac_bits": 1, "adc_bits": 8},
+    },
+    "b_binary": {
+        "weight_bits": 1, "act_bits": 1, "quant_stem": False, "target": 1 / 2,
+        "options": {"preset": "typical", "rows": 128, "cols": 128, "cell_bits": 1, "dac_bits": 1, "adc_bits": 8},
+    },
+}
+# torch eager re-faults big activation buffers without these (see notes/cpu-performance.md)
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "4294967296",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    "MALLOC_TOP_PAD_": "536870912",
+}
+
+
+def build_model(weight_bits: int, act_bits: int, quant_stem: bool):
+    import torch
+    from torch import nn
+
+    from edgecloud.nn.quant import QuantConv2d
+
+    def qconv(cin: int, cout: int, k: int, stride: int) -> nn.Module:
+        return QuantConv2d(cin, cout, k, stride, k // 2, weight_bits=weight_bits, act_bits=act_bits)
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.c1, self.b1 = qconv(cin, cout, 3, stride), nn.BatchNorm2d(cout)
+            self.c2, self.b2 = qconv(cout, cout, 3, 1), nn.BatchNorm2d(cout)
+            self.short = None
+            if stride != 1 or cin != cout:
+                self.short = nn.Sequential(qconv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+            return torch.relu(out + (x if self.short is None else self.short(x)))
+
+    stem = (QuantConv2d(3, 16, 3, 1, 1, weight_bits=8, act_bits=8) if quant_stem
+            else nn.Conv2d(3, 16, 3, 1, 1, bias=False))
+    layers: list[nn.Module] = [stem, nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for width, stride in [(16, 1), (32, 2), (64, 2)]:
+        for i in range(3):
+            layers.append(Block(cin, width, stride if i == 0 else 1))
+            cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
+    return nn.Sequential(*layers)
+
+
+def worker(config: str, backend: str, batch: int, reps: int) -> dict:
+    import torch
+
+    from edgecloud.cim.backend import create_backend
+    from edgecloud.cim.events import EventLog, recording
+
+    torch.manual_seed(0)
+    spec = CONFIGS[config]
+    model = build_model(spec["weight_bits"], spec["act_bits"], spec["quant_stem"])
+    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for m in model.modules():  # BN statistics from one batch: realistic activation sparsity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    be = create_backend(backend, spec["options"] if backend != "digital" else {}, seed=0)
+    be.prepare(model)
+    times = []
+    with torch.inference_mode():
+        log = EventLog(batch)
+        with recording(log):
+            logits = model(x)  # warm-up (and ADC calibration)
+        for _ in range(reps):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "img_s": batch / statistics.median(times),
+        "peak_rss_mb": rss_mb,
+        "top1": logits.argmax(1).tolist(),
+        "events": {f"{c}/{e}": float(v.mean()) for (c, e), v in log.counts.items()},
+    }
+
+
+def run_worker(config: str, backend: str, batch: int, reps: int) -> dict:
+    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, __file__, "--worker", config, backend, "--batch", str(batch), "--reps", str(reps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {config}/{backend} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 256, --quick 32)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 1)")
+    parser.add_argument("--reps", type=int, default=None, help="timed batches per worker (default 3, --quick 2)")
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--config", choices=sorted(CONFIGS), action="append", help="run only these")
+    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "BACKEND"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    batch = args.batch or (32 if args.quick else 256)
+    reps = args.reps or (2 if args.quick else 3)
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], batch, reps)))
+        return
+    rounds = args.rounds or (1 if args.quick else 3)
+    summary: dict = {"benchmark": "cim", "batch": batch, "rounds": rounds, "configs": {}}
+    for config in args.config or sorted(CONFIGS):
+        speeds: dict[str, list[float]] = {"digital": [], "crossbar": []}
+        rss: dict[str, float] = {"digital": 0.0, "crossbar": 0.0}
+        results: dict[str, dict] = {}
+        for _ in range(rounds):
+            for backend in ("digital", "crossbar"):
+                res = run_worker(config, backend, batch, reps)
+                speeds[backend].append(res["img_s"])
+                rss[backend] = max(rss[backend], res["peak_rss_mb"])
+                results[backend] = res
+        ratios = [c / d for c, d in zip(speeds["crossbar"], speeds["digital"])]
+        ratio = statistics.median(ratios)
+        agree = sum(a == b for a, b in zip(results["digital"]["top1"], results["crossbar"]["top1"])) / batch
+        target = CONFIGS[config]["target"]
+        entry = {
+            "digital_img_s": round(statistics.median(speeds["digital"]), 1),
+            "crossbar_img_s": round(statistics.median(speeds["crossbar"]), 1),
+            "ratio": round(ratio, 4),
+            "slowdown": round(1 / ratio, 2),
+            "target_ratio": round(target, 4),
+            "meets_target": ratio >= target,
+            "peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
+            "top1_agreement_with_digital": round(agree, 3),
+            "adc_conversions_per_image": sum(v for k, v in results["crossbar"]["events"].items()
+                                             if k.startswith("adc/adc_conversion")),
+        }
+        summary["configs"][config] = entry
+        print(f"{config}: digital {entry['digital_img_s']} img/s, crossbar {entry['crossbar_img_s']} img/s, "
+              f"ratio 1/{entry['slowdown']} (target 1/{round(1 / target)}: "
+              f"{'ok' if entry['meets_target'] else 'MISSED'}), peak RSS {entry['peak_rss_mb']} MB, "
+              f"top-1 agreement {entry['top1_agreement_with_digital']}", flush=True)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

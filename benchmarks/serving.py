@@ -1,0 +1,158 @@
+"""Served vs in-process: what does the serving path cost?
+
+One run, same bundle, same batch, same data:
+  * in-process: the edge runner (digital backend) + the cloud part in ONNX Runtime, called
+    directly in this process — the compute the servers do, with no RPC, batching or threads;
+  * served: a cloud server and an edge daemon as separate processes on loopback, driven by a
+    closed-loop client in this process.
+In-process is measured before and after the served run and averaged, so drift on a shared
+machine hits both sides. Targets (issue #2): served throughput >= 90 % of in-process at
+concurrency 16; added p50 latency at batch 1 <= 2 ms.
+
+    python benchmarks/serving.py [--model fmnist-hybrid] [--batch 32] [--concurrency 16] [--duration 8]
+
+The last line printed is a one-line JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _data(manifest) -> np.ndarray:
+    if list(manifest.input.shape) == [1, 28, 28]:
+        from edgecloud.data.samples import load_demo_sample
+
+        return load_demo_sample()[0]
+    return np.random.default_rng(0).random((1024, *manifest.input.shape), dtype=np.float32)
+
+
+class InProcess:
+    """The servers' compute, called directly."""
+
+    def __init__(self, bundle) -> None:
+        from edgecloud.cloud.sessions import load_cloud_model
+        from edgecloud.config import CloudConfig
+        from edgecloud.edge.runner import EdgeRunner
+
+        self.runner = EdgeRunner(bundle, "digital")
+        self.cloud = load_cloud_model(bundle, CloudConfig())
+        self.spec = bundle.manifest.cloud
+
+    def __call__(self, x: np.ndarray):
+        edge = self.runner.run(x)
+        probs = None
+        if edge.offload_index.size:
+            wire = edge.offload
+            try:
+                from edgecloud.offload import encode
+
+                wire = encode(edge.offload, self.spec)
+            except ImportError:
+                pass
+            probs = self.cloud.run(wire)["probabilities"]
+        return self.runner.complete(edge, probs, True)
+
+    def throughput(self, data: np.ndarray, batch: int, duration: float) -> float:
+        self(data[:batch])  # warm up
+        done, k, start = 0, 0, time.perf_counter()
+        while time.perf_counter() - start < duration:
+            rows = [(k * batch + j) % len(data) for j in range(batch)]
+            self(data[rows])
+            done += batch
+            k += 1
+        return done / (time.perf_counter() - start)
+
+    def latency_p50_ms(self, data: np.ndarray, n: int) -> float:
+        self(data[:1])
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            self(data[i % len(data): i % len(data) + 1])
+            times.append(time.perf_counter() - t0)
+        return float(np.percentile(times, 50) * 1e3)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="fmnist-hybrid")
+    parser.add_argument("--repository", default=None)
+    parser.add_argument("--batch", type=int, default=32, help="samples per request (throughput)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per throughput run")
+    parser.add_argument("--latency-requests", type=int, default=400)
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.latency_requests = 2.0, 100
+
+    from edgecloud.bundle import ModelRepository
+    from edgecloud.client import InferenceClient
+    from edgecloud.loadgen import run_load
+    from edgecloud.procs import start_server
+
+    bundle = ModelRepository(args.repository).get(args.model)
+    manifest = bundle.manifest
+    data = _data(manifest)
+    inproc = InProcess(bundle)
+
+    print(f"model {manifest.name}, batch {args.batch}, concurrency {args.concurrency}", file=sys.stderr)
+    tp_in = [inproc.throughput(data, args.batch, args.duration)]
+    lat_in = [inproc.latency_p50_ms(data, args.latency_requests)]
+
+    repo = ["--repository", str(bundle.path.parent), "--model", manifest.name]
+    with tempfile.TemporaryDirectory(prefix="edgecloud-bench-") as tmp:
+        workdir = Path(tmp)
+        cloud = start_server("cloud", repo, workdir)
+        edge = start_server("edge", [*repo, "--cloud", cloud.address], workdir)
+        try:
+            with InferenceClient(edge.address) as client:
+                client.wait_ready(30)
+                run_load(client, manifest.name, manifest.input.name, data, batch_size=args.batch,
+                         concurrency=args.concurrency, duration_s=1.0)  # warm up
+                served = run_load(client, manifest.name, manifest.input.name, data,
+                                  batch_size=args.batch, concurrency=args.concurrency,
+                                  duration_s=args.duration)
+                served_lat = run_load(client, manifest.name, manifest.input.name, data, batch_size=1,
+                                      concurrency=1, requests=args.latency_requests)
+        finally:
+            codes = [edge.stop(), cloud.stop()]
+
+    tp_in.append(inproc.throughput(data, args.batch, args.duration))
+    lat_in.append(inproc.latency_p50_ms(data, args.latency_requests))
+
+    inproc_sps = float(np.mean(tp_in))
+    inproc_p50 = float(np.mean(lat_in))
+    served_sps = served.samples / served.duration_s
+    served_p50 = served_lat.percentile_ms(50)
+    ratio = served_sps / inproc_sps
+    added = served_p50 - inproc_p50
+    print(f"{'':<24}{'in-process':>14}{'served':>14}{'ratio/added':>14}", file=sys.stderr)
+    print(f"{'throughput (samples/s)':<24}{inproc_sps:>14.0f}{served_sps:>14.0f}{ratio:>14.3f}", file=sys.stderr)
+    print(f"{'p50 latency b=1 (ms)':<24}{inproc_p50:>14.3f}{served_p50:>14.3f}{added:>+14.3f}", file=sys.stderr)
+    print(f"served errors: {dict(served.errors) or 'none'}; exit share: {served.summary()['exit_share']}",
+          file=sys.stderr)
+    summary = {
+        "benchmark": "serving", "model": manifest.name, "batch": args.batch,
+        "concurrency": args.concurrency,
+        "inproc_samples_per_s": round(inproc_sps, 1), "inproc_samples_per_s_runs": [round(v, 1) for v in tp_in],
+        "served_samples_per_s": round(served_sps, 1), "throughput_ratio": round(ratio, 4),
+        "inproc_p50_ms": round(inproc_p50, 3), "served_p50_ms": round(served_p50, 3),
+        "added_p50_ms": round(added, 3),
+        "target_throughput_ratio": 0.9, "target_added_p50_ms": 2.0,
+        "meets_targets": bool(ratio >= 0.9 and added <= 2.0),
+        "served_errors": dict(served.errors), "server_exit_codes": codes,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
