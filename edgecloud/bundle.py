@@ -13,12 +13,13 @@ Layout of a bundle folder::
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST = "manifest.yaml"
 EDGE_WEIGHTS = "edge.pt"
@@ -48,6 +49,20 @@ class CloudSpec(BaseModel):
     output_name: str = "LOGITS"
     model_name: str = ""            # name the cloud serves it under; default: the bundle name
     macs: int = 0                   # MACs per sample of the cloud part (for energy accounting)
+    # How the offloaded tensor travels (see edgecloud.offload): the radio is paid per bit, so a
+    # compact encoding is what makes offloading features cheaper than sending the raw input.
+    # uint8: x ~= (q - zero_point) * scale; cloud.onnx then takes the wire datatype directly.
+    encoding: Literal["fp32", "fp16", "uint8"] = "fp32"
+    scale: float = 1.0
+    zero_point: int = 0
+
+    @model_validator(mode="after")
+    def _check_quantization(self) -> "CloudSpec":
+        if not (math.isfinite(self.scale) and self.scale > 0.0):
+            raise ValueError(f"cloud.scale must be a finite number > 0, got {self.scale}")
+        if not 0 <= self.zero_point <= 255:
+            raise ValueError(f"cloud.zero_point must lie in 0..255, got {self.zero_point}")
+        return self
 
 
 class Manifest(BaseModel):

@@ -20,10 +20,13 @@ def _to_chw(array: np.ndarray, shape: Sequence[int], source: str) -> np.ndarray:
         array = array.astype(np.float32)
     if array.ndim == 2:                      # H, W
         array = array[None, None]
-    elif array.ndim == 3:                    # C, H, W (or H, W, C)
-        if array.shape[0] != channels and array.shape[-1] == channels:
-            array = np.moveaxis(array, -1, 0)
-        array = array[None]
+    elif array.ndim == 3:
+        if tuple(array.shape) == (channels, height, width):        # C, H, W
+            array = array[None]
+        elif tuple(array.shape) == (height, width, channels):      # H, W, C
+            array = np.moveaxis(array, -1, 0)[None]
+        elif channels == 1 and tuple(array.shape[1:]) == (height, width):
+            array = array[:, None]                                 # N, H, W (grayscale)
     elif array.ndim == 4 and array.shape[1] != channels and array.shape[-1] == channels:
         array = np.moveaxis(array, -1, 1)   # N, H, W, C -> N, C, H, W
     if array.ndim != 4 or tuple(array.shape[1:]) != (channels, height, width):

@@ -292,3 +292,44 @@ def test_cli_sweep_writes_csv_and_png(tiny_repo, fmnist_root, tmp_path, capsys, 
     assert energies == sorted(energies, reverse=True)
     assert (out_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["operating_point"]["threshold"] == bundle.manifest.exits[0].threshold
+
+
+def test_multi_exit_cache_replays_route_exactly():
+    """Two edge exits (an in-memory CIFAR hybrid, torch cloud): the cache must reproduce route's
+    decisions, answers (route may answer with the most confident exit reached) and energies."""
+    from edgecloud.bundle import CloudSpec, ExitSpec, InputSpec, Manifest
+    from edgecloud.nets import create_model
+    from edgecloud.nets.layers import reference_macs
+
+    torch.manual_seed(0)
+    arch = {"depth": 8, "edge_blocks": 2, "exits": [1, 2], "exit_pool": 4}
+    model = create_model("cifar_hybrid", **arch).eval()
+    images, labels = random_images(24, seed=5, shape=(3, 32, 32))
+    data = ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), tuple("abcdefghij"))
+    with torch.no_grad():
+        outs = model(data.images.float() / 255.0)
+    medians = [float(softmax_entropy(torch.softmax(o, 1)).median()) for o in outs[:2]]
+    shape = (3, 32, 32)
+    manifest = Manifest(
+        name="two-exits", family="cifar_hybrid", arch=arch, input=InputSpec(shape=list(shape)),
+        classes=list("abcdefghij"), reference_macs=reference_macs(model, shape), policy="entropy",
+        exits=[ExitSpec(name=n, threshold=t) for n, t in zip(model.exit_names, medians)],
+        cloud=CloudSpec(input_shape=list(model.offload_shape()), macs=count_macs(model.cloud_module(),
+                                                                              model.offload_shape())),
+    )
+    source = InMemoryBundle(model, manifest)
+    config = EvalConfig(progress=False, batch_size=10)
+    cache = build_cache(source, data, config)
+    assert len(cache.exit_probs) == 2
+    for thresholds in (medians, [0.0, medians[1]], [medians[0], 0.0], [0.0, 0.0], [ALL_EDGE, 0.0]):
+        direct = evaluate(source, data, EvalConfig(progress=False, batch_size=10, thresholds=thresholds))
+        want = direct.tables[0]
+        got = cache.replay(ExitPolicy("entropy", thresholds))
+        np.testing.assert_array_equal(got.exit_index, want.exit_index, err_msg=str(thresholds))
+        np.testing.assert_array_equal(got.pred, want.pred, err_msg=str(thresholds))
+        for comp in want.energy:
+            np.testing.assert_allclose(got.energy[comp], want.energy[comp], rtol=1e-12, err_msg=comp)
+    direct = evaluate(source, data, EvalConfig(progress=False, batch_size=10))
+    assert set(np.unique(direct.tables[0].exit_index)) == {0, 1, 2}  # all three destinations used
+    e = [direct.tables[0].total_energy()[direct.tables[0].exit_index == i].mean() for i in range(3)]
+    assert e[0] < e[1] < e[2]  # deeper exit, more blocks; the cloud adds radio and cloud MACs
