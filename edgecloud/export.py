@@ -174,12 +174,13 @@ def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a bundle is meant to be read by servers
     os.replace(tmp, path)
 
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return f"{v:.6g}"
     return str(v)
 
 
@@ -211,18 +212,68 @@ def model_card(manifest: Manifest, edge_macs: Mapping[str, int] | int, onnx_err:
     ]
     if onnx_err is not None:
         lines.append(f"- ONNX Runtime vs torch (cloud part): max |diff| = {onnx_err:.2e}.")
-    lines += ["", "## Architecture", "", "```yaml", yaml.safe_dump(m.arch or {}, sort_keys=False).strip()
-              or "{}", "```", "", "Classes: " + ", ".join(m.classes), "", "## Training", ""]
+    lines += ["", "## Architecture", "", f"`create_model({m.family!r}, **arch)` with arch:", "", "```yaml",
+              yaml.safe_dump(m.arch or {}, sort_keys=False).strip(), "```", "",
+              "Classes (label order): " + ", ".join(m.classes), "", "## Training", ""]
     if t:
         if "command" in t:
             lines += ["Reproduce with:", "", "```bash", str(t["command"]), "```", ""]
-        lines += [f"- {k}: {_fmt(v)}" for k, v in t.items() if k != "command"]
+        nested = {k: v for k, v in t.items() if isinstance(v, (dict, list)) and k != "history"}
+        lines += [f"- {k}: {_fmt(v)}" for k, v in t.items() if k != "command" and k not in nested
+                  and k != "history"]
+        if nested:
+            lines += ["", "```yaml", yaml.safe_dump(nested, sort_keys=False).strip(), "```"]
+        history = t.get("history")
+        if history:
+            lines += ["", "| epoch | train loss | val accuracy per output | cumulative wall time (s) |",
+                      "|---|---|---|---|"]
+            lines += [f"| {h['epoch']} | {h['loss']:.4f} | {', '.join(f'{a:.4f}' for a in h['val_accuracy'])} "
+                      f"| {h['wall_time_s']} |" for h in history]
     else:
         lines.append("Untrained (weights are the seeded initialisation).")
     lines += ["", "## Measured metrics", ""]
     if m.metrics:
-        lines += [f"- {k}: {_fmt(v)}" for k, v in m.metrics.items()]
+        lines += _metrics_table(m)
+        lines += [f"- {k}: {_fmt(v)}" for k, v in m.metrics.items() if not _is_exit_metric(m, k)]
     else:
         lines.append("None recorded.")
     lines.append("")
     return "\n".join(lines)
+
+
+def _exit_names(m: Manifest) -> list[str]:
+    return [e.name for e in m.exits] + [m.metrics.get("final_name", "cloud")]
+
+
+def _is_exit_metric(m: Manifest, key: str) -> bool:
+    return any(key in (f"test_accuracy_{n}_alone", f"test_exit_share_{n}", f"test_accuracy_at_{n}")
+               for n in _exit_names(m))
+
+
+def _metrics_table(m: Manifest) -> list[str]:
+    """Per-exit rows of the test metrics (if present)."""
+    rows = []
+    for n in _exit_names(m):
+        keys = (f"test_accuracy_{n}_alone", f"test_exit_share_{n}", f"test_accuracy_at_{n}")
+        if any(k in m.metrics for k in keys):
+            rows.append(f"| {n} | " + " | ".join(_fmt(m.metrics.get(k, "")) for k in keys) + " |")
+    if not rows:
+        return []
+    return ["Test split, at the bundle's threshold:", "",
+            "| exit | accuracy of this exit alone (all samples) | share of samples answered here "
+            "| accuracy on the samples answered here |", "|---|---|---|---|", *rows, ""]
+
+
+def rewrite_card(bundle_dir: str | Path) -> Path:
+    """Re-render ``README.md`` of an existing bundle from its manifest and weights."""
+    from edgecloud.bundle import Bundle
+
+    bundle = Bundle(Path(bundle_dir))
+    model = bundle.build_model()
+    shape = tuple(bundle.manifest.input.shape)
+    edge_macs = count_macs(model, shape, lambda mm, x: mm.route(x, _never_exit(mm)), by_precision=True)
+    path = bundle.path / "README.md"
+    path.write_text(model_card(bundle.manifest, edge_macs, verify_onnx(
+        model.cloud_module(), bundle.cloud_onnx, tuple(bundle.manifest.cloud.input_shape),
+        bundle.manifest.cloud.input_name)))
+    return path

@@ -237,6 +237,15 @@ def fmnist_root(tmp_path_factory) -> Path:
     return root
 
 
+def test_eval_data_limit_and_val_split(bundle, fmnist_root):
+    data, info = load_eval_data("fashion-mnist", "test", bundle.manifest, fmnist_root, limit=5)
+    assert len(data) == 5 and info == {"dataset": "fashion-mnist", "split": "test", "samples": 5}
+    val, info = load_eval_data("fashion-mnist", "val", bundle.manifest, fmnist_root)
+    assert info["val_seed"] == bundle.manifest.training["seed"] and info["val_fraction"] == 0.1
+    with pytest.raises(ValueError, match="--limit"):
+        load_eval_data("fashion-mnist", "test", bundle.manifest, fmnist_root, limit=0)
+
+
 def last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
@@ -258,6 +267,23 @@ def test_cli_eval_prints_a_table_and_json(tiny_repo, fmnist_root, capsys):
     assert report["summary"]["exit_share"]["cloud"]["mean"] == 1.0
 
 
+def test_cli_eval_uses_a_user_energy_table(tiny_repo, fmnist_root, tmp_path, capsys):
+    import yaml
+    from importlib import resources
+
+    table = yaml.safe_load(resources.files("edgecloud.cim").joinpath("energy_table.yaml").read_text())
+    table["events"]["radio_bit"]["joules"] = 0.0  # e.g. a wired link whose energy is not counted
+    path = tmp_path / "table.yaml"
+    path.write_text(yaml.safe_dump(table))
+    rc = main(["eval", "tiny", "--repository", str(tiny_repo), "--dataset", "fashion-mnist", "--data-root",
+               str(fmnist_root), "--limit", "10", "--threshold", "0=0", "--energy-table", str(path), "--json"])
+    report = last_json(capsys.readouterr().out)
+    assert rc == 0 and report["energy_table"] == str(path)
+    s = report["summary"]
+    assert s["energy_j"]["radio"]["mean"] == 0.0
+    assert s["energy_total_j"]["mean"] == pytest.approx(s["compute_energy_j"]["mean"])
+
+
 def test_cli_eval_reports_bad_input_in_one_line(tiny_repo, fmnist_root, capsys):
     rc = main(["eval", "tiny", "--repository", str(tiny_repo), "--dataset", "fashion-mnist",
                "--data-root", str(fmnist_root), "--threshold", "7=0.5"])
@@ -265,6 +291,12 @@ def test_cli_eval_reports_bad_input_in_one_line(tiny_repo, fmnist_root, capsys):
     rc = main(["eval", "nope", "--repository", str(tiny_repo), "--dataset", "fashion-mnist",
                "--data-root", str(fmnist_root)])
     assert rc == 2 and "no bundle 'nope'" in capsys.readouterr().err
+    rc = main(["eval", "tiny", "--repository", str(tiny_repo), "--dataset", "fashion-mnist",
+               "--data-root", str(fmnist_root), "--energy-table", str(fmnist_root / "missing.yaml")])
+    assert rc == 2 and "missing.yaml" in capsys.readouterr().err
+    rc = main(["eval", "tiny", "--repository", str(tiny_repo), "--dataset", "cifar10",
+               "--data-root", str(fmnist_root)])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
 
 
 def test_cli_sweep_writes_csv_and_png(tiny_repo, fmnist_root, tmp_path, capsys, bundle):
@@ -295,23 +327,30 @@ def test_cli_sweep_writes_csv_and_png(tiny_repo, fmnist_root, tmp_path, capsys, 
 
 
 def test_multi_exit_cache_replays_route_exactly():
-    """Two edge exits (an in-memory CIFAR hybrid, torch cloud): the cache must reproduce route's
+    """Two edge exits (a small in-memory hybrid net, torch cloud): the cache must reproduce route's
     decisions, answers (route may answer with the most confident exit reached) and energies."""
     from edgecloud.bundle import CloudSpec, ExitSpec, InputSpec, Manifest
-    from edgecloud.nets import create_model
+    from edgecloud.nets.cdhn import HybridNet
     from edgecloud.nets.layers import reference_macs
 
     torch.manual_seed(0)
-    arch = {"depth": 8, "edge_blocks": 2, "exits": [1, 2], "exit_pool": 4}
-    model = create_model("cifar_hybrid", **arch).eval()
-    images, labels = random_images(24, seed=5, shape=(3, 32, 32))
+    model = HybridNet(in_channels=1, image_size=28, num_classes=10, mean=[0.5], std=[0.5], stem_channels=8,
+                      stem_stride=2, blocks=[(8, 2), (8, 1), (16, 1)], edge_blocks=2, exits=[1, 2],
+                      exit_pool=3).eval()
+    with torch.no_grad():  # make exit 1 less confident than exit 0, so route answers some samples
+        model.heads[1].fc.weight.mul_(0.3)  # that exit at exit 1 with exit 0's prediction
+        model.heads[1].fc.bias.mul_(0.3)
+    images, labels = random_images(20, seed=5)
     data = ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), tuple("abcdefghij"))
     with torch.no_grad():
         outs = model(data.images.float() / 255.0)
-    medians = [float(softmax_entropy(torch.softmax(o, 1)).median()) for o in outs[:2]]
-    shape = (3, 32, 32)
+    # thresholds halfway between the two middle entropies: no sample sits on a threshold (deeper
+    # exits run on the surviving subset in route, on the whole batch in the cache, which may
+    # change the last float bits)
+    medians = [float(softmax_entropy(torch.softmax(o, 1)).sort().values[9:11].mean()) for o in outs[:2]]
+    shape = (1, 28, 28)
     manifest = Manifest(
-        name="two-exits", family="cifar_hybrid", arch=arch, input=InputSpec(shape=list(shape)),
+        name="two-exits", family="hybrid (in memory)", input=InputSpec(shape=list(shape)),
         classes=list("abcdefghij"), reference_macs=reference_macs(model, shape), policy="entropy",
         exits=[ExitSpec(name=n, threshold=t) for n, t in zip(model.exit_names, medians)],
         cloud=CloudSpec(input_shape=list(model.offload_shape()), macs=count_macs(model.cloud_module(),
@@ -321,7 +360,7 @@ def test_multi_exit_cache_replays_route_exactly():
     config = EvalConfig(progress=False, batch_size=10)
     cache = build_cache(source, data, config)
     assert len(cache.exit_probs) == 2
-    for thresholds in (medians, [0.0, medians[1]], [medians[0], 0.0], [0.0, 0.0], [ALL_EDGE, 0.0]):
+    for thresholds in ([0.0, medians[1]], [medians[0], 0.0], [medians[0], ALL_EDGE]):
         direct = evaluate(source, data, EvalConfig(progress=False, batch_size=10, thresholds=thresholds))
         want = direct.tables[0]
         got = cache.replay(ExitPolicy("entropy", thresholds))
@@ -329,7 +368,12 @@ def test_multi_exit_cache_replays_route_exactly():
         np.testing.assert_array_equal(got.pred, want.pred, err_msg=str(thresholds))
         for comp in want.energy:
             np.testing.assert_allclose(got.energy[comp], want.energy[comp], rtol=1e-12, err_msg=comp)
-    direct = evaluate(source, data, EvalConfig(progress=False, batch_size=10))
+    at_exit1 = want.exit_index == 1  # the last case: answers from exit 0 for samples exiting at 1
+    assert at_exit1.any() and (want.pred[at_exit1] != outs[1].argmax(1).numpy()[at_exit1]).any()
+    direct = evaluate(source, data, config)  # the manifest's thresholds (the medians)
+    got = cache.replay(ExitPolicy("entropy", medians))
+    np.testing.assert_array_equal(got.exit_index, direct.tables[0].exit_index)
+    np.testing.assert_array_equal(got.pred, direct.tables[0].pred)
     assert set(np.unique(direct.tables[0].exit_index)) == {0, 1, 2}  # all three destinations used
     e = [direct.tables[0].total_energy()[direct.tables[0].exit_index == i].mean() for i in range(3)]
     assert e[0] < e[1] < e[2]  # deeper exit, more blocks; the cloud adds radio and cloud MACs

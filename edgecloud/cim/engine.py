@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgecloud.cim import kernel
 from edgecloud.cim.adc import AdcRanges, calibrated_ranges, max_ranges
 from edgecloud.cim.noise import ReadNoise, saturate
 from edgecloud.cim.tiling import bit_planes
@@ -114,12 +115,18 @@ def _gemm(mapped: MappedLayer, planes: torch.Tensor) -> torch.Tensor:
 
 
 def _row_sq_sums(mapped: MappedLayer, planes: torch.Tensor) -> torch.Tensor:
-    """(n_tiles, T' m) sum_i x_i^2 over each array's rows, for read noise."""
+    """(n_tiles, T' m) float32 sum_i x_i^2 over each array's rows, for read noise."""
     t, m, _ = planes.shape
-    sq = planes.to(torch.int32)
-    if mapped.bits_per_cycle > 1:
-        sq = sq * sq
-    return torch.stack([sq[:, :, a:b].sum(-1).reshape(t * m) for a, b in mapped.tiles]).float()
+    if mapped.bits_per_cycle <= 3:  # x^2 <= 49 fits int8: exact int8 GEMMs against ones
+        src = planes if mapped.bits_per_cycle == 1 else planes * planes
+        src = src.view(torch.int8)
+        sums = []
+        for a, b in mapped.tiles:
+            ones = torch.ones(b - a, 8, dtype=torch.int8)
+            sums.append(torch._int_mm(src[:, :, a:b].reshape(t * m, b - a), ones)[:, 0])
+        return torch.stack(sums).float()
+    sq = planes.float().square_()
+    return torch.stack([sq[:, :, a:b].sum(-1).reshape(t * m) for a, b in mapped.tiles])
 
 
 def _analog(mapped: MappedLayer, partial: torch.Tensor) -> torch.Tensor:
@@ -136,15 +143,15 @@ def _analog(mapped: MappedLayer, partial: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Stage:
-    """Per-call constants of the ADC stage, (n_tiles, 1, J) float32 unless noted."""
+    """Per-call constants of the ADC stage; (n_tiles, J) float32 contiguous unless noted."""
 
-    scale: torch.Tensor  # multiplies raw GEMM output (or the saturated analog value)
+    scale: torch.Tensor  # multiplies the raw GEMM output (no saturation)
     shift: torch.Tensor
     inv_step: torch.Tensor
-    step: torch.Tensor  # (n_tiles, J)
+    step: torch.Tensor
+    offset: torch.Tensor  # analog offset (used before saturation)
     const: torch.Tensor  # (J,) digital constant per unit of sum_t 2^(v t)
-    quantize: bool
-    top: float
+    top: float | None  # highest code; None = ideal ADC (no quantization)
 
 
 def _stage(mapped: MappedLayer) -> _Stage:
@@ -154,41 +161,63 @@ def _stage(mapped: MappedLayer) -> _Stage:
     if quantize:
         assert mapped.ranges is not None
         lo, step = mapped.ranges.lo, mapped.ranges.step
-        top = float(mapped.ranges.top_code)
     else:
-        lo, step, top = zeros, torch.ones_like(zeros), 0.0
+        lo, step = zeros, torch.ones_like(zeros)
     off = mapped.offset if mapped.offset is not None else zeros
     fixed = mapped.fixed_lsb if mapped.fixed_lsb is not None else zeros
     inv = 1.0 / step
+    half = 0.5 if quantize else 0.0
     if mapped.saturation:  # the offset is applied before the non-linearity
-        scale = inv
-        shift = -lo * inv + fixed + (0.5 if quantize else 0.0)
+        scale, shift = inv, -lo * inv + fixed + half
     else:
-        scale = mapped.weight_unit * inv
-        shift = (off - lo) * inv + fixed + (0.5 if quantize else 0.0)
-    const = (lo - off).sum(0) if quantize else (-off).sum(0)
-    return _Stage(
-        scale.float().unsqueeze(1), shift.float().unsqueeze(1), inv.float().unsqueeze(1),
-        step.float(), const.float(), quantize, top,
-    )
+        scale, shift = mapped.weight_unit * inv, (off - lo) * inv + fixed + half
+    const = (lo - off).sum(0)
+    f32 = lambda t: t.float().contiguous()  # noqa: E731
+    return _Stage(f32(scale), f32(shift), f32(inv), f32(step), f32(off), f32(const),
+                  float(mapped.ranges.top_code) if quantize and mapped.ranges else None)
 
 
-def _adc(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, noise: ReadNoise | None,
-         row_sigma: torch.Tensor | None) -> torch.Tensor:
-    """ADC codes (or ideal analog values) in normalised units, in a fresh float32 tensor."""
+def _adc_torch(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, noise1: torch.Tensor | None,
+               noise2: torch.Tensor | None, row_sigma: torch.Tensor | None) -> torch.Tensor:
+    """ADC codes (or ideal analog values) in normalised units, (n_tiles, T m, J) float32."""
     if mapped.saturation:
         u = _analog(mapped, partial)
-        u.mul_(st.scale).add_(st.shift)
+        u.mul_(st.inv_step.unsqueeze(1)).add_(st.shift.unsqueeze(1))
     else:
-        u = torch.addcmul(st.shift, partial, st.scale)
-    if noise is not None and mapped.adc_noise_lsb > 0:
-        u.view(-1).add_(noise.draw(u.numel()), alpha=mapped.adc_noise_lsb)
-    if noise is not None and row_sigma is not None:
-        xi = noise.draw(u.numel()).view(u.shape) * row_sigma.unsqueeze(-1)
-        u.addcmul_(xi, st.inv_step)
-    if st.quantize:
+        u = torch.addcmul(st.shift.unsqueeze(1), partial, st.scale.unsqueeze(1))
+    if noise1 is not None:
+        u.view(-1).add_(noise1, alpha=mapped.adc_noise_lsb)
+    if noise2 is not None and row_sigma is not None:
+        u.addcmul_(noise2.view(u.shape) * row_sigma.unsqueeze(-1), st.inv_step.unsqueeze(1))
+    if st.top is not None:
         u.floor_().clamp_(0.0, st.top)
     return u
+
+
+def _convert(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, weights: torch.Tensor,
+             noise: ReadNoise | None, row_sigma: torch.Tensor | None, use_kernel: bool) -> torch.Tensor:
+    """(m, J): sum over arrays and cycles of step * cycle weight * code, for partial (n_tiles, T m, J)."""
+    n = partial.numel()
+    noise1 = noise.draw(n) if noise is not None and mapped.adc_noise_lsb > 0 else None
+    noise2 = noise.draw(n) if noise is not None and row_sigma is not None else None
+    t = weights.numel()
+    lib = kernel.load() if use_kernel else None
+    if lib is not None:
+        return kernel.adc_accumulate(
+            lib, partial.contiguous(), t, st.scale, st.shift, st.step, st.inv_step, weights.contiguous(),
+            st.top, noise1, mapped.adc_noise_lsb, noise2, row_sigma, mapped.saturation,
+            mapped.weight_unit, st.offset, mapped.v_sat,
+        )
+    codes = _adc_torch(mapped, st, partial, noise1, noise2, row_sigma)
+    n_tiles, rows, j = codes.shape
+    m = rows // t
+    if t > 1:
+        codes = torch.matmul(weights.view(1, 1, -1), codes.view(n_tiles, t, m * j)).view(n_tiles, m, j)
+    else:
+        codes = codes.view(n_tiles, m, j)
+    if n_tiles == 1:
+        return codes[0].mul_(st.step[0])
+    return (codes * st.step.unsqueeze(1)).sum(0)
 
 
 def _calibrate(mapped: MappedLayer, patches: torch.Tensor, block_rows: int) -> None:
@@ -212,17 +241,18 @@ def block_rows_for(mapped: MappedLayer, block_bytes: int) -> int:
 
 
 def run_mapped(mapped: MappedLayer, patches: torch.Tensor, noise: ReadNoise | None,
-               block_bytes: int = 2 << 20) -> torch.Tensor:
+               block_bytes: int = 2 << 20, use_kernel: bool = True) -> torch.Tensor:
     """(M, O) float32 integer-unit results of the programmed layer for uint8 patches (M, K)."""
     block = block_rows_for(mapped, block_bytes)
     with mapped.lock:
         if mapped.needs_calibration():
             _calibrate(mapped, patches, block)
     st = _stage(mapped)
-    v, n_cycles = mapped.bits_per_cycle, mapped.n_cycles
+    v, n_cycles, j = mapped.bits_per_cycle, mapped.n_cycles, mapped.columns
     cycle_w = torch.pow(2.0, v * torch.arange(n_cycles, dtype=torch.float32))
     noisy = noise is not None and (mapped.adc_noise_lsb > 0 or mapped.row_noise > 0)
-    zero_codes: torch.Tensor | None = None
+    const = st.const * cycle_w.sum()
+    zero_sum: torch.Tensor | None = None  # (J,) converted all-zero planes: sum_r step * code(0)
     m_total, o = patches.shape[0], mapped.out_features
     out = torch.empty(m_total, o, dtype=torch.float32)
     coef = mapped.coef.float().view(1, -1, 1)
@@ -235,31 +265,31 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor, noise: ReadNoise | No
             live = planes.reshape(n_cycles, -1).amax(dim=1) > 0
             if bool(live.all()):
                 live = None
-        extra: torch.Tensor | None = None  # summed codes of skipped all-zero planes, (n_tiles, J)
-        weights = cycle_w
+        weights, extra = cycle_w, None
         if live is None:
             partial = _gemm(mapped, planes)
         elif not noisy:  # an all-zero plane converts to the (deterministic) code of 0: skip it
-            if zero_codes is None:
-                zero_codes = _adc(mapped, st, torch.zeros(mapped.n_tiles, 1, mapped.columns), None, None)[:, 0]
-            extra = zero_codes * cycle_w[~live].sum()
+            if zero_sum is None:
+                zeros = torch.zeros(mapped.n_tiles, 1, j, dtype=torch.float32)
+                zero_sum = _convert(mapped, st, zeros, cycle_w[:1] * 0 + 1, None, None, use_kernel)[0]
+            extra = zero_sum * cycle_w[~live].sum()
             weights = cycle_w[live]
-            partial = _gemm(mapped, planes[live]) if weights.numel() else None
+            planes = planes[live]
+            partial = _gemm(mapped, planes) if weights.numel() else None
         else:  # noisy conversions of zero planes still happen: only their GEMM is skipped
             some = _gemm(mapped, planes[live])
-            partial = torch.zeros(mapped.n_tiles, n_cycles * m, mapped.columns, dtype=some.dtype)
-            partial.view(mapped.n_tiles, n_cycles, m, -1)[:, live] = some.view(mapped.n_tiles, -1, m, mapped.columns)
+            partial = torch.zeros(mapped.n_tiles, n_cycles * m, j, dtype=some.dtype)
+            partial.view(mapped.n_tiles, n_cycles, m, j)[:, live] = some.view(mapped.n_tiles, -1, m, j)
         if partial is None:
-            acc = torch.zeros(m, mapped.columns)
+            acc = torch.zeros(m, j)
         else:
             row_sigma = None
             if noisy and mapped.row_noise > 0:
-                row_sigma = _row_sq_sums(mapped, planes).sqrt_().mul_(mapped.row_noise)
-            codes = _adc(mapped, st, partial, noise if noisy else None, row_sigma)
-            summed = torch.matmul(weights.view(1, 1, -1), codes.view(mapped.n_tiles, weights.numel(), -1))
-            acc = (summed.view(mapped.n_tiles, m, -1) * st.step.unsqueeze(1)).sum(0)
-        if extra is not None:
-            acc = acc + (extra * st.step).sum(0)
-        acc = acc + st.const * cycle_w.sum()
-        out[start:start + m] = (acc.view(m, mapped.n_sub, o) * coef).sum(1)
+                row_sigma = _row_sq_sums(mapped, planes).sqrt_().mul_(mapped.row_noise).contiguous()
+            acc = _convert(mapped, st, partial, weights, noise if noisy else None, row_sigma, use_kernel)
+        acc += const if extra is None else const + extra
+        if mapped.n_sub == 1:
+            out[start:start + m] = acc.view(m, o) * coef.view(())
+        else:
+            out[start:start + m] = (acc.view(m, mapped.n_sub, o) * coef).sum(1)
     return out

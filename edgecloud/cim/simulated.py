@@ -42,6 +42,7 @@ class ArrayOptions(BaseModel):
     adc_noise_lsb: float = Field(0.0, ge=0.0)
     fresh_noise: bool = False
     block_kib: int = Field(2048, ge=16)
+    fused_kernel: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -111,7 +112,7 @@ class SimulatedBackend(Backend):
     def mvm(self, layer: QuantLayerMixin, x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
         mapped = self.mapped(layer, w_int)
         patches, geo = layer_patches(layer, x_int)
-        acc = run_mapped(mapped, patches, self.noise, self.options.block_kib * 1024)
+        acc = run_mapped(mapped, patches, self.noise, self.options.block_kib * 1024, self.options.fused_kernel)
         for component, event, per_position in self.events(mapped, layer):
             record(component, event, per_position * geo.positions)
         return to_output(acc, geo)

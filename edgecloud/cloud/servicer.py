@@ -1,10 +1,11 @@
 """The cloud's Open Inference Protocol servicer: validation, dynamic batching, ORT, metrics.
 
 Every ModelInfer is validated before it reaches a queue (so one bad request never fails a
-batch), then goes through one :class:`DynamicBatcher` per model. Each model serves one FP32
-input ``[N] + input_shape`` and two FP32 outputs ``[N, C]``: the logits (manifest
-``cloud.output_name``, usually ``LOGITS``) and their softmax ``probabilities``. Replies use
-``raw_output_contents`` only (what tritonclient's ``as_numpy`` reads).
+batch), then goes through one :class:`DynamicBatcher` per model. Each model serves one input
+``[N] + input_shape`` of its offload's wire datatype (FP32, FP16 or UINT8: the manifest's
+``cloud.encoding``, see :mod:`edgecloud.offload`) and two FP32 outputs ``[N, C]``: the logits
+(manifest ``cloud.output_name``, usually ``LOGITS``) and their softmax ``probabilities``.
+Replies use ``raw_output_contents`` only (what tritonclient's ``as_numpy`` reads).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from edgecloud.cim.energy import EnergyTable
 from edgecloud.cloud.sessions import PROBABILITIES, CloudModel
 from edgecloud.config import BatchingConfig
 from edgecloud.metrics import Metrics
+from edgecloud.offload import FLOAT_DATATYPES
 from edgecloud.protocol import pb, pb_grpc
 from edgecloud.protocol.codec import decode_inputs, encode_response
 from edgecloud.protocol.errors import (
@@ -112,7 +114,7 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=model.name,
             versions=[model.version],
             platform=PLATFORM,
-            inputs=[tm(name=model.input_name, datatype="FP32", shape=[-1, *model.input_shape])],
+            inputs=[tm(name=model.input_name, datatype=model.datatype, shape=[-1, *model.input_shape])],
             outputs=[
                 tm(name=model.output_name, datatype="FP32", shape=[-1, model.num_classes]),
                 tm(name=PROBABILITIES, datatype="FP32", shape=[-1, model.num_classes]),
@@ -128,7 +130,7 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference ---------------------------------------------------------------------
     def _validate(self, model: CloudModel, request: pb.ModelInferRequest) -> np.ndarray:
-        """The request's input as a float32 [N, *input_shape] array, or InvalidArgument."""
+        """The request's input as a wire-datatype [N, *input_shape] array, or InvalidArgument."""
         names = [t.name for t in request.inputs]
         if model.input_name not in names:
             raise InvalidArgument(
@@ -140,10 +142,10 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"model {model.name!r} has no input(s) {extra}; it takes only {model.input_name!r}"
             )
         tensor = request.inputs[names.index(model.input_name)]
-        if tensor.datatype != "FP32":
+        if tensor.datatype != model.datatype:
             raise InvalidArgument(
                 f"input {model.input_name!r} has datatype {tensor.datatype!r}; model "
-                f"{model.name!r} takes FP32"
+                f"{model.name!r} takes {model.datatype} (cloud.encoding={model.spec.encoding!r})"
             )
         shape = [int(d) for d in tensor.shape]
         if len(shape) != 1 + len(model.input_shape) or shape[1:] != model.input_shape:
@@ -159,7 +161,7 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"{self.batching.max_request_batch}"
             )
         array = decode_inputs(request)[model.input_name]  # checks byte count vs shape
-        if not np.isfinite(array).all():
+        if model.datatype in FLOAT_DATATYPES and not np.isfinite(array).all():
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
             raise InvalidArgument(f"input {model.input_name!r} holds {bad} NaN/Inf value(s)")
         return array

@@ -1,11 +1,14 @@
 """One ONNX Runtime session per bundle's ``cloud.onnx``.
 
-To the cloud a bundle's cloud part is just an ONNX model with one FP32 input
-(``manifest.cloud.input_name``, shape ``[N] + cloud.input_shape``) and logits out. It may be
-the tail of a split network (input: intermediate features) or a whole model (input: the raw
-sample); both load the same way. The session's threading comes from :class:`CloudConfig`:
-``intra_op_threads`` and ``session.intra_op.allow_spinning`` (spinning starves other
-processes on a 2-core machine, so it can be turned off).
+To the cloud a bundle's cloud part is just an ONNX model with one input
+(``manifest.cloud.input_name``, shape ``[N] + cloud.input_shape``) and logits out. The input
+has the offload's wire datatype (``cloud.encoding``: FP32, FP16 or UINT8, see
+:mod:`edgecloud.offload`); a compact encoding is decoded inside the ONNX graph, so the cloud
+runs what it receives as is. It may be the tail of a split network (input: intermediate
+features) or a whole model (input: the raw sample); both load the same way. The session's
+threading comes from :class:`CloudConfig`: ``intra_op_threads`` and
+``session.intra_op.allow_spinning`` (spinning starves other processes on a 2-core machine, so
+it can be turned off).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgecloud.bundle import Bundle, ModelRepository
+from edgecloud import offload
+from edgecloud.bundle import Bundle, CloudSpec, ModelRepository
 from edgecloud.config import CloudConfig
 
 PROBABILITIES = "probabilities"
@@ -58,9 +62,30 @@ class CloudModel:
     offload: str = "features"
     outputs: list[str] = field(default_factory=list)
 
+    @property
+    def spec(self) -> CloudSpec:
+        return self.bundle.manifest.cloud
+
+    @property
+    def datatype(self) -> str:
+        """The OIP datatype of the input on the wire (FP32, FP16 or UINT8)."""
+        return offload.wire_datatype(self.spec)
+
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Logits and softmax probabilities, FP32 [N, C]."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        """Logits and softmax probabilities, FP32 [N, C].
+
+        ``batch`` is the wire tensor. Float features (from an in-process caller such as the
+        evaluator) are encoded first, exactly as the edge would send them.
+        """
+        batch = np.asarray(batch)
+        if batch.dtype != offload.wire_dtype(self.spec):
+            if batch.dtype.kind != "f":
+                raise ValueError(
+                    f"model {self.name!r} takes {self.datatype} (or float features to encode), "
+                    f"got {batch.dtype}"
+                )
+            batch = offload.encode(batch, self.spec)
+        batch = np.ascontiguousarray(batch)
         (logits,) = self.session.run([self.onnx_output], {self.input_name: batch})
         logits = np.asarray(logits, dtype=np.float32).reshape(batch.shape[0], -1)
         return {self.output_name: logits, PROBABILITIES: softmax(logits)}
@@ -90,8 +115,13 @@ def load_cloud_model(bundle: Bundle, config: CloudConfig) -> CloudModel:
             f"has inputs {sorted(inputs)} (exactly one expected)"
         )
     onnx_in = inputs[spec.input_name]
-    if "float" not in onnx_in.type or "16" in onnx_in.type or "double" in onnx_in.type:
-        raise ValueError(f"bundle {m.name!r}: {path.name} input is {onnx_in.type}, not float32")
+    if onnx_in.type != offload.onnx_input_type(spec):
+        raise ValueError(
+            f"bundle {m.name!r}: {path.name} input {spec.input_name!r} is {onnx_in.type}, but "
+            f"the manifest's cloud.encoding={spec.encoding!r} sends {offload.wire_datatype(spec)} "
+            f"and needs {offload.onnx_input_type(spec)} (export the cloud part behind "
+            "edgecloud.offload.CloudInputDecoder)"
+        )
     dims = list(onnx_in.shape)
     if len(dims) != 1 + len(spec.input_shape):
         raise ValueError(
@@ -122,7 +152,7 @@ def load_cloud_model(bundle: Bundle, config: CloudConfig) -> CloudModel:
         macs=int(spec.macs), max_batch_size=max_batch, offload=spec.offload, outputs=outputs,
     )
     # Warm up (first run allocates the arena) and check the class count on the way.
-    probe = model.run(np.zeros([1, *spec.input_shape], dtype=np.float32))[spec.output_name]
+    probe = model.run(np.zeros([1, *spec.input_shape], dtype=offload.wire_dtype(spec)))[spec.output_name]
     if probe.shape[1] != model.num_classes:
         raise ValueError(
             f"bundle {m.name!r}: {path.name} gives {probe.shape[1]} logits but the manifest "

@@ -34,6 +34,7 @@ from edgecloud.config import CloudLinkConfig
 from edgecloud.edge.breaker import GAUGE_VALUE, BreakerState, CircuitBreaker
 from edgecloud.edge.runner import softmax_np
 from edgecloud.metrics import Metrics
+from edgecloud.offload import WIRE_DTYPES
 from edgecloud.protocol import SERVICE_NAME, codec, pb_grpc
 from edgecloud.protocol.errors import InferenceError
 
@@ -175,7 +176,9 @@ class CloudClient:
         return budget
 
     def infer(self, model: str, features: np.ndarray, time_remaining: float | None = None) -> CloudReply:
-        """Cloud probabilities for ``features`` ([K, ...] float32) of bundle ``model``.
+        """Cloud probabilities for ``features`` of bundle ``model``: [K, ...], already in the
+        bundle's wire datatype (``EdgeRunner.encode_offload``: float32, float16 or uint8); it
+        is sent as is, and the offload-bytes metric counts exactly those bytes.
 
         Raises :class:`CloudUnavailable` when the breaker is open, the budget is gone, the
         offload queue is full, or the call failed or was late.
@@ -215,7 +218,9 @@ class CloudClient:
     # ---- the batch worker's side ---------------------------------------------------------
     def _call(self, model: CloudModel, batch: dict[str, np.ndarray]) -> np.ndarray:
         """One ModelInfer for a whole batch of offloads; raises CloudUnavailable on failure."""
-        features = np.ascontiguousarray(batch["x"], dtype=np.float32)
+        features = np.ascontiguousarray(batch["x"])
+        if features.dtype not in WIRE_DTYPES.values():  # e.g. float64 from a caller: the FP32 default
+            features = features.astype(np.float32)
         timeout = min(self.config.timeout_s, float(batch["deadline"].max()) - time.monotonic())
         if timeout < MIN_CALL_BUDGET_S:
             self._failed(model.name, grpc.StatusCode.DEADLINE_EXCEEDED.name)

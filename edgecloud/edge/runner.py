@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgecloud import offload
 from edgecloud.bundle import Bundle
 from edgecloud.cim.backend import Backend, create_backend
 from edgecloud.cim.energy import EnergyMeter
@@ -65,7 +66,7 @@ class EdgeResult:
     exit_index: np.ndarray     # [N] int32
     best_exit: np.ndarray      # [N] int32
     offload_index: np.ndarray  # [K] int64 rows that need the cloud
-    offload: np.ndarray        # [K, ...] float32 cloud input for those rows
+    offload: np.ndarray        # [K, ...] float32 cloud input for those rows (before encoding)
     energy: dict[str, np.ndarray] = field(default_factory=dict)  # component -> [N] joules
     compute_s: float = 0.0     # wall time of the batch this result came from
 
@@ -125,6 +126,8 @@ class EdgeRunner:
         # A backend may hold state (noise generators, programmed tiles): one batch at a time.
         self._lock = threading.Lock()
         self.offload_shape = tuple(int(d) for d in self.manifest.cloud.input_shape)
+        # What the radio carries per offloaded sample: the ENCODED tensor (cloud.encoding).
+        self.offload_bytes_per_sample = offload.bytes_per_sample(self.manifest.cloud)
         self._components: list[str] = []
         self._slots_lock = threading.Lock()
 
@@ -220,6 +223,12 @@ class EdgeRunner:
                 self._components.append(component)
             return self._components.index(component)
 
+    # ---- the wire ------------------------------------------------------------------------
+    def encode_offload(self, features: np.ndarray) -> np.ndarray:
+        """Float cloud input -> the tensor sent to the cloud, per the manifest's
+        ``cloud.encoding`` (FP32 as is, FP16, or UINT8 with its scale and zero point)."""
+        return offload.encode(features, self.manifest.cloud)
+
     # ---- step 2: combine with the cloud --------------------------------------------------
     def complete(
         self,
@@ -228,8 +237,9 @@ class EdgeRunner:
         transmitted: bool,
     ) -> SampleResults:
         """Final answers: cloud probabilities for offloaded rows if the cloud answered, else the
-        best edge exit (degraded). Radio energy counts if the features were sent at all; cloud
-        compute only for samples the cloud answered."""
+        best edge exit (degraded). Radio energy counts if the features were sent at all (the
+        encoded bytes, see :meth:`encode_offload`); cloud compute only for samples the cloud
+        answered."""
         n = edge.size
         probs = edge.probs.copy()
         exit_index = edge.exit_index.copy()
@@ -241,7 +251,7 @@ class EdgeRunner:
         cloud_j = np.zeros(n, dtype=np.float64)
         if rows.size:
             if transmitted:
-                per_sample_bits = float(edge.offload[0].nbytes) * 8.0
+                per_sample_bits = float(self.offload_bytes_per_sample) * 8.0
                 radio[rows] = per_sample_bits * self.radio_joules_per_bit
             if cloud_probs is not None:
                 probs[rows] = cloud_probs

@@ -290,7 +290,8 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 reason = "NO_CLOUD"
             else:
                 try:
-                    reply = self.cloud.infer(name, edge.offload, context.time_remaining())
+                    wire = runner.encode_offload(edge.offload)  # what the radio carries
+                    reply = self.cloud.infer(name, wire, context.time_remaining())
                     cloud_probs, transmitted = reply.probs, True
                     cloud_latency_ms = reply.latency_s * 1000.0
                     self.metrics.latency.labels(model=name, stage="cloud_round_trip").observe(reply.latency_s)

@@ -20,7 +20,10 @@ backend this equals a direct :func:`evaluate` at the same thresholds exactly (te
 
 Approximations (documented, not hidden): event counts are measured once per (sample, exit depth)
 rather than under each threshold, so counts that depend on which OTHER samples share a batch are
-taken from the full-batch passes; and on backends that draw fresh noise on every read, the
+taken from the full-batch passes; a deeper exit's outputs are computed on the whole batch here
+but on the surviving subset in ``route``, and CPU kernels may round differently by batch size,
+so a sample whose exit entropy lies within float rounding of a threshold may be routed
+differently; and on backends that draw fresh noise on every read, the
 cached exit outputs are one draw, so the replay matches a direct run in distribution, not sample
 by sample. A family whose ``route`` does not stop at the exit its policy accepts (checked on
 every batch) cannot be swept this way and raises.

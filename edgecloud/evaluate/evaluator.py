@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from edgecloud.cim.energy import EnergyMeter, EnergyTable
@@ -137,5 +136,5 @@ def evaluate(source: ModelSource, data: ImageDataset, config: EvalConfig | None 
         "energy_table": config.energy_table or "packaged",
         "samples": len(data),
     }
-    summary = aggregate([{k: v for k, v in chip.items() if k != "seed"} for chip in per_chip])
+    summary = aggregate([{k: v for k, v in chip.items() if k not in ("seed", "samples")} for chip in per_chip])
     return EvalReport(info, per_chip, summary, tables)

@@ -112,6 +112,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4g}"
+
+
 def write_plot(rows: list[dict[str, Any]], operating: dict[str, Any], path: Path, title: str) -> Path:
     """Accuracy vs edge-exit share and energy per sample vs edge-exit share; the bundle's
     operating point (its manifest thresholds) marked with a star."""
@@ -129,7 +133,7 @@ def write_plot(rows: list[dict[str, Any]], operating: dict[str, Any], path: Path
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     ax1.plot(share, acc, "o-", ms=3, label="sweep")
     ax1.plot(op_share, operating["accuracy"] * 100, "r*", ms=14,
-             label=f"operating point (T={operating['threshold']})")
+             label=f"operating point (T={_fmt(operating['threshold'])})")
     ax1.set_xlabel("samples answered at the edge (%)")
     ax1.set_ylabel("accuracy (%)")
     ax1.grid(alpha=0.3)
