@@ -227,8 +227,9 @@ def model_card(manifest: Manifest, edge_macs: Mapping[str, int] | int, onnx_err:
         if history:
             lines += ["", "| epoch | train loss | val accuracy per output | cumulative wall time (s) |",
                       "|---|---|---|---|"]
-            lines += [f"| {h['epoch']} | {h['loss']:.4f} | {', '.join(f'{a:.4f}' for a in h['val_accuracy'])} "
-                      f"| {h['wall_time_s']} |" for h in history]
+            lines += [f"| {h.get('stage', '')} {h['epoch']} | {h['loss']:.4f} | "
+                      f"{', '.join(f'{a:.4f}' for a in h.get('val_accuracy', []))} | {h['wall_time_s']} |"
+                      for h in history]
     else:
         lines.append("Untrained (weights are the seeded initialisation).")
     lines += ["", "## Measured metrics", ""]

@@ -96,6 +96,10 @@ def test_cifar10_image_folder_and_cache(tmp_path, monkeypatch) -> None:
         load_cifar10("train", tmp_path / "data")
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         load_cifar10("test", tmp_path / "nowhere")
+    monkeypatch.delenv("EDGECLOUD_CIFAR10", raising=False)
+    monkeypatch.chdir(tmp_path / "data")  # a bare "." must not be taken for the data folder
+    with pytest.raises(FileNotFoundError, match="none given"):
+        load_cifar10("test")
 
 
 def _toy(n=100, classes=4):

@@ -127,6 +127,7 @@ def test_all_cloud_energy_ratio_matches_a_hand_computation(all_cloud, bundle):
     never = ExitPolicy("entropy", [0.0])  # entropy < 0 never holds: the whole edge part runs
     macs = count_macs(bundle.build_model(), m.input.shape, lambda mod, x: mod.route(x, never), by_precision=True)
     edge_j = sum(n * table.per_event("mac_fp32" if k == "fp32" else k) for k, n in macs.items())
+    assert m.cloud.encoding == "fp32"  # 4 bytes per offloaded element
     radio_j = int(np.prod(m.cloud.input_shape)) * 4 * 8 * table.per_event("radio_bit")
     cloud_j = m.cloud.macs * fp
     baseline = m.reference_macs * fp

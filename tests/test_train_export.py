@@ -60,3 +60,168 @@ def test_export_bundle_rejects_wrong_class_count(tmp_path) -> None:
         export_bundle(model, tmp_path / "b", name="b", family="fmnist_hybrid",
                       classes=[str(i) for i in range(10)], exits=[1.0, 2.0])
     assert not (tmp_path / "b" / "manifest.yaml").exists()
+
+
+# ---- training, recipes, threshold selection ---------------------------------------------------------
+
+def _write_toy_fmnist(root, n_train=600, n_test=100, seed=0):
+    """Fashion-MNIST-shaped IDX files whose class is a bright 7x7 patch at one of 10 places."""
+    from edgecloud.data.idx import write_idx
+
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            r, q = divmod(int(c), 4)
+            images[i, r * 7 + 3:r * 7 + 10, q * 7:q * 7 + 7] = 230
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    return _write_toy_fmnist(tmp_path_factory.mktemp("toy_fmnist"))
+
+
+def _toy_recipe(root, **optim):
+    from edgecloud.train.recipe import Recipe
+
+    return Recipe.model_validate({
+        "name": "toy", "family": "fmnist_hybrid",
+        "arch": {"width": 8, "cloud_width": 8, "cloud_blocks": 1}, "seed": 1,
+        "data": {"dataset": "fashion-mnist", "root": str(root), "val_fraction": 0.2},
+        "optim": {"epochs": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.01, "exit_weights": [0.5, 1.0],
+                  **optim},
+    })
+
+
+def test_resume_reproduces_an_uninterrupted_run(toy_data, tmp_path) -> None:
+    from edgecloud.train.loop import load_splits, run_training
+
+    recipe = _toy_recipe(toy_data)
+    splits = load_splits(recipe, with_test=False)
+    full = run_training(recipe, tmp_path / "a", splits=splits, progress=False)
+    part = run_training(recipe, tmp_path / "b", splits=splits, progress=False, stop_after=1)
+    assert part.epochs == 1 and (tmp_path / "b" / "checkpoint.pt").is_file()
+    resumed = run_training(recipe, tmp_path / "b", splits=splits, progress=False, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for (k, v), (_, w) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert full.history[-1]["val_accuracy"][0] > 0.8  # the toy task is learnable (edge exit)
+    with pytest.raises(ValueError, match="different recipe"):
+        run_training(_toy_recipe(toy_data, lr=0.02), tmp_path / "b", splits=splits, progress=False, resume=True)
+
+
+def test_choose_threshold_prefers_largest_share_within_drop() -> None:
+    from edgecloud.train.exitstats import choose_threshold, policy_for, routed_metrics
+
+    class M:
+        exit_names = ["edge"]
+
+    labels = torch.tensor([0] * 50 + [1] * 50)
+    cloud = torch.nn.functional.one_hot(labels, 2).float()  # the cloud is always right
+    edge = cloud.clone()
+    edge[:10] = torch.tensor([0.6, 0.4])   # right but unsure
+    edge[90:] = torch.tensor([0.95, 0.05])  # confidently wrong: 10 % error if they exit
+    edge[10:90] = cloud[10:90] * 0.999 + 0.0005  # right and sure
+    t, m = choose_threshold(M(), [edge, cloud], labels, "max_prob", max_drop=5.0)
+    # Letting the confidently-wrong rows exit would cost 10 points; within 5, the best is the 80 sure ones.
+    assert m["accuracy"] >= 0.95 and m["edge_exit_share"] == pytest.approx(0.8)
+    loose_t, loose = choose_threshold(M(), [edge, cloud], labels, "max_prob", max_drop=20.0)
+    assert loose["edge_exit_share"] > 0.8
+    assert routed_metrics(M(), [edge, cloud], labels, policy_for("max_prob", M(), t))["edge_exit_share"] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("family", ["fmnist_hybrid", "meanet"])
+def test_simulated_routing_matches_route(family) -> None:
+    from edgecloud.nets import create_model
+    from edgecloud.train.exitstats import route_outputs
+
+    torch.manual_seed(0)
+    if family == "meanet":
+        model = create_model("meanet", main_depth=8, cloud_depth=8, width=4, hard_classes=[1, 3, 5, 7, 9]).eval()
+        x = torch.rand(24, 3, 32, 32)
+    else:
+        model = create_model("fmnist_hybrid", width=8, cloud_width=8, cloud_blocks=1).eval()
+        x = torch.rand(24, 1, 28, 28)
+    with torch.no_grad():
+        probs = [torch.softmax(o, 1) for o in model(x)]
+    h = -(probs[0] * probs[0].clamp_min(1e-12).log()).sum(1)
+    t = float(h.median())
+    policy = ExitPolicy("entropy", [t] + [None] * (len(model.exit_names) - 1))
+    d = model.route(x, policy)
+    assert torch.equal(d.exit_index, route_outputs(model, probs, policy))
+    assert (d.exit_index == -1).any() and (d.exit_index >= 0).any()
+    if family == "meanet":
+        assert d.offload.shape[1:] == (3, 32, 32)
+        hard = model.is_hard()[probs[0].argmax(1)]
+        assert torch.equal(d.exit_index == 1, hard & (h < t))
+
+
+def test_meanet_extension_stage_picks_hard_classes_and_freezes_main(toy_data) -> None:
+    from edgecloud.data.dataset import ImageDataset
+    from edgecloud.nets import create_model
+    from edgecloud.train.recipe import DataSpec
+    from edgecloud.train.stages import run_stage
+
+    torch.manual_seed(0)
+    model = create_model("meanet", main_depth=8, cloud_depth=8, width=4, num_hard=5)
+    g = torch.Generator().manual_seed(0)
+    ds = ImageDataset(torch.randint(0, 255, (64, 3, 32, 32), dtype=torch.uint8, generator=g),
+                      torch.arange(64) % 10, tuple("abcdefghij"))
+    main_before = {k: v.clone() for k, v in model.main.state_dict().items()}
+    ext_before = model.extension_head.fc.weight.clone()
+    hist = run_stage({"kind": "meanet_extension", "epochs": 1, "batch_size": 16, "optimizer": "adamw",
+                      "lr": 0.01}, model, ds, ds, seed=0, data=DataSpec(dataset="cifar10"), progress=False)
+    assert len(hist[0]["hard_classes"]) == 5 and model.hard_classes.tolist() == hist[0]["hard_classes"]
+    for k, v in model.main.state_dict().items():
+        assert torch.equal(v, main_before[k]), k  # frozen, BN statistics included
+    assert not torch.equal(model.extension_head.fc.weight, ext_before)
+    with pytest.raises(ValueError, match="unknown training stage"):
+        run_stage({"kind": "nope"}, model, ds, ds, seed=0, data=None, progress=False)
+
+
+def test_every_shipped_recipe_builds() -> None:
+    from edgecloud.nets import create_model
+    from edgecloud.train.loop import exit_weights
+    from edgecloud.train.recipe import list_recipes, load_recipe
+
+    names = list_recipes()
+    assert {"fmnist-hybrid", "cifar10-hybrid-binary", "cifar10-resnet20", "cifar10-meanet"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        model = create_model(recipe.family, **recipe.arch)
+        exit_weights(recipe.optim, len(getattr(model, "exit_names", [])) + 1)  # raises on a mismatch
+    with pytest.raises(FileNotFoundError, match="fmnist-hybrid"):
+        load_recipe("no-such-recipe")
+
+
+def test_cli_train_then_export(toy_data, tmp_path, capsys) -> None:
+    import yaml
+
+    from edgecloud.bundle import Bundle
+    from edgecloud.cli import main
+
+    recipe = _toy_recipe(toy_data, epochs=1).model_dump(mode="json")
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(recipe))
+    rc = main(["train", str(tmp_path / "toy.yaml"), "--out", str(tmp_path / "run"), "--export",
+               str(tmp_path / "models" / "toy"), "--no-progress", "--seed", "1"])
+    assert rc == 0
+    bundle = Bundle(tmp_path / "models" / "toy")
+    m = bundle.manifest
+    assert m.training["command"].startswith("edgecloud train") and m.training["seed"] == 1
+    assert m.training["wall_time_s"] > 0 and len(m.training["history"]) == 1
+    assert m.metrics["test_samples"] == 100 and 0 <= m.metrics["test_edge_exit_share"] <= 1
+    assert m.metrics["threshold"] == m.exits[0].threshold
+    assert "validation" in m.metrics["threshold_selection"]
+    card = (bundle.path / "README.md").read_text()
+    assert "Reproduce with" in card and "| edge |" in card
+    rc = main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "models" / "fixed"), "--name", "fixed",
+               "--threshold", "0.5"])
+    assert rc == 0
+    fixed = Bundle(tmp_path / "models" / "fixed").manifest
+    assert fixed.name == "fixed" and fixed.exits[0].threshold == 0.5
+    # Same weights, same test split, fixed threshold -> the "alone" accuracies agree.
+    assert fixed.metrics["test_accuracy_cloud_alone"] == m.metrics["test_accuracy_cloud_alone"]

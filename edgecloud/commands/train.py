@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -25,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="bundle folder to write (default: <out>/<recipe name>)")
     p.add_argument("--name", help="bundle name (default: the recipe's)")
     p.add_argument("--data-root", help="data folder (overrides the recipe's data.root)")
+    p.add_argument("--limit", type=int, help="train on only the first N training samples (smoke runs)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -47,8 +49,13 @@ def run(args: argparse.Namespace) -> int:
         updates["seed"] = args.seed
     if args.epochs is not None:
         updates["optim"] = recipe.optim.model_copy(update={"epochs": args.epochs})
+    data_updates = {}
     if args.data_root:
-        updates["data"] = recipe.data.model_copy(update={"root": args.data_root})
+        data_updates["root"] = args.data_root
+    if args.limit:
+        data_updates["train_limit"] = args.limit
+    if data_updates:
+        updates["data"] = recipe.data.model_copy(update=data_updates)
     recipe = recipe.model_copy(update=updates)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
     path, metrics = finalize(
         result.model, recipe, bundle_dir, splits=splits, name=args.name,
         training={"command": command or f"edgecloud train {args.recipe}", "epochs": result.epochs,
-                  "wall_time_s": round(result.wall_time_s, 1),
+                  "wall_time_s": round(result.wall_time_s, 1), "cpu_count": os.cpu_count(),
+                  "history": [{k: (round(v, 4) if isinstance(v, float) else
+                               [round(a, 4) for a in v] if isinstance(v, list) else v)
+                               for k, v in h.items() if k != "lr"} for h in result.history],
                   "total_wall_time_s": round(time.perf_counter() - started, 1)},
     )
     print(f"bundle written to {path}")

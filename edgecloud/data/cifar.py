@@ -136,10 +136,11 @@ def load_cifar10(split: str = "train", root: str | Path | None = None, use_cache
     """CIFAR-10 ``train`` or ``test`` from ``root`` (pickle batches or an image-folder tree)."""
     if split not in ("train", "test"):
         raise ValueError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
-    root = Path(root or os.environ.get(ENV_ROOT, ""))
-    if not str(root) or not root.is_dir():
+    given = str(root or os.environ.get(ENV_ROOT, ""))
+    root = Path(given)
+    if not given or not root.is_dir():
         raise FileNotFoundError(
-            f"CIFAR-10 folder {str(root) or '(none given)'} not found: pass the folder holding "
+            f"CIFAR-10 folder {given or '(none given)'} not found: pass the folder holding "
             f"cifar-10-batches-py (or its batches) or an image-folder tree <root>/{{train,test}}/<class>/, "
             f"or set {ENV_ROOT}"
         )

@@ -124,8 +124,9 @@ class CloudPart:
     """Runs the cloud part on offloaded inputs and returns FP32 logits.
 
     ``onnx``: the bundle's ``cloud.onnx`` through ONNX Runtime, loaded exactly as the cloud server
-    loads it (what production serves). ``torch``: the model's ``cloud_module()`` (for in-memory
-    models that have no ONNX file yet).
+    loads it (what production serves; float features are encoded per ``cloud.encoding`` first).
+    ``torch``: the model's ``cloud_module()`` on the features after the same encode/decode round
+    trip (for in-memory models that have no ONNX file yet).
     """
 
     kind: CloudKind
@@ -153,8 +154,13 @@ def make_cloud(source: ModelSource, kind: CloudKind | None, model: nn.Module | N
     if kind == "torch":
         module = copy.deepcopy((model if model is not None else source.build_model()).cloud_module())
         module = module.float().eval()
+        spec = source.manifest.cloud
 
         def run(x: np.ndarray) -> np.ndarray:
+            from edgecloud import offload
+
+            # through the wire encoding (cloud.encoding), as the ONNX cloud decodes its input
+            x = np.ascontiguousarray(offload.decode(offload.encode(x, spec), spec), dtype=np.float32)
             with torch.inference_mode():
                 return module(torch.from_numpy(x)).float().numpy()
 

@@ -53,7 +53,7 @@ def routed_metrics(
     model: nn.Module, probs: Sequence[torch.Tensor], labels: torch.Tensor, policy: ExitPolicy,
 ) -> dict[str, float]:
     """Accuracy of the routed prediction, share and accuracy of each exit, each output alone."""
-    names = list(getattr(model, "exit_names", [])) + ["cloud"]
+    names = list(getattr(model, "exit_names", [])) + [getattr(model, "final_name", "cloud")]
     exit_index = route_outputs(model, probs, policy)
     taken = torch.where(exit_index < 0, torch.full_like(exit_index, len(probs) - 1), exit_index)
     pred = torch.stack([p.argmax(1) for p in probs])  # [outputs, N]

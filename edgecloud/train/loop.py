@@ -29,6 +29,7 @@ from edgecloud.data.registry import load_dataset
 from edgecloud.nets import create_model
 from edgecloud.train.exitstats import choose_threshold, policy_for, predict_exits, routed_metrics
 from edgecloud.train.recipe import OptimSpec, Recipe
+from edgecloud.train.stages import run_stage
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -51,12 +52,16 @@ def load_splits(recipe: Recipe, with_test: bool = True) -> Splits:
     d = recipe.data
     full = load_dataset(d.dataset, "train", d.root)
     train, val = train_val_split(full, d.val_fraction, seed=recipe.seed)
-    if d.train_limit:
-        train = train.subset(np.arange(min(d.train_limit, len(train))))
-        val = val.subset(np.arange(min(max(d.train_limit // 5, 100), len(val))))
     test = load_dataset(d.dataset, "test", d.root) if with_test else None
-    if test is not None and d.train_limit:
-        test = test.subset(np.arange(min(max(d.train_limit // 5, 100), len(test))))
+    if d.train_limit:  # seeded random subsets (image folders are ordered by class)
+        rng = np.random.default_rng(recipe.seed)
+
+        def pick(ds: ImageDataset, n: int) -> ImageDataset:
+            return ds.subset(np.sort(rng.permutation(len(ds))[:min(n, len(ds))]))
+
+        small = max(d.train_limit // 5, 100)
+        train, val = pick(train, d.train_limit), pick(val, small)
+        test = pick(test, small) if test is not None else None
     return Splits(train, val, test)
 
 
@@ -136,8 +141,12 @@ def run_training(
     resume: bool = False,
     splits: Splits | None = None,
     progress: bool = True,
+    stop_after: int | None = None,
 ) -> TrainResult:
-    """Train ``recipe`` into ``out_dir`` (checkpoint each epoch); with ``resume``, continue."""
+    """Train ``recipe`` into ``out_dir`` (checkpoint each epoch); with ``resume``, continue.
+
+    ``stop_after``: stop after that many epochs of the schedule (time-boxed runs; resume later).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     o = recipe.optim
@@ -163,7 +172,8 @@ def run_training(
         start_epoch, history, wall = ckpt["epoch"], ckpt["history"], ckpt["wall_time_s"]
         torch.set_rng_state(ckpt["torch_rng"])
     weights = exit_weights(o, len(getattr(model, "exit_names", [])) + 1)
-    for epoch in range(start_epoch, o.epochs):
+    last = o.epochs if stop_after is None else min(o.epochs, stop_after)
+    for epoch in range(start_epoch, last):
         t0 = time.perf_counter()
         model.train()
         loader.set_epoch(epoch)
@@ -198,8 +208,24 @@ def run_training(
             "wall_time_s": wall, "torch_rng": torch.get_rng_state(),
         })
         (out / "history.json").write_text(json.dumps(history, indent=1))
+    if last == o.epochs and recipe.stages:
+        done = 0
+        if resume and ckpt_path.is_file():
+            done = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("stages_done", 0)
+        for k, spec in enumerate(recipe.stages):
+            if k < done:
+                continue
+            t0 = time.perf_counter()
+            history += run_stage(spec, model, splits.train, splits.val, seed=recipe.seed, data=recipe.data,
+                                 progress=progress)
+            wall += time.perf_counter() - t0
+            _save(ckpt_path, {
+                "recipe": recipe.model_dump(mode="json"), "epoch": o.epochs, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
+                "wall_time_s": wall, "torch_rng": torch.get_rng_state(), "stages_done": k + 1,
+            })
     model = model.to(memory_format=torch.contiguous_format).eval()
-    return TrainResult(model=model, history=history, wall_time_s=wall, epochs=o.epochs)
+    return TrainResult(model=model, history=history, wall_time_s=wall, epochs=len(history))
 
 
 def load_checkpoint(path: str | Path) -> tuple[Recipe, nn.Module, dict[str, Any]]:
@@ -234,7 +260,10 @@ def finalize(
     kind = recipe.exits.policy
     threshold = recipe.exits.threshold if threshold is None else threshold
     val_probs = predict_exits(model, splits.val)
-    if threshold == "auto":
+    if not getattr(model, "exit_names", []):
+        t, how = None, "no edge exit"
+        val_m = routed_metrics(model, val_probs, splits.val.labels, policy_for(kind, model, 0.0))
+    elif threshold == "auto":
         t, val_m = choose_threshold(model, val_probs, splits.val.labels, kind, recipe.exits.max_drop)
         how = (f"auto on the validation split ({len(splits.val)} samples held out of train): largest edge-exit "
                f"share with accuracy within {recipe.exits.max_drop} points of cloud-only")
@@ -242,7 +271,7 @@ def finalize(
         t = float(threshold)
         val_m = routed_metrics(model, val_probs, splits.val.labels, policy_for(kind, model, t))
         how = "fixed"
-    policy = policy_for(kind, model, t)
+    policy = policy_for(kind, model, 0.0 if t is None else t)
     metrics: dict[str, Any] = {"threshold": t, "threshold_selection": how,
                                "val_accuracy": round(val_m["accuracy"], 4),
                                "val_edge_exit_share": round(val_m["edge_exit_share"], 4)}
@@ -251,11 +280,22 @@ def finalize(
         test_m = routed_metrics(model, test_probs, splits.test.labels, policy)
         metrics["test_samples"] = len(splits.test)
         metrics.update({f"test_{k}": round(v, 4) for k, v in test_m.items()})
-    info = {"seed": recipe.seed, "recipe": recipe.name, "data": recipe.data.model_dump(mode="json"),
+    summary = (f"{recipe.data.dataset}: {len(splits.train)} train / {len(splits.val)} validation (held out of the "
+               f"train split, stratified, seed {recipe.seed})"
+               + (f"; metrics on the {len(splits.test)}-image test split" if splits.test is not None else ""))
+    info = {"seed": recipe.seed, "recipe": recipe.name, "data_summary": summary,
+            "data": recipe.data.model_dump(mode="json"),
             "optim": recipe.optim.model_dump(mode="json"), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     info.update(training or {})
     exits = [p for p in policy.thresholds]
+    if not hasattr(model, "cloud_module"):  # an edge-only classifier (lenet5, vgg_small): no bundle
+        out = Path(bundle_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), out / "weights.pt")
+        (out / "metrics.json").write_text(json.dumps({"family": recipe.family, "arch": recipe.arch,
+                                                      "training": info, "metrics": metrics}, indent=1))
+        return out, metrics
     path = export_bundle(model, bundle_dir, name=name or recipe.name, family=recipe.family, arch=recipe.arch,
                          classes=splits.val.classes, exits=exits, policy=kind, training=info, metrics=metrics)
     return path, metrics
