@@ -43,7 +43,9 @@ class InProcess:
         from edgecloud.edge.runner import EdgeRunner
 
         self.runner = EdgeRunner(bundle, "digital")
-        self.cloud = load_cloud_model(bundle, CloudConfig())
+        # ORT threads spin by default and starve torch threads in the same process
+        # (shared notes, cpu-performance.md): no spinning for the in-process side.
+        self.cloud = load_cloud_model(bundle, CloudConfig(allow_spinning=False, intra_op_threads=1))
         self.spec = bundle.manifest.cloud
 
     def __call__(self, x: np.ndarray):
@@ -98,6 +100,12 @@ def main() -> int:
     from edgecloud.loadgen import run_load
     from edgecloud.procs import start_server
 
+    import torch
+
+    from edgecloud.config import EdgeConfig
+
+    # The same compute settings as the edge daemon's defaults, so only the serving path differs.
+    torch.set_num_threads(EdgeConfig().torch_threads or torch.get_num_threads())
     bundle = ModelRepository(args.repository).get(args.model)
     manifest = bundle.manifest
     data = _data(manifest)
@@ -110,7 +118,7 @@ def main() -> int:
     repo = ["--repository", str(bundle.path.parent), "--model", manifest.name]
     with tempfile.TemporaryDirectory(prefix="edgecloud-bench-") as tmp:
         workdir = Path(tmp)
-        cloud = start_server("cloud", repo, workdir)
+        cloud = start_server("cloud", [*repo, "--no-allow-spinning", "--intra-op-threads", "1"], workdir)
         edge = start_server("edge", [*repo, "--cloud", cloud.address], workdir)
         try:
             with InferenceClient(edge.address) as client:

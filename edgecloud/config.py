@@ -58,7 +58,7 @@ class ServerConfig(_Strict):
 
 
 class BatchingConfig(_Strict):
-    max_batch_size: int = Field(64, ge=1, description="largest batch run at once (samples)")
+    max_batch_size: int = Field(256, ge=1, description="largest batch run at once (samples)")
     max_queue_delay_ms: float = Field(
         0.0, ge=0,
         description="how long a batch may wait to fill; 0 = take whatever is queued when the worker "
@@ -103,7 +103,12 @@ class EdgeConfig(_Strict):
     thresholds: dict[str, list[float | None]] = Field(
         default_factory=dict, description="per-model exit thresholds overriding the manifest"
     )
-    torch_threads: int = Field(0, ge=0, description="0 = torch default")
+    torch_threads: int = Field(
+        1, ge=0,
+        description="torch intra-op threads for edge compute; 0 = torch default. One batch runs at a "
+        "time, so 1 leaves the other cores to gRPC and the cloud link; more than 1 on an "
+        "oversubscribed machine makes OpenMP threads fight (measured 1.9 ms -> 268 ms per sample)",
+    )
 
 
 class CloudConfig(_Strict):

@@ -134,3 +134,39 @@ def test_count_macs_matches_hand_count() -> None:
     stem = 784 * 16 * 9
     edge = 196 * (32 * 16 * 9 + 32 * 16 + 32 * 32 * 9) + 49 * (32 * 32 * 9 + 32 * 32 + 32 * 32 * 9)
     assert ref == stem + edge + expect
+
+
+def test_resnet_is_cloud_only() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet", depth=8).eval()
+    x = torch.rand(5, 3, 32, 32)
+    d = _route(model, x, "entropy", [])
+    assert (d.exit_index == -1).all() and torch.equal(d.offload, x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.cloud_module()(d.offload), model(x)[0])
+    assert reference_macs(model, (3, 32, 32)) == count_macs(model.cloud_module(), (3, 32, 32))
+
+
+def test_meanet_routing_extremes_and_hard_class_buffer() -> None:
+    torch.manual_seed(0)
+    kwargs, shape = SMALL["meanet"]
+    model = create_model("meanet", **kwargs).eval()
+    assert model.hard_classes.tolist() == [2, 3, 4, 5, 6]
+    assert "hard_classes" in model.state_dict()
+    x = torch.rand(16, *shape)
+    none = _route(model, x, "entropy", [0.0, None])
+    assert (none.exit_index == -1).all() and torch.equal(none.offload, x)
+    every = _route(model, x, "entropy", [100.0, None])
+    with torch.no_grad():
+        pred = model(x)[0].argmax(1)
+    hard = torch.isin(pred, model.hard_classes)
+    assert torch.equal(every.exit_index, hard.long())  # easy -> 0 (main), hard -> 1 (extension)
+    assert every.offload.shape == (0, *shape)
+    # The extension answers only with hard classes.
+    if hard.any():
+        assert torch.isin(every.probs[hard].argmax(1), model.hard_classes).all()
+    other = create_model("meanet", **{**kwargs, "hard_classes": None, "num_hard": 5})
+    other.load_state_dict(model.state_dict())  # the buffer carries the set
+    assert other.hard_classes.tolist() == [2, 3, 4, 5, 6]
+    with pytest.raises(ValueError):
+        model.set_hard_classes([1, 1, 2, 3, 4])

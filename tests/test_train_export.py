@@ -225,3 +225,25 @@ def test_cli_train_then_export(toy_data, tmp_path, capsys) -> None:
     assert fixed.name == "fixed" and fixed.exits[0].threshold == 0.5
     # Same weights, same test split, fixed threshold -> the "alone" accuracies agree.
     assert fixed.metrics["test_accuracy_cloud_alone"] == m.metrics["test_accuracy_cloud_alone"]
+
+
+def test_export_raw_offload_family(tmp_path) -> None:
+    """MEANet sends the raw input: the cloud ONNX takes INPUT [3, 32, 32] and equals torch."""
+    from edgecloud.bundle import Bundle
+    from edgecloud.export import export_bundle
+    from edgecloud.nets import create_model
+
+    torch.manual_seed(0)
+    arch = {"main_depth": 8, "cloud_depth": 8, "width": 4, "num_hard": 5}
+    model = create_model("meanet", **arch).eval()
+    export_bundle(model, tmp_path / "m", name="m", family="meanet", arch=arch,
+                  classes=[str(i) for i in range(10)], exits=[0.8, None])
+    b = Bundle(tmp_path / "m")
+    assert b.manifest.cloud.offload == "raw" and b.manifest.cloud.input_name == "INPUT"
+    assert [(e.name, e.threshold) for e in b.manifest.exits] == [("main", 0.8), ("extension", None)]
+    assert b.manifest.reference_macs == b.manifest.cloud.macs
+    x = torch.rand(4, 3, 32, 32)
+    got = ort.InferenceSession(str(b.cloud_onnx), providers=["CPUExecutionProvider"]).run(
+        ["LOGITS"], {"INPUT": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, b.build_model().cloud_module()(x).numpy(), atol=1e-4, rtol=0)

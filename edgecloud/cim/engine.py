@@ -194,22 +194,13 @@ def _adc_torch(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, noise1: t
     return u
 
 
-def _convert(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, weights: torch.Tensor,
-             noise: ReadNoise | None, row_sigma: torch.Tensor | None, use_kernel: bool) -> torch.Tensor:
-    """(m, J): sum over arrays and cycles of step * cycle weight * code, for partial (n_tiles, T m, J)."""
-    n = partial.numel()
-    noise1 = noise.draw(n) if noise is not None and mapped.adc_noise_lsb > 0 else None
-    noise2 = noise.draw(n) if noise is not None and row_sigma is not None else None
-    t = weights.numel()
-    lib = kernel.load() if use_kernel else None
-    if lib is not None:
-        return kernel.adc_accumulate(
-            lib, partial.contiguous(), t, st.scale, st.shift, st.step, st.inv_step, weights.contiguous(),
-            st.top, noise1, mapped.adc_noise_lsb, noise2, row_sigma, mapped.saturation,
-            mapped.weight_unit, st.offset, mapped.v_sat,
-        )
+def _convert_torch(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, weights: torch.Tensor,
+                   noise1: torch.Tensor | None, noise2: torch.Tensor | None,
+                   row_sigma: torch.Tensor | None) -> torch.Tensor:
+    """(m, J): sum over arrays and cycles of step * cycle weight * code (torch ops)."""
     codes = _adc_torch(mapped, st, partial, noise1, noise2, row_sigma)
     n_tiles, rows, j = codes.shape
+    t = weights.numel()
     m = rows // t
     if t > 1:
         codes = torch.matmul(weights.view(1, 1, -1), codes.view(n_tiles, t, m * j)).view(n_tiles, m, j)
@@ -240,56 +231,90 @@ def block_rows_for(mapped: MappedLayer, block_bytes: int) -> int:
     return max(64, block_bytes // max(per_row, 1))
 
 
+def _live_planes(mapped: MappedLayer, chunk: torch.Tensor, lib: object | None) -> torch.Tensor:
+    """(T,) bool: planes with at least one non-zero input bit in this block."""
+    v, n_cycles = mapped.bits_per_cycle, mapped.n_cycles
+    if lib is not None and chunk.stride(1) == 1:
+        present = kernel.or_reduce(lib, chunk)  # type: ignore[arg-type]
+    else:
+        present = 0
+        for bit in range(8):
+            if bool((chunk & (1 << bit)).any()):
+                present |= 1 << bit
+    mask = (1 << v) - 1
+    return torch.tensor([(present >> (v * t)) & mask != 0 for t in range(n_cycles)])
+
+
 def run_mapped(mapped: MappedLayer, patches: torch.Tensor, noise: ReadNoise | None,
-               block_bytes: int = 2 << 20, use_kernel: bool = True) -> torch.Tensor:
+               block_bytes: int = 8 << 20, use_kernel: bool = True) -> torch.Tensor:
     """(M, O) float32 integer-unit results of the programmed layer for uint8 patches (M, K)."""
     block = block_rows_for(mapped, block_bytes)
     with mapped.lock:
         if mapped.needs_calibration():
             _calibrate(mapped, patches, block)
     st = _stage(mapped)
-    v, n_cycles, j = mapped.bits_per_cycle, mapped.n_cycles, mapped.columns
+    lib = kernel.load() if use_kernel else None
+    v, n_cycles, j, n_tiles = mapped.bits_per_cycle, mapped.n_cycles, mapped.columns, mapped.n_tiles
     cycle_w = torch.pow(2.0, v * torch.arange(n_cycles, dtype=torch.float32))
     noisy = noise is not None and (mapped.adc_noise_lsb > 0 or mapped.row_noise > 0)
-    const = st.const * cycle_w.sum()
-    zero_sum: torch.Tensor | None = None  # (J,) converted all-zero planes: sum_r step * code(0)
+    row_noise = mapped.row_noise if noisy and mapped.row_noise > 0 else None
+    const = (st.const * cycle_w.sum()).contiguous()
+    coef = mapped.coef.float().contiguous()
+    zero_sum: torch.Tensor | None = None  # (J,) one conversion of an all-zero plane: sum_r step * code(0)
+    int_planes = lib is not None and mapped._loop_tiles()
+    bounds = torch.tensor([a for a, _ in mapped.tiles] + [mapped.tiles[-1][1]], dtype=torch.int64)
     m_total, o = patches.shape[0], mapped.out_features
     out = torch.empty(m_total, o, dtype=torch.float32)
-    coef = mapped.coef.float().view(1, -1, 1)
     for start in range(0, m_total, block):
         chunk = patches[start:start + block]
         m = chunk.shape[0]
-        planes = bit_planes(chunk, v, n_cycles)
-        live: torch.Tensor | None = None
-        if n_cycles > 1:
-            live = planes.reshape(n_cycles, -1).amax(dim=1) > 0
+        live = None
+        if n_cycles > 1 and not noisy:  # an all-zero plane converts to the fixed code of 0: skip it
+            live = _live_planes(mapped, chunk, lib)
             if bool(live.all()):
                 live = None
-        weights, extra = cycle_w, None
-        if live is None:
-            partial = _gemm(mapped, planes)
-        elif not noisy:  # an all-zero plane converts to the (deterministic) code of 0: skip it
+        weights, block_const = cycle_w, const
+        if live is not None:
             if zero_sum is None:
-                zeros = torch.zeros(mapped.n_tiles, 1, j, dtype=torch.float32)
-                zero_sum = _convert(mapped, st, zeros, cycle_w[:1] * 0 + 1, None, None, use_kernel)[0]
-            extra = zero_sum * cycle_w[~live].sum()
-            weights = cycle_w[live]
-            planes = planes[live]
-            partial = _gemm(mapped, planes) if weights.numel() else None
-        else:  # noisy conversions of zero planes still happen: only their GEMM is skipped
-            some = _gemm(mapped, planes[live])
-            partial = torch.zeros(mapped.n_tiles, n_cycles * m, j, dtype=some.dtype)
-            partial.view(mapped.n_tiles, n_cycles, m, j)[:, live] = some.view(mapped.n_tiles, -1, m, j)
-        if partial is None:
-            acc = torch.zeros(m, j)
+                zeros = torch.zeros(n_tiles, 1, j, dtype=torch.float32)
+                zero_sum = _convert_torch(mapped, st, zeros, torch.ones(1), None, None, None)[0]
+            weights = cycle_w[live].contiguous()
+            block_const = (const + zero_sum * cycle_w[~live].sum()).contiguous()
+        dest = out[start:start + m]
+        if weights.numel() == 0:
+            dest.copy_((block_const.view(mapped.n_sub, o) * coef.view(-1, 1)).sum(0).expand(m, o))
+            continue
+        emitted = torch.arange(n_cycles)[live] if live is not None else torch.arange(n_cycles)
+        t_used = emitted.numel()
+        row_sigma = None
+        if int_planes:
+            shifts = (emitted * v).to(torch.int32)
+            flat, row_sigma = kernel.planes_tiled(lib, chunk, bounds, shifts, (1 << v) - 1, row_noise)  # type: ignore[arg-type]
+            partial = torch.empty(n_tiles, t_used * m, j, dtype=torch.int32)
+            for r, ((a, b), w) in enumerate(zip(mapped.tiles, mapped.weights)):
+                lhs = flat[t_used * m * a: t_used * m * b].view(t_used * m, b - a)
+                torch._int_mm(lhs, w, out=partial[r])
         else:
-            row_sigma = None
-            if noisy and mapped.row_noise > 0:
-                row_sigma = _row_sq_sums(mapped, planes).sqrt_().mul_(mapped.row_noise).contiguous()
-            acc = _convert(mapped, st, partial, weights, noise if noisy else None, row_sigma, use_kernel)
-        acc += const if extra is None else const + extra
+            planes = bit_planes(chunk, v, n_cycles)
+            if live is not None:
+                planes = planes[live]
+            partial = _gemm(mapped, planes)
+            if row_noise is not None:
+                row_sigma = _row_sq_sums(mapped, planes).sqrt_().mul_(row_noise).contiguous()
+        n = partial.numel()
+        noise1 = noise.draw(n) if noisy and noise is not None and mapped.adc_noise_lsb > 0 else None
+        noise2 = noise.draw(n) if noisy and noise is not None and row_sigma is not None else None
+        if lib is not None:
+            kernel.adc_accumulate(
+                lib, partial, t_used, st.scale, st.shift, st.step, st.inv_step, weights, st.top,  # type: ignore[arg-type]
+                noise1, mapped.adc_noise_lsb, noise2, row_sigma, mapped.saturation, mapped.weight_unit,
+                st.offset, mapped.v_sat, block_const, coef, dest,
+            )
+            continue
+        acc = _convert_torch(mapped, st, partial, weights, noise1, noise2, row_sigma)
+        acc += block_const
         if mapped.n_sub == 1:
-            out[start:start + m] = acc.view(m, o) * coef.view(())
+            dest.copy_(acc.view(m, o).mul_(coef[0]))
         else:
-            out[start:start + m] = (acc.view(m, mapped.n_sub, o) * coef).sum(1)
+            dest.copy_((acc.view(m, mapped.n_sub, o) * coef.view(1, -1, 1)).sum(1))
     return out

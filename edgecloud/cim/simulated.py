@@ -41,7 +41,7 @@ class ArrayOptions(BaseModel):
     calib_batches: int = Field(1, ge=1)
     adc_noise_lsb: float = Field(0.0, ge=0.0)
     fresh_noise: bool = False
-    block_kib: int = Field(2048, ge=16)
+    block_kib: int = Field(8192, ge=16)
     fused_kernel: bool = True
 
     @model_validator(mode="before")

@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         servers = []
         try:
             say(f"starting cloud server (model {manifest.name}) ...")
-            cloud = start_server("cloud", repo, workdir, timeout=args.startup_timeout)
+            # Both servers share this machine's cores: no ORT spinning, one ORT thread.
+            cloud = start_server("cloud", [*repo, "--no-allow-spinning", "--intra-op-threads", "1"],
+                                 workdir, timeout=args.startup_timeout)
             servers.append(cloud)
             say(f"  cloud listening on {cloud.address}, metrics {cloud.metrics_url}")
             say(f"starting edge daemon (backend {args.backend}, cloud at {cloud.address}) ...")
