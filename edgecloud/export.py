@@ -39,6 +39,30 @@ def input_spec_of(model: nn.Module) -> InputSpec:
     return InputSpec(shape=[c, s, s], mean=[round(v, 6) for v in mean], std=[round(v, 6) for v in std])
 
 
+def resolve_arch(family: str, arch: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``arch`` with every omitted constructor default filled in (YAML-safe), so a bundle keeps
+    building the same network even if a family's defaults change later."""
+    import inspect
+
+    from edgecloud.nets.registry import _REGISTRY, _load_families
+
+    _load_families()
+    out: dict[str, Any] = {}
+    fn = _REGISTRY.get(family)
+    if fn is not None:
+        for name, param in inspect.signature(fn).parameters.items():
+            if param.default is not inspect.Parameter.empty:
+                out[name] = param.default
+    out.update(arch or {})
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return {k: plain(v) for k, v in out.items()}
+
+
 def export_onnx(module: nn.Module, path: Path, sample_shape: Sequence[int], input_name: str) -> None:
     """Export ``module`` (full precision) with a dynamic batch dimension, weights in one file."""
     module = copy.deepcopy(module).float().eval().to(memory_format=torch.contiguous_format)

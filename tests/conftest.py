@@ -16,6 +16,11 @@ import torch
 
 TINY_SEED = 0
 
+# Tests run tiny tensors on a 2-core machine shared with other jobs: intra-op threads only add
+# synchronisation, and under CPU contention OpenMP's spinning threads made a few training steps
+# 10-20x slower (33 s vs 1.7 s measured at load ~6). One thread keeps every test fast and steady.
+torch.set_num_threads(1)
+
 
 def build_tiny_bundle(root: Path, name: str = "tiny", seed: int = TINY_SEED) -> Path:
     """Write an untrained, seeded fmnist_hybrid bundle to ``root / name``."""

@@ -49,7 +49,8 @@ class MappedLayer:
     n_cycles: int
     reach_lo: torch.Tensor  # (n_tiles, J) lowest / highest nominal analog value (after offset
     reach_hi: torch.Tensor  # and saturation): the ``max`` ADC range
-    offset: torch.Tensor | None = None  # (n_tiles, J) analog offset added before, removed after
+    offset: torch.Tensor | None = None  # (n_tiles, J) analog offset added before the ADC
+    removed_offset: torch.Tensor | None = None  # (n_tiles, J) subtracted digitally; None = offset
     adc_bits: int | None = None  # None: ideal ADC (no quantization)
     adc_range: str = "max"
     adc_percentile: float = 99.9
@@ -171,7 +172,8 @@ def _stage(mapped: MappedLayer) -> _Stage:
         scale, shift = inv, -lo * inv + fixed + half
     else:
         scale, shift = mapped.weight_unit * inv, (off - lo) * inv + fixed + half
-    const = (lo - off).sum(0)
+    removed = mapped.removed_offset if mapped.removed_offset is not None else off
+    const = (lo - removed).sum(0)
     f32 = lambda t: t.float().contiguous()  # noqa: E731
     return _Stage(f32(scale), f32(shift), f32(inv), f32(step), f32(off), f32(const),
                   float(mapped.ranges.top_code) if quantize and mapped.ranges else None)
@@ -219,8 +221,9 @@ def _calibrate(mapped: MappedLayer, patches: torch.Tensor, block_rows: int) -> N
     for start in range(0, patches.shape[0], block_rows):
         planes = bit_planes(patches[start:start + block_rows], mapped.bits_per_cycle, mapped.n_cycles)
         y = _analog(mapped, _gemm(mapped, planes))
-        idx = torch.randint(0, y.shape[1], (min(per_block, y.shape[1]),), generator=gen)
-        mapped.calib_samples.append(y[:, idx])
+        if y.shape[1] > per_block:
+            y = y[:, torch.randperm(y.shape[1], generator=gen)[:per_block]]
+        mapped.calib_samples.append(y)
     assert mapped.adc_bits is not None
     mapped.ranges = calibrated_ranges(torch.cat(mapped.calib_samples, dim=1), mapped.adc_bits, mapped.adc_percentile)
     mapped.calib_seen += 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+def reproduce_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (rebuilt from the parsed arguments)."""
+    parts = ["edgecloud", "train", str(args.recipe)]
+    for flag, value in (("--epochs", args.epochs), ("--seed", args.seed), ("--out", args.out),
+                        ("--export", args.export_dir), ("--name", args.name), ("--data-root", args.data_root),
+                        ("--limit", args.limit), ("--threads", args.threads)):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += ["--resume"] * bool(args.resume) + ["--no-progress"] * bool(args.no_progress)
+    return shlex.join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
     tune_malloc()
     out = args.out or Path("runs") / recipe.name
     bundle_dir = args.export_dir or out / (args.name or recipe.name)
-    command = "edgecloud " + shlex.join(sys.argv[1:]) if sys.argv and "train" in sys.argv else None
+    command = reproduce_command(args)
     started = time.perf_counter()
     splits = load_splits(recipe)
     result = run_training(recipe, out, resume=args.resume, splits=splits, progress=not args.no_progress)
     path, metrics = finalize(
         result.model, recipe, bundle_dir, splits=splits, name=args.name,
-        training={"command": command or f"edgecloud train {args.recipe}", "epochs": result.epochs,
+        training={"command": command, "epochs": result.epochs,
                   "wall_time_s": round(result.wall_time_s, 1), "cpu_count": os.cpu_count(),
                   "history": [{k: (round(v, 4) if isinstance(v, float) else
                                [round(a, 4) for a in v] if isinstance(v, list) else v)

@@ -225,7 +225,8 @@ def run_training(
                 "wall_time_s": wall, "torch_rng": torch.get_rng_state(), "stages_done": k + 1,
             })
     model = model.to(memory_format=torch.contiguous_format).eval()
-    return TrainResult(model=model, history=history, wall_time_s=wall, epochs=len(history))
+    return TrainResult(model=model, history=history, wall_time_s=wall,
+                       epochs=sum(1 for h in history if "stage" not in h))
 
 
 def load_checkpoint(path: str | Path) -> tuple[Recipe, nn.Module, dict[str, Any]]:
@@ -253,7 +254,7 @@ def finalize(
     threshold: float | str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Choose the exit threshold on validation, measure test, export the bundle."""
-    from edgecloud.export import export_bundle
+    from edgecloud.export import export_bundle, resolve_arch
 
     splits = splits or load_splits(recipe)
     model = model.eval()
@@ -296,6 +297,7 @@ def finalize(
         (out / "metrics.json").write_text(json.dumps({"family": recipe.family, "arch": recipe.arch,
                                                       "training": info, "metrics": metrics}, indent=1))
         return out, metrics
-    path = export_bundle(model, bundle_dir, name=name or recipe.name, family=recipe.family, arch=recipe.arch,
+    path = export_bundle(model, bundle_dir, name=name or recipe.name, family=recipe.family,
+                         arch=resolve_arch(recipe.family, recipe.arch),
                          classes=splits.val.classes, exits=exits, policy=kind, training=info, metrics=metrics)
     return path, metrics

@@ -1,0 +1,116 @@
+"""At ideal settings every simulated backend equals the digital reference exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgecloud.cim import kernel
+from edgecloud.cim.backend import create_backend
+from edgecloud.cim.events import EventLog, recording
+from edgecloud.nn.quant import QuantConv2d, QuantLinear
+
+# (weight_bits, act_bits): binary, mixed and 8-bit, including > 4-bit SRAM words and inputs
+WIDTHS = [(1, 1), (2, 8), (3, 1), (4, 3), (5, 4), (8, 8), (1, 4)]
+IDEAL = {
+    "crossbar": [
+        {"rows": 16, "cols": 8},
+        {"rows": 7, "cell_bits": 1, "dac_bits": 2},
+        {"rows": 128, "cell_bits": 3, "gemm": "float32"},
+        {"rows": 10, "on_off_ratio": 5.0, "adc_bits": 12},  # finite on/off cancels; lossless ADC
+        {"rows": 32, "dac_bits": 8},  # whole 8-bit inputs in one cycle (float GEMM)
+        {"rows": 16, "fused_kernel": False},
+    ],
+    "sram": [
+        {},
+        {"group_size": 7, "xnor_group_size": 13},
+        {"adc_bits": 12, "xnor_group_size": 20},  # lossless for 10-row groups
+        {"xnor_binary": False, "dac_bits": 2},
+        {"group_size": 25, "fused_kernel": False},
+    ],
+}
+
+
+def _layers(weight_bits: int, act_bits: int) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(weight_bits * 10 + act_bits)
+    conv = QuantConv2d(5, 7, 3, stride=2, padding=1, weight_bits=weight_bits, act_bits=act_bits).eval()
+    lin = QuantLinear(40, 9, weight_bits=weight_bits, act_bits=act_bits).eval()
+    return conv, lin
+
+
+def _cases() -> list[tuple[str, dict, int, int]]:
+    return [(name, opts, wb, ab) for name, all_opts in IDEAL.items() for opts in all_opts for wb, ab in WIDTHS]
+
+
+@pytest.mark.parametrize("backend,options,weight_bits,act_bits", _cases())
+def test_ideal_backend_equals_digital_exactly(backend: str, options: dict, weight_bits: int, act_bits: int) -> None:
+    conv, lin = _layers(weight_bits, act_bits)
+    x, xl = torch.rand(3, 5, 7, 7), torch.rand(4, 40)
+    with torch.no_grad():
+        ref_conv, ref_lin = conv(x), lin(xl)
+        xi, (wi, _) = conv.quantize_input(x), conv.quantize_weight()
+        xli, (wli, _) = lin.quantize_input(xl), lin.quantize_weight()
+        ref_mvm, ref_mvm_lin = conv.integer_mvm(xi, wi), lin.integer_mvm(xli, wli)
+    be = create_backend(backend, options, seed=3)
+    be.prepare(conv)
+    be.prepare(lin)
+    assert conv.mvm_fn is not None and lin.mvm_fn is not None
+    with torch.no_grad():
+        mvm, mvm_lin = be.mvm(conv, xi, wi), be.mvm(lin, xli, wli)
+        out_conv, out_lin = conv(x), lin(xl)
+    assert mvm.shape == ref_mvm.shape and mvm_lin.shape == ref_mvm_lin.shape
+    assert torch.equal(mvm, ref_mvm) and torch.equal(mvm_lin, ref_mvm_lin)  # integer equality
+    assert torch.equal(mvm, mvm.round())
+    assert torch.equal(out_conv, ref_conv) and torch.equal(out_lin, ref_lin)
+
+
+def test_exact_on_a_small_network_with_residuals_and_events() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        QuantConv2d(3, 8, 3, padding=1, weight_bits=8, act_bits=8), nn.BatchNorm2d(8), nn.ReLU(),
+        QuantConv2d(8, 8, 3, stride=2, padding=1, weight_bits=1, act_bits=1), nn.BatchNorm2d(8),
+        nn.Flatten(), QuantLinear(8 * 4 * 4, 10, weight_bits=4, act_bits=4),
+    ).eval()
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+    for name in ("crossbar", "sram"):
+        create_backend(name, {}, seed=1).prepare(net)
+        log = EventLog(2)
+        with torch.no_grad(), recording(log):
+            out = net(x)
+        assert torch.equal(out, ref), name
+        components = {c for c, _ in log.counts}
+        assert "adc" in components and "digital" in components
+        assert ("crossbar" if name == "crossbar" else "sram") in components
+
+
+def test_noisy_paths_agree_between_fused_kernel_and_torch() -> None:
+    if kernel.load() is None:
+        pytest.skip("no C compiler: only the torch path exists here")
+    torch.manual_seed(0)
+    conv = QuantConv2d(16, 8, 3, padding=1, weight_bits=8, act_bits=8).eval()
+    x = torch.rand(2, 16, 6, 6) * 0.4
+    with torch.no_grad():
+        xi, (wi, _) = conv.quantize_input(x), conv.quantize_weight()
+    for backend, opts in [("crossbar", {"preset": "typical", "rows": 64}),
+                          ("crossbar", {"adc_bits": 7, "adc_noise_lsb": 0.7, "dac_bits": 2}),
+                          ("sram", {"preset": "typical"})]:
+        outs = []
+        for fused in (True, False):
+            be = create_backend(backend, {**opts, "fused_kernel": fused}, seed=5)
+            with torch.no_grad():
+                outs.append(be.mvm(conv, xi, wi))
+        # same noise samples and arithmetic; only float summation order (and libm's expm1 for
+        # the bit-line saturation) differ, far below one ADC step
+        scale = outs[1].abs().max()
+        assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-5 * float(scale)), (backend, opts)
+        assert not torch.equal(outs[0], conv.integer_mvm(xi, wi))
+
+
+def test_layers_that_cannot_map_stay_digital() -> None:
+    fp_input = QuantLinear(8, 4, weight_bits=4, act_bits=0)
+    net = nn.Sequential(fp_input, QuantLinear(4, 2, weight_bits=2, act_bits=2))
+    create_backend("crossbar", {}, seed=0).prepare(net)
+    assert fp_input.mvm_fn is None and net[1].mvm_fn is not None
