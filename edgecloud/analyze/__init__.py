@@ -1,0 +1,1 @@
+"""Model analyses that guide design choices (Hybrid-Net PCA layer significance)."""
