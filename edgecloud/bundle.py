@@ -9,6 +9,13 @@ Layout of a bundle folder::
     edge.pt         torch state_dict of the whole SplitModel (edge parts are what the edge uses)
     cloud.onnx      the cloud part, full precision, input tensor ``cloud.input_name``
     README.md       the model card
+
+An *edge-only* bundle (a plain classifier such as ``lenet5`` or ``vgg_small``, written by
+:func:`edgecloud.export_edge.export_edge_bundle`) has ``cloud: {offload: none}``, no
+``cloud.onnx`` and one exit that always answers; :meth:`Bundle.build_model` wraps the
+classifier in :class:`edgecloud.nets.edge_only.EdgeOnlyModel` so the edge runner, ``edgecloud
+eval`` and the edge daemon run it like any other bundle (nothing is ever offloaded), and the
+cloud server skips it.
 """
 
 from __future__ import annotations
@@ -43,9 +50,10 @@ class ExitSpec(BaseModel):
 
 class CloudSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    offload: Literal["features", "raw"] = "features"
+    # "none": an edge-only bundle, no cloud part (input_shape [], macs 0, no cloud.onnx)
+    offload: Literal["features", "raw", "none"] = "features"
     input_name: str = "FEATURES"
-    input_shape: list[int]          # one sample
+    input_shape: list[int] = Field(default_factory=list)  # one sample; required unless offload none
     output_name: str = "LOGITS"
     model_name: str = ""            # name the cloud serves it under; default: the bundle name
     macs: int = 0                   # MACs per sample of the cloud part (for energy accounting)
@@ -56,8 +64,18 @@ class CloudSpec(BaseModel):
     scale: float = 1.0
     zero_point: int = 0
 
+    @property
+    def present(self) -> bool:
+        """False for an edge-only bundle (``offload: none``)."""
+        return self.offload != "none"
+
     @model_validator(mode="after")
     def _check_quantization(self) -> "CloudSpec":
+        if self.offload == "none":
+            if self.input_shape or self.macs:
+                raise ValueError("cloud.offload 'none' (edge-only bundle) takes no input_shape and no macs")
+        elif not self.input_shape:
+            raise ValueError(f"cloud.input_shape is required for cloud.offload {self.offload!r}")
         if not (math.isfinite(self.scale) and self.scale > 0.0):
             raise ValueError(f"cloud.scale must be a finite number > 0, got {self.scale}")
         if not 0 <= self.zero_point <= 255:
@@ -84,6 +102,18 @@ class Manifest(BaseModel):
     @property
     def cloud_model_name(self) -> str:
         return self.cloud.model_name or self.name
+
+    @property
+    def edge_only(self) -> bool:
+        """No cloud part: every sample is answered at the edge."""
+        return not self.cloud.present
+
+    @model_validator(mode="after")
+    def _check_edge_only(self) -> "Manifest":
+        if self.edge_only and (not self.exits or self.exits[-1].threshold is not None):
+            raise ValueError("an edge-only bundle (cloud.offload 'none') needs a last exit with "
+                             "threshold null: with no cloud, it must answer every sample")
+        return self
 
 
 def default_repository() -> Path:
@@ -126,6 +156,10 @@ class Bundle:
         model = create_model(self.manifest.family, **self.manifest.arch)
         state = torch.load(self.edge_weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
+        if self.manifest.edge_only:
+            from edgecloud.nets.edge_only import EdgeOnlyModel
+
+            model = EdgeOnlyModel(model, exit_name=self.manifest.exits[-1].name)
         model.eval()
         return model
 
@@ -138,8 +172,12 @@ class ModelRepository:
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {self.root} does not exist")
 
-    def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
+    def names(self, with_cloud: bool = False) -> list[str]:
+        """Bundle names; ``with_cloud``: only bundles that have a cloud part (what a cloud serves)."""
+        names = sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
+        if with_cloud:
+            names = [n for n in names if not Bundle(self.root / n).manifest.edge_only]
+        return names
 
     def get(self, name: str) -> Bundle:
         path = self.root / name

@@ -117,7 +117,7 @@ def test_xnor_mode_is_exact_and_counts_binary_ops() -> None:
         ("adc", "adc_conversion_7b"): 4,  # 64-row group: popcount 0..64 -> 7 bits
         ("adc", "adc_conversion_3b"): 4,  # 6-row group: 0..6 -> 3 bits
         ("sram", "sram_cim_binary_op"): 70 * 4,
-        ("dac", "dac_row_cycle_1b"): 70,
+        ("dac", "sram_wl_dac_1b"): 70,
         ("digital", "shift_add"): 8,
         ("digital", "mac_fp32"): 4,
     }
@@ -147,7 +147,7 @@ def test_multibit_event_counts_equal_a_hand_count() -> None:
         ("adc", "adc_conversion_12b"): 2 * 6,  # ceil(log2(10*15*15 + 1)) = 12
         ("adc", "adc_conversion_10b"): 6,  # ceil(log2(3*225 + 1)) = 10
         ("sram", "sram_cim_4b_op"): 23 * 3,
-        ("dac", "dac_row_cycle_4b"): 23,  # one macro: 3 words x 5 cells <= 256
+        ("dac", "sram_wl_dac_4b"): 23,  # one macro: 3 words x 5 cells <= 256
         ("digital", "shift_add"): 18,
         ("digital", "mac_fp32"): 3,
     }

@@ -19,6 +19,7 @@ from edgecloud.cim.events import EventLog
 
 _ADC = re.compile(r"^adc_conversion_(\d+)b$")
 _DAC = re.compile(r"^dac_row_cycle_(\d+)b$")
+_WL_DAC = re.compile(r"^sram_wl_dac_(\d+)b$")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class EnergyTable:
         m = _DAC.match(event)
         if m and "dac_row_cycle_1b" in self.joules:
             return self.joules["dac_row_cycle_1b"] * 2 ** (int(m.group(1)) - 1)
+        m = _WL_DAC.match(event)
+        if m and "sram_wl_dac_1b" in self.joules:  # SRAM word-line DAC, x2 per bit like the MNSIM table
+            return self.joules["sram_wl_dac_1b"] * 2 ** (int(m.group(1)) - 1)
         m = re.match(r"^mac_int(\d+)$", event)
         if m:  # an integer width with no row: price it as the next wider row that exists
             bits = int(m.group(1))

@@ -26,10 +26,21 @@ Non-idealities (all off in the ``ideal`` preset, where results equal digital exa
 - ADC resolution / range (:mod:`edgecloud.cim.adc`; lossless bits for a group of G rows:
   ceil(log2(G (2^k - 1)(2^v - 1) + 1))).
 
+``accuracy_model`` ["arrays"]: "arrays" simulates the groups, ADCs and errors above. "imac" is
+instead the IMAC paper's own application-level error model (its ``add_variations``), for
+comparison with the published accuracy: the exact integer output y of the layer is mapped to
+L = (2^B - 1) K / G levels of the layer's max |y| (B = ``adc_bits``, default 4; max |y| taken
+on the first ``calib_batches`` batches, IMAC takes it per batch), a fixed rounded Gaussian
+error of ``vt_sigma_lsb`` sqrt(K / G) levels per output element (channel and position, drawn
+once per chip) is added to the magnitude, clamped to [0, L] and scaled back. Groups are not
+clipped one by one, so this is much milder than the arrays model; events are the same.
+
 Options (``BackendConfig.options``; default in brackets):
 
-- ``preset`` ["ideal"]: "ideal" or "typical" (4-bit ADC calibrated at the 99.9th percentile,
-  exp saturation compressing full scale by 15 %, vt_sigma_lsb 0.6, 0.5 LSB read noise).
+- ``preset`` ["ideal"]: "ideal", "typical" (4-bit ADC calibrated at the 99.9th percentile,
+  exp saturation compressing full scale by 15 %, vt_sigma_lsb 0.6, 0.5 LSB read noise) or
+  "imac" (IMAC's accuracy configuration: 4-bit ADC calibrated at the 99.9th percentile and the
+  fixed 0.6 LSB per-site error only; set ``group_size`` 25 for LeNet-5, 10 for VGG).
 - ``group_size`` [10]: rows accumulated per ADC read (IMAC used 10 for VGG, 25 for LeNet-5).
 - ``xnor_binary`` [True]: run binary layers in XNOR mode; ``xnor_group_size`` [64].
 - ``dac_bits`` [4]: word-line DAC resolution (input bits per cycle, 1..7).
@@ -43,8 +54,9 @@ Options (``BackendConfig.options``; default in brackets):
 
 Events per sample: ``sram/sram_cim_4b_op`` (one per product per cycle and slice) or
 ``sram/sram_cim_binary_op`` (XNOR), ``adc/adc_conversion_<B>b`` (one per group, column and
-cycle), ``dac/dac_row_cycle_<v>b`` (word lines x cycles x macros), ``digital/shift_add`` (one per
-conversion) and ``digital/mac_fp32`` (output scaling, one per output).
+cycle), ``dac/sram_wl_dac_<v>b`` (word-line DAC conversions: word lines x cycles x macros; priced
+per ~1 ns SRAM read cycle, not per 100 ns crossbar cycle as ``dac_row_cycle``),
+``digital/shift_add`` (one per conversion) and ``digital/mac_fp32`` (output scaling, one per output).
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ from pydantic import Field
 from edgecloud.cim.adc import lossless_adc_bits
 from edgecloud.cim.backend import register_backend
 from edgecloud.cim.engine import MappedLayer
+from edgecloud.cim.events import record
 from edgecloud.cim.noise import chip_generator, saturation_vsat, vt_current_sigma
 from edgecloud.cim.simulated import ArrayOptions, SimulatedBackend
 from edgecloud.cim.tiling import cycles, magnitude_bits, magnitude_slices, row_tiles, weight_matrix
@@ -71,10 +84,12 @@ TYPICAL: dict[str, Any] = {
     "vt_sigma_lsb": 0.6,
     "read_noise_lsb": 0.5,
 }
+# IMAC (Ali et al. TCAS-I 2020) accuracy study: 4-bit ADC per group, sigma = 0.6 LSB fixed error.
+IMAC: dict[str, Any] = {"adc_bits": 4, "adc_range": "calibrated", "vt_sigma_lsb": 0.6}
 
 
 class SramOptions(ArrayOptions):
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"ideal": {}, "typical": TYPICAL}
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"ideal": {}, "typical": TYPICAL, "imac": IMAC}
 
     group_size: int = Field(10, ge=1, le=1024)
     xnor_binary: bool = True
@@ -88,6 +103,7 @@ class SramOptions(ArrayOptions):
     overdrive_mv: float = Field(300.0, gt=0.0)
     vt_sigma_lsb: float = Field(0.0, ge=0.0)
     read_noise_lsb: float = Field(0.0, ge=0.0)
+    accuracy_model: Literal["arrays", "imac"] = "arrays"
 
 
 @register_backend("sram")
@@ -97,6 +113,40 @@ class SramBackend(SimulatedBackend):
     name = "sram"
     Options = SramOptions
     options: SramOptions
+
+    def __init__(self, seed: int = 0, **options: Any) -> None:
+        super().__init__(seed, **options)
+        self._imac: dict[int, dict[str, Any]] = {}  # accuracy_model "imac": per-layer max |y| and error map
+
+    def mvm(self, layer: QuantLayerMixin, x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
+        if self.options.accuracy_model == "arrays" or self.is_xnor(layer):
+            return super().mvm(layer, x_int, w_int)
+        mapped = self.mapped(layer, w_int)  # programmed as usual: the events are the arrays'
+        y = layer.integer_mvm(x_int, w_int)
+        positions = y[0, 0].numel() if y.dim() > 2 else 1
+        for component, event, per_position in self.events(mapped, layer):
+            record(component, event, per_position * positions)
+        return self._imac_variations(layer, y)
+
+    def _imac_variations(self, layer: QuantLayerMixin, y: torch.Tensor) -> torch.Tensor:
+        """IMAC's add_variations on an exact integer output (see the module docstring)."""
+        opt = self.options
+        fan_in = layer.weight[0].numel()
+        levels = (2 ** (opt.adc_bits or 4) - 1) * fan_in / opt.group_size
+        with self._lock:
+            state = self._imac.setdefault(id(layer), {"max": 0.0, "seen": 0, "error": None})
+            if state["seen"] < opt.calib_batches:
+                state["max"] = max(state["max"], float(y.abs().max()))
+                state["seen"] += 1
+            if state["error"] is None:
+                gen = chip_generator(self.seed, self._names.get(id(layer), "layer"), "imac")
+                sigma = opt.vt_sigma_lsb * math.sqrt(fan_in / opt.group_size)
+                state["error"] = torch.round(sigma * torch.randn(y.shape[1:], generator=gen))
+            top, error = state["max"], state["error"]
+        if top <= 0:
+            return y
+        magnitude = torch.round(y.abs() * (levels / top)) + error
+        return torch.sign(y) * magnitude.clamp_(0.0, levels) * (top / levels)
 
     def is_xnor(self, layer: QuantLayerMixin) -> bool:
         return self.options.xnor_binary and layer.weight_bits == 1 and layer.act_bits == 1
@@ -208,7 +258,7 @@ class SramBackend(SimulatedBackend):
             macros = -(-(o * n_slices * (opt.weight_cell_bits + 1)) // opt.cols)
             out.append(("sram", "sram_cim_4b_op", float(k_rows * o * n_slices * t)))
         out += [
-            ("dac", f"dac_row_cycle_{mapped.bits_per_cycle}b", float(t * k_rows * macros)),
+            ("dac", f"sram_wl_dac_{mapped.bits_per_cycle}b", float(t * k_rows * macros)),
             ("digital", "shift_add", conversions),
             ("digital", "mac_fp32", float(o)),
         ]

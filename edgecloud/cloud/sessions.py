@@ -98,6 +98,8 @@ def _static(dim: object) -> int | None:
 def load_cloud_model(bundle: Bundle, config: CloudConfig) -> CloudModel:
     """Open ``bundle``'s cloud.onnx and check it against the manifest (clear errors)."""
     m = bundle.manifest
+    if m.edge_only:
+        raise ValueError(f"bundle {m.name!r} is edge-only (cloud.offload 'none'): it has no cloud part to serve")
     path: Path = bundle.cloud_onnx
     if not path.is_file():
         raise FileNotFoundError(f"bundle {m.name!r}: no {path.name} in {bundle.path}")
@@ -162,9 +164,10 @@ def load_cloud_model(bundle: Bundle, config: CloudConfig) -> CloudModel:
 
 
 def load_cloud_models(config: CloudConfig) -> dict[str, CloudModel]:
-    """Every requested bundle (all in the repository if ``config.models`` is empty), by served name."""
+    """Every requested bundle (all in the repository that have a cloud part if ``config.models``
+    is empty; edge-only bundles are skipped), by served name."""
     repo = ModelRepository(config.repository)
-    names = config.models or repo.names()
+    names = config.models or repo.names(with_cloud=True)
     if not names:
         raise ValueError(f"model repository {repo.root} holds no bundles")
     models: dict[str, CloudModel] = {}

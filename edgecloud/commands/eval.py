@@ -3,6 +3,9 @@
 Runs the edge daemon's own path (route on the chosen CiM backend, the bundle's cloud.onnx in
 ONNX Runtime for offloaded samples, the daemon's energy accounting) over a data set, optionally
 over several simulated chips (``--chips N``: seeds ``seed .. seed+N-1``, mean ± std).
+``--baseline von-neumann`` (sram backend, edge-only bundles) adds the energy and delay per
+inference of a von Neumann processor at the same precision, and the ratios, from the backend's
+event counts (:mod:`edgecloud.cim.baseline`; machine options with ``--baseline-option K=V``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ def add_common_args(p: argparse.ArgumentParser, split_default: str) -> None:
                    help="test split, or the validation hold-out of train the threshold was chosen on "
                         f"(default {split_default})")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--sample", type=int, metavar="N",
+                   help="evaluate a class-balanced subset: the first N/C samples of each of the C classes "
+                        "(for splits stored class by class, e.g. the CIFAR-10 image folders)")
     p.add_argument("--backend", default="digital", help="CiM backend: digital, crossbar, sram")
     p.add_argument("--backend-option", action="append", metavar="K=V", default=[],
                    help="backend option (repeatable), value parsed as YAML, e.g. noise_sigma=0.02")
@@ -72,7 +78,8 @@ def prepare(args: argparse.Namespace, thresholds: list[float | None] | None = No
     bundle = resolve_bundle(args.bundle, args.repository)
     if args.energy_table and not Path(args.energy_table).is_file():
         raise FileNotFoundError(f"energy table {args.energy_table} does not exist")
-    data, info = load_eval_data(args.dataset, args.split, bundle.manifest, args.data_root, args.limit)
+    data, info = load_eval_data(args.dataset, args.split, bundle.manifest, args.data_root, args.limit,
+                                getattr(args, "sample", None))
     config = EvalConfig(
         backend=args.backend, backend_options=parse_backend_options(args.backend_option),
         seed=args.seed, chips=getattr(args, "chips", 1), thresholds=thresholds,
@@ -93,6 +100,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chips", type=int, default=1, help="Monte-Carlo chip instances (mean ± std)")
     p.add_argument("--threshold", action="append", metavar="EXIT=VALUE", default=[],
                    help="override one exit's threshold (repeatable); EXIT an index or name, VALUE a number or none")
+    p.add_argument("--baseline", choices=["von-neumann"],
+                   help="also compare energy and delay per inference with a von Neumann processor at the same "
+                        "precision (sram backend, edge-only bundles; constants from --energy-table)")
+    p.add_argument("--baseline-option", action="append", metavar="K=V", default=[],
+                   help="machine assumption (repeatable): banks, cols, io_bits, multipliers, "
+                        "accumulate=bitline|sequential, replicate=true|false, memory=auto|sram_8kb|sram_32kb|"
+                        "sram_1mb|dram (defaults: IMAC's System script, see edgecloud.cim.baseline)")
     p.set_defaults(func=run)
 
 
@@ -107,10 +121,37 @@ def run(args: argparse.Namespace) -> int:
         thresholds = [e.threshold for e in manifest.exits]
         for index, value in parse_threshold_overrides(args.threshold, [e.name for e in manifest.exits]).items():
             thresholds[index] = value
+    hardware = None
+    if args.baseline or args.baseline_option:
+        from edgecloud.cim.baseline import Hardware
+        from edgecloud.commands.edge import parse_backend_options
+
+        if not args.baseline:
+            raise ValueError("--baseline-option needs --baseline von-neumann")
+        if args.backend != "sram":
+            raise ValueError(f"--baseline von-neumann compares the sram backend, not {args.backend!r}")
+        if not manifest.edge_only:
+            raise ValueError(f"--baseline von-neumann needs an edge-only bundle; {manifest.name!r} has a cloud part")
+        try:
+            hardware = Hardware(**parse_backend_options(args.baseline_option))
+        except TypeError as exc:
+            raise ValueError(f"--baseline-option: {exc}") from exc
     bundle, data, info, config = prepare(args, thresholds)
     report = evaluate(bundle, data, config)
     out = {**report.to_json(), **info, "samples": len(data)}
     print(eval_table(out))
+    if hardware is not None:
+        from edgecloud.cim.baseline import compare
+        from edgecloud.evaluate.report import baseline_table
+
+        base = compare(bundle, config.backend_options, seed=config.seed, table=config.energy_table,
+                       hardware=hardware)
+        measured = out["summary"]["energy_total_j"]["mean"]
+        base["measured_cim_energy_j"] = measured  # the evaluation's own energy per sample
+        base["model_vs_measured"] = base["cim"]["energy_total_j"] / measured - 1 if measured else None
+        out["baseline"] = base
+        print()
+        print(baseline_table(base))
     if args.json:
         print(json.dumps(json_safe(out)))
     return 0

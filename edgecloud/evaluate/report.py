@@ -64,3 +64,33 @@ def sweep_table(rows: list[dict[str, Any]], exit_names: list[str], operating: di
     lines += [line(r) for r in rows]
     lines.append(line(operating, "   <- operating point (manifest)"))
     return "\n".join(lines)
+
+
+def baseline_table(b: dict[str, Any]) -> str:
+    """The human-readable view of :func:`edgecloud.cim.baseline.compare`."""
+    hw = b["hardware"]
+    vn = b["von_neumann"]
+    lines = [
+        f"von Neumann baseline ({b['energy_table']} table; {hw['banks']} banks x {hw['cols']} columns, "
+        f"{hw['io_bits']}-bit SRAM port per bank, {hw['multipliers']} multipliers, accumulate {hw['accumulate']}, "
+        f"replicate {hw['replicate']}; weights from {vn['memory']}: {vn['memory_choice']})",
+        f"{'layer':<16}{'on':>8}{'MACs':>11}{'CiM nJ':>10}{'VN nJ':>10}{'CiM us':>10}{'VN us':>10}",
+    ]
+    for r in b["layers"]:
+        lines.append(f"{r['name']:<16}{r['mapped']:>8}{r['macs']:>11,}{sum(r['cim']['energy_j'].values()) * 1e9:>10.3f}"
+                     f"{sum(r['vn']['energy_j'].values()) * 1e9:>10.3f}{r['cim']['delay_s'] * 1e6:>10.3f}"
+                     f"{r['vn']['delay_s'] * 1e6:>10.3f}")
+    cim_e, vn_e = b["cim"]["energy_total_j"], vn["energy_total_j"]
+    lines += [
+        f"{'total':<16}{'':>8}{'':>11}{cim_e * 1e9:>10.3f}{vn_e * 1e9:>10.3f}"
+        f"{b['cim']['delay_s'] * 1e6:>10.3f}{vn['delay_s'] * 1e6:>10.3f}",
+        "CiM energy by component (nJ): " + ", ".join(f"{k} {v * 1e9:.3f}" for k, v in b["cim"]["energy_j"].items()),
+        "von Neumann energy by part (nJ): " + ", ".join(f"{k} {v * 1e9:.3f}" for k, v in vn["energy_j"].items()),
+        f"von Neumann / SRAM-CiM: energy {b['energy_ratio']:.3g}x, delay {b['delay_ratio']:.3g}x "
+        f"(SRAM-mapped layers only: {b['mapped_layers_only']['energy_ratio']:.3g}x, "
+        f"{b['mapped_layers_only']['delay_ratio']:.3g}x); published IMAC: {b['published']['energy_ratio']}x, "
+        f"{b['published']['delay_ratio']}x",
+    ]
+    if b.get("model_vs_measured") is not None:
+        lines.append(f"model CiM energy vs the evaluation's measured energy: {100 * b['model_vs_measured']:+.3g} %")
+    return "\n".join(lines)

@@ -21,7 +21,7 @@ from edgecloud.bundle import MANIFEST, Bundle, Manifest, ModelRepository
 from edgecloud.data.dataset import ImageDataset, train_val_split
 from edgecloud.data.registry import load_dataset
 
-CloudKind = Literal["onnx", "torch"]
+CloudKind = Literal["onnx", "torch", "none"]  # "none": an edge-only bundle, no cloud part
 
 
 class ModelSource(Protocol):
@@ -70,13 +70,17 @@ def load_eval_data(
     manifest: Manifest,
     root: str | Path | None = None,
     limit: int | None = None,
+    sample: int | None = None,
 ) -> tuple[ImageDataset, dict[str, Any]]:
     """The evaluation samples and a description of where they came from.
 
     ``test`` is the data set's test split. ``val`` re-creates the validation split the bundle's
     threshold was chosen on: the same seeded, stratified hold-out of the TRAIN split that
     training used (``manifest.training`` seed and ``data.val_fraction``; defaults 0 and 0.1).
-    ``limit`` keeps the first N samples. The data must match the bundle's input and classes.
+    ``limit`` keeps the first N samples; ``sample`` keeps a class-balanced subset of N samples
+    instead (:func:`balanced_subset`; use it on splits stored class by class, such as the
+    CIFAR-10 image-folder tree, where the first N are all one class). The data must match the
+    bundle's input and classes.
     """
     info: dict[str, Any] = {"dataset": dataset, "split": split}
     if split == "test":
@@ -90,13 +94,31 @@ def load_eval_data(
         info.update(val_fraction=val_fraction, val_seed=seed)
     else:
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    if limit is not None and sample is not None:
+        raise ValueError("--limit and --sample are exclusive: give one")
     if limit is not None:
         if limit < 1:
             raise ValueError(f"--limit must be >= 1, got {limit}")
         data = data.subset(np.arange(min(limit, len(data))))
+    if sample is not None:
+        data = data.subset(balanced_subset(data.labels.numpy(), sample))
+        info["sample"] = f"class-balanced: the first {sample // max(1, len(data.classes))} samples of each class"
     check_data(data, manifest)
     info["samples"] = len(data)
     return data, info
+
+
+def balanced_subset(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices (in split order) of the first ``n // C`` samples of each of the C classes present."""
+    classes = np.unique(labels)
+    per_class = n // max(1, classes.size)
+    if per_class < 1:
+        raise ValueError(f"--sample {n}: needs at least one sample per class ({classes.size} classes)")
+    keep = [np.flatnonzero(labels == c)[:per_class] for c in classes]
+    short = [int(c) for c, k in zip(classes, keep) if k.size < per_class]
+    if short:
+        raise ValueError(f"--sample {n}: classes {short} have fewer than {per_class} samples")
+    return np.sort(np.concatenate(keep))
 
 
 def check_data(data: ImageDataset, manifest: Manifest) -> None:
@@ -139,7 +161,13 @@ class CloudPart:
 
 
 def make_cloud(source: ModelSource, kind: CloudKind | None, model: nn.Module | None = None) -> CloudPart:
-    """The cloud part of ``source``; ``kind=None`` picks ONNX when the bundle has a cloud.onnx."""
+    """The cloud part of ``source``; ``kind=None`` picks ONNX when the bundle has a cloud.onnx.
+    An edge-only bundle gets the ``none`` part (no sample ever reaches it)."""
+    if source.manifest.edge_only:
+        def unreachable(x: np.ndarray) -> np.ndarray:
+            raise RuntimeError(f"model {source.name!r} is edge-only but offloaded {x.shape[0]} samples")
+
+        return CloudPart("none", unreachable)
     onnx_path = getattr(source, "cloud_onnx", None)
     if kind is None:
         kind = "onnx" if onnx_path is not None and Path(onnx_path).is_file() else "torch"

@@ -290,13 +290,12 @@ def finalize(
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     info.update(training or {})
     exits = [p for p in policy.thresholds]
-    if not hasattr(model, "cloud_module"):  # an edge-only classifier (lenet5, vgg_small): no bundle
-        out = Path(bundle_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), out / "weights.pt")
-        (out / "metrics.json").write_text(json.dumps({"family": recipe.family, "arch": recipe.arch,
-                                                      "training": info, "metrics": metrics}, indent=1))
-        return out, metrics
+    if not hasattr(model, "cloud_module"):  # an edge-only classifier (lenet5, vgg_small): an edge-only bundle
+        from edgecloud.export_edge import export_edge_bundle
+
+        return export_edge_bundle(model, bundle_dir, name=name or recipe.name, family=recipe.family,
+                                  arch=resolve_arch(recipe.family, recipe.arch), classes=splits.val.classes,
+                                  policy=kind, training=info, metrics=metrics), metrics
     path = export_bundle(model, bundle_dir, name=name or recipe.name, family=recipe.family,
                          arch=resolve_arch(recipe.family, recipe.arch),
                          classes=splits.val.classes, exits=exits, policy=kind, training=info, metrics=metrics)
