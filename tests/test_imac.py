@@ -77,6 +77,15 @@ def test_edge_only_bundle_loads_and_evaluates_like_the_plain_classifier(lenet_bu
     assert s["energy_j"]["digital"] == pytest.approx(416_520 * EnergyTable.load().per_event("mac_int4"))
 
 
+def test_edge_daemon_runner_serves_an_edge_only_bundle(lenet_bundle) -> None:
+    from edgecloud.edge.runner import EdgeRunner
+
+    runner = EdgeRunner(Bundle(lenet_bundle), "sram", backend_options={"preset": "imac", "group_size": 25})
+    rows = runner.run_rows(random_images(5, seed=6).images.numpy())  # the servicer's micro-batch path
+    assert rows["exit_index"].tolist() == [0] * 5 and not rows["need"].any()
+    assert rows["probs"].shape == (5, 10) and rows["energy"].sum() > 0
+
+
 def test_cloud_server_skips_edge_only_bundles(lenet_bundle, tiny_repo) -> None:
     from edgecloud.cloud.sessions import load_cloud_model
     from edgecloud.config import CloudConfig
@@ -140,7 +149,8 @@ def test_bundle_from_weights_keeps_the_training_record(fmnist_root, tmp_path) ->
 
 def test_balanced_subset_takes_the_first_samples_of_every_class() -> None:
     labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])  # stored class by class
-    assert balanced_subset(labels, 6).tolist() == [0, 1, 3, 4, 6, 7]
+    assert balanced_subset(labels, 6).tolist() == [0, 3, 6, 1, 4, 7]  # interleaved by class
+    assert sorted(balanced_subset(labels, 9).tolist()) == list(range(9))
     with pytest.raises(ValueError, match="at least one sample per class"):
         balanced_subset(labels, 2)
 

@@ -135,9 +135,6 @@ class Layer:
     def outputs(self) -> int:
         return self.out * self.positions
 
-    def event(self, name: str) -> float:
-        return sum(c for (_, e), c in self.cim_events.items() if e == name)
-
     def events_like(self, prefix: str) -> float:
         return sum(c for (_, e), c in self.cim_events.items() if e.startswith(prefix))
 
@@ -165,13 +162,13 @@ def inventory(model: nn.Module, sample_shape: tuple[int, ...], backend: Any | No
         saved[id(layer)] = layer.mvm_fn
         layer.mvm_fn = None
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
     try:
-        was_training = model.training
         model.eval()
         with torch.inference_mode():
             model(torch.zeros(1, *sample_shape))
-        model.train(was_training)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
         for _, layer in _quant(model):

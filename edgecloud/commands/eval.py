@@ -28,8 +28,9 @@ def add_common_args(p: argparse.ArgumentParser, split_default: str) -> None:
                         f"(default {split_default})")
     p.add_argument("--limit", type=int, help="evaluate only the first N samples")
     p.add_argument("--sample", type=int, metavar="N",
-                   help="evaluate a class-balanced subset: the first N/C samples of each of the C classes "
-                        "(for splits stored class by class, e.g. the CIFAR-10 image folders)")
+                   help="evaluate a class-balanced subset: the first N/C samples of each of the C classes, "
+                        "interleaved by class so every batch (and the ADC calibration batch) mixes classes; "
+                        "for splits stored class by class, e.g. the CIFAR-10 image folders (N = 10000: all of it)")
     p.add_argument("--backend", default="digital", help="CiM backend: digital, crossbar, sram")
     p.add_argument("--backend-option", action="append", metavar="K=V", default=[],
                    help="backend option (repeatable), value parsed as YAML, e.g. noise_sigma=0.02")

@@ -130,6 +130,9 @@ def _check_route(runner: EdgeRunner, got: np.ndarray, want: int) -> None:
 def build_cache(source: ModelSource, data: ImageDataset, config: EvalConfig | None = None,
                 cloud: CloudPart | None = None) -> OutputCache:
     """One chip (``config.seed``) over ``data``: cache every exit's outputs and energies."""
+    if source.manifest.edge_only:
+        raise ValueError(f"model {source.name!r} is edge-only: its one exit answers every sample, "
+                         "there is no threshold to sweep (use edgecloud eval)")
     config = config or EvalConfig()
     meter = config.meter()
     runner = make_runner(source, config, config.seed, make_policy(source, None), meter)

@@ -102,14 +102,18 @@ def load_eval_data(
         data = data.subset(np.arange(min(limit, len(data))))
     if sample is not None:
         data = data.subset(balanced_subset(data.labels.numpy(), sample))
-        info["sample"] = f"class-balanced: the first {sample // max(1, len(data.classes))} samples of each class"
+        info["sample"] = (f"class-balanced: the first {sample // max(1, len(data.classes))} samples of each class, "
+                          "interleaved by class")
     check_data(data, manifest)
     info["samples"] = len(data)
     return data, info
 
 
 def balanced_subset(labels: np.ndarray, n: int) -> np.ndarray:
-    """Indices (in split order) of the first ``n // C`` samples of each of the C classes present."""
+    """Indices of the first ``n // C`` samples of each of the C classes present, interleaved by
+    class (one of each class, then the next of each, ...), so that every batch, including the
+    first one that calibrates ADC ranges, mixes all classes; ``n`` = the split size gives the
+    whole split in that order."""
     classes = np.unique(labels)
     per_class = n // max(1, classes.size)
     if per_class < 1:
@@ -118,7 +122,7 @@ def balanced_subset(labels: np.ndarray, n: int) -> np.ndarray:
     short = [int(c) for c, k in zip(classes, keep) if k.size < per_class]
     if short:
         raise ValueError(f"--sample {n}: classes {short} have fewer than {per_class} samples")
-    return np.sort(np.concatenate(keep))
+    return np.stack(keep).T.reshape(-1)
 
 
 def check_data(data: ImageDataset, manifest: Manifest) -> None:
