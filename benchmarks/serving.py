@@ -72,14 +72,26 @@ class InProcess:
             k += 1
         return done / (time.perf_counter() - start)
 
-    def latency_p50_ms(self, data: np.ndarray, n: int) -> float:
+    def latency_ms(self, data: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch-1 latencies (ms) and whether each sample went to the cloud part."""
         self(data[:1])
-        times = []
+        times, offloaded = [], []
         for i in range(n):
             t0 = time.perf_counter()
-            self(data[i % len(data): i % len(data) + 1])
+            out = self(data[i % len(data): i % len(data) + 1])
             times.append(time.perf_counter() - t0)
-        return float(np.percentile(times, 50) * 1e3)
+            offloaded.append(bool(out.cloud.any()))
+        return np.asarray(times) * 1e3, np.asarray(offloaded)
+
+
+def _rounded(value: float, digits: int) -> float | None:
+    """For the JSON line: None instead of NaN (e.g. no sample went to the cloud)."""
+    return None if value != value else round(value, digits)
+
+
+def _p50(times_ms, mask=None) -> float:
+    values = np.asarray(times_ms) if mask is None else np.asarray(times_ms)[np.asarray(mask)]
+    return float(np.percentile(values, 50)) if values.size else float("nan")
 
 
 def main() -> int:
@@ -113,7 +125,7 @@ def main() -> int:
 
     print(f"model {manifest.name}, batch {args.batch}, concurrency {args.concurrency}", file=sys.stderr)
     tp_in = [inproc.throughput(data, args.batch, args.duration)]
-    lat_in = [inproc.latency_p50_ms(data, args.latency_requests)]
+    lat_in = [inproc.latency_ms(data, args.latency_requests)]
 
     repo = ["--repository", str(bundle.path.parent), "--model", manifest.name]
     with tempfile.TemporaryDirectory(prefix="edgecloud-bench-") as tmp:
@@ -134,10 +146,15 @@ def main() -> int:
             codes = [edge.stop(), cloud.stop()]
 
     tp_in.append(inproc.throughput(data, args.batch, args.duration))
-    lat_in.append(inproc.latency_p50_ms(data, args.latency_requests))
+    lat_in.append(inproc.latency_ms(data, args.latency_requests))
 
     inproc_sps = float(np.mean(tp_in))
-    inproc_p50 = float(np.mean(lat_in))
+    inproc_p50 = float(np.mean([_p50(t) for t, _ in lat_in]))
+    # The b=1 p50 mixes samples answered at the edge with samples that also took the cloud
+    # hop; both groups are reported so a change of exit share is visible.
+    inproc_edge = float(np.mean([_p50(t, ~o) for t, o in lat_in]))
+    inproc_cloud = float(np.mean([_p50(t, o) for t, o in lat_in]))
+    cloud_share = float(np.mean(served_lat.offloaded)) if served_lat.offloaded else float("nan")
     served_sps = served.samples / served.duration_s
     served_p50 = served_lat.percentile_ms(50)
     ratio = served_sps / inproc_sps
@@ -145,6 +162,10 @@ def main() -> int:
     print(f"{'':<24}{'in-process':>14}{'served':>14}{'ratio/added':>14}", file=sys.stderr)
     print(f"{'throughput (samples/s)':<24}{inproc_sps:>14.0f}{served_sps:>14.0f}{ratio:>14.3f}", file=sys.stderr)
     print(f"{'p50 latency b=1 (ms)':<24}{inproc_p50:>14.3f}{served_p50:>14.3f}{added:>+14.3f}", file=sys.stderr)
+    for label, inp, srv in (("  edge-exit samples", inproc_edge, served_lat.percentile_ms(50, False)),
+                            ("  cloud samples", inproc_cloud, served_lat.percentile_ms(50, True))):
+        print(f"{label:<24}{inp:>14.3f}{srv:>14.3f}{srv - inp:>+14.3f}", file=sys.stderr)
+    print(f"cloud share at b=1: {cloud_share:.3f}", file=sys.stderr)
     print(f"served errors: {dict(served.errors) or 'none'}; exit share: {served.summary()['exit_share']}",
           file=sys.stderr)
     summary = {
@@ -154,6 +175,11 @@ def main() -> int:
         "served_samples_per_s": round(served_sps, 1), "throughput_ratio": round(ratio, 4),
         "inproc_p50_ms": round(inproc_p50, 3), "served_p50_ms": round(served_p50, 3),
         "added_p50_ms": round(added, 3),
+        "inproc_p50_ms_edge_exit": _rounded(inproc_edge, 3),
+        "served_p50_ms_edge_exit": _rounded(served_lat.percentile_ms(50, False), 3),
+        "inproc_p50_ms_cloud": _rounded(inproc_cloud, 3),
+        "served_p50_ms_cloud": _rounded(served_lat.percentile_ms(50, True), 3),
+        "cloud_share_b1": _rounded(cloud_share, 4),
         "target_throughput_ratio": 0.9, "target_added_p50_ms": 2.0,
         "meets_targets": bool(ratio >= 0.9 and added <= 2.0),
         "served_errors": dict(served.errors), "server_exit_codes": codes,

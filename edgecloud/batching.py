@@ -18,8 +18,18 @@ Rules:
 * ``fn(batch)`` returns an array/tensor or a tuple/list/dict of them with the batch's samples
   along dim 0; each request gets its rows. An exception in ``fn`` fails exactly the futures of
   that batch; the worker keeps going.
+* Optional ``solo_fn(item)``: used instead of ``fn`` for a batch that is exactly one whole
+  request (the usual case at low load); its result goes to that request as is, without
+  concatenating, row-checking or slicing, so it may be a richer object than rows.
 * A future cancelled while still queued is dropped before compute.
 * :meth:`close` stops accepting and drains: everything already queued is still computed.
+* ``submit(item, inline=True)`` (for callers that block on the answer anyway): when nothing
+  is queued or computing, ``max_queue_delay_s`` is 0 and ``item`` fits one batch, ``fn`` runs
+  right away in the calling thread and the returned future is already resolved. That saves two
+  thread wake-ups (caller -> worker -> caller) per request when the server is idle, and keeps
+  the compute on the thread whose caches hold the request. Otherwise it queues as usual;
+  either way only one batch computes at a time, so requests arriving meanwhile still batch
+  together behind it. With a queue delay > 0 a lone request still waits for company.
 
 Futures are :class:`BatchFuture` and carry ``queue_s``, ``compute_s`` and ``batch_size`` of
 the batch that answered them (the last chunk's, for a chunked request), for latency metrics.
@@ -129,10 +139,12 @@ class DynamicBatcher:
         max_queue_size: int,
         name: str = "",
         metrics: Metrics | None = None,
+        solo_fn: Callable[[Any], Any] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size, max_queue_size must be >= 1 and delay >= 0")
         self.fn = fn
+        self.solo_fn = solo_fn
         self.max_batch_size = int(max_batch_size)
         self.max_queue_delay_s = float(max_queue_delay_s)
         self.max_queue_size = int(max_queue_size)
@@ -142,6 +154,9 @@ class DynamicBatcher:
         self._depth = 0  # queued samples
         self._cond = threading.Condition()
         self._closed = False
+        self._busy = False  # a batch is computing (in the worker or inline in a caller)
+        self._depth_gauge: Any = None  # metric children, made on first use
+        self._batch_hist: Any = None
         self._worker = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._worker.start()
 
@@ -157,10 +172,25 @@ class DynamicBatcher:
 
     def _report_depth(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(model=self.name).set(self._depth)
+            if self._depth_gauge is None:
+                self._depth_gauge = self.metrics.queue_depth.labels(model=self.name)
+            self._depth_gauge.set(self._depth)
 
-    def submit(self, item: Any) -> BatchFuture:
+    def _admit(self, n: int) -> None:
+        """Raise unless ``n`` more samples may enter (caller holds the lock)."""
+        if self._closed:
+            raise Unavailable(f"batcher {self.name!r} is shut down")
+        if self._depth + n > self.max_queue_size:
+            raise ResourceExhausted(
+                f"queue of {self.name!r} is full: {self._depth} samples waiting, "
+                f"{n} more would exceed max_queue_size={self.max_queue_size}"
+            )
+
+    def submit(self, item: Any, *, inline: bool = False) -> BatchFuture:
         """Queue ``item`` (>= 1 samples along dim 0); the future resolves to its output rows.
+
+        With ``inline=True`` an idle batcher computes ``item`` in the calling thread before
+        returning (see the module doc); use it only where the caller waits for the result.
 
         Raises :class:`ResourceExhausted` when the queue cannot take ``item``'s samples, and
         :class:`Unavailable` after :meth:`close`.
@@ -169,6 +199,30 @@ class DynamicBatcher:
         if n < 1:
             raise ValueError("a batch item needs at least one sample")
         future = BatchFuture()
+        if inline and self.max_queue_delay_s == 0 and n <= self.max_batch_size:
+            request = _Request(future, n, 1)
+            piece = _Piece(request, 0, item, n)
+            with self._cond:
+                self._admit(n)
+                run_now = not self._busy and not self._queue
+                if run_now:
+                    self._busy = True
+                    request.started = True
+                    future.set_running_or_notify_cancel()  # fresh future: always True
+                else:
+                    self._queue.append(piece)
+                    self._depth += n
+                    self._report_depth()
+                    self._cond.notify()
+            if run_now:
+                try:
+                    self._compute([piece])
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        if self._queue:
+                            self._cond.notify()
+            return future
         step = self.max_batch_size
         starts = list(range(0, n, step))
         request = _Request(future, n, len(starts))
@@ -178,13 +232,7 @@ class DynamicBatcher:
             for i, s in enumerate(starts)
         ]
         with self._cond:
-            if self._closed:
-                raise Unavailable(f"batcher {self.name!r} is shut down")
-            if self._depth + n > self.max_queue_size:
-                raise ResourceExhausted(
-                    f"queue of {self.name!r} is full: {self._depth} samples waiting, "
-                    f"{n} more would exceed max_queue_size={self.max_queue_size}"
-                )
+            self._admit(n)
             self._queue.extend(pieces)
             self._depth += n
             self._report_depth()
@@ -202,8 +250,8 @@ class DynamicBatcher:
     def _take_batch(self) -> list[_Piece] | None:
         """Wait for work, let the batch fill (bounded by the delay), pop it. None = exit."""
         with self._cond:
-            while not self._queue:
-                if self._closed:
+            while not self._queue or self._busy:
+                if self._closed and not self._queue:
                     return None
                 self._cond.wait()
             deadline = self._queue[0].t_enqueue + self.max_queue_delay_s
@@ -228,6 +276,7 @@ class DynamicBatcher:
                 batch.append(piece)
                 total += piece.n
             self._report_depth()
+            self._busy = bool(batch)
             return batch
 
     def _run(self) -> None:
@@ -236,19 +285,27 @@ class DynamicBatcher:
             if batch is None:
                 return
             if batch:
-                self._compute(batch)
+                try:
+                    self._compute(batch)
+                finally:
+                    with self._cond:
+                        self._busy = False
 
     def _compute(self, batch: list[_Piece]) -> None:
         total = sum(p.n for p in batch)
+        solo = self.solo_fn is not None and len(batch) == 1 and len(batch[0].request.results) == 1
         t0 = time.perf_counter()
         try:
-            data = _cat([p.data for p in batch])
-            result = self.fn(data)
-            rows = batch_len(result)
-            if rows != total:
-                raise InferenceError(
-                    f"batch function of {self.name!r} returned {rows} rows for {total} samples"
-                )
+            if solo:
+                result = self.solo_fn(batch[0].data)
+            else:
+                data = _cat([p.data for p in batch])
+                result = self.fn(data)
+                rows = batch_len(result)
+                if rows != total:
+                    raise InferenceError(
+                        f"batch function of {self.name!r} returned {rows} rows for {total} samples"
+                    )
         except BaseException as exc:  # noqa: BLE001 - handed to the callers, worker survives
             compute_s = time.perf_counter() - t0
             for piece in batch:
@@ -256,7 +313,19 @@ class DynamicBatcher:
             return
         compute_s = time.perf_counter() - t0
         if self.metrics is not None:
-            self.metrics.batch_size.labels(model=self.name).observe(total)
+            if self._batch_hist is None:
+                self._batch_hist = self.metrics.batch_size.labels(model=self.name)
+            self._batch_hist.observe(total)
+        if solo:
+            request = batch[0].request
+            if not request.failed:
+                request.pieces_left = 0
+                fut = request.future
+                fut.queue_s = t0 - request.t_submit
+                fut.compute_s = compute_s
+                fut.batch_size = total
+                fut.set_result(result)
+            return
         offset = 0
         for piece in batch:
             request = piece.request

@@ -15,6 +15,7 @@ Typical use::
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -47,6 +48,8 @@ class _InFlight(grpc.ServerInterceptor):
         self._lock = threading.Lock()
         self._count = 0
         self._idle = threading.Condition(self._lock)
+        # method -> (its handler, the counting wrapper): built once, not on every RPC
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
 
     @property
     def count(self) -> int:
@@ -74,6 +77,10 @@ class _InFlight(grpc.ServerInterceptor):
             return handler
         if handler.request_streaming or handler.response_streaming:
             return handler  # our services are unary; streams are not counted
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         inner = handler.unary_unary
 
         def counted(request, context):
@@ -83,11 +90,110 @@ class _InFlight(grpc.ServerInterceptor):
             finally:
                 self._exit()
 
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = grpc.unary_unary_rpc_method_handler(
             counted,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+class LifoThreadPool(futures.Executor):
+    """The RPC thread pool: the most recently idle thread takes the next RPC (LIFO).
+
+    grpcio's sync server hands every RPC to an executor. ``ThreadPoolExecutor`` wakes whichever
+    idle thread the kernel picks, in practice round-robin, so once a burst has grown the pool,
+    sequential requests hop across many threads, each with cold caches and its own malloc
+    arena; on a small machine that made batch-1 latency grow after load. Here a finished thread
+    takes queued work first, else goes on top of an idle stack, and ``submit`` wakes the top
+    one, so light traffic stays on one warm thread while bursts still get ``max_workers``.
+    grpcio only calls :meth:`submit` (and uses the returned future's callbacks).
+    """
+
+    class _Slot:
+        __slots__ = ("item", "wake")
+
+        def __init__(self, item: Any) -> None:
+            self.item = item
+            self.wake = threading.Lock()
+            self.wake.acquire()  # held: the thread blocks on it while idle
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
+        self.max_workers = int(max_workers)
+        self._prefix = thread_name_prefix or "rpc"
+        self._lock = threading.Lock()
+        self._idle: list[LifoThreadPool._Slot] = []
+        self._pending: collections.deque[Any] = collections.deque()
+        self._threads: list[threading.Thread] = []
+        self._shutdown = False
+
+    @property
+    def threads(self) -> int:
+        """Threads started so far (they stay until :meth:`shutdown`)."""
+        return len(self._threads)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
+        future: futures.Future = futures.Future()
+        item = (future, fn, args, kwargs)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._idle:
+                slot = self._idle.pop()
+                slot.item = item
+                slot.wake.release()
+            elif len(self._threads) < self.max_workers:
+                slot = self._Slot(item)
+                thread = threading.Thread(
+                    target=self._work, args=(slot,), daemon=True,
+                    name=f"{self._prefix}_{len(self._threads)}",
+                )
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._pending.append(item)
+        return future
+
+    def _work(self, slot: "LifoThreadPool._Slot") -> None:
+        while slot.item is not None:
+            future, fn, args, kwargs = slot.item
+            slot.item = None
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # noqa: BLE001 - delivered through the future
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, fn, args, kwargs
+            with self._lock:
+                if self._pending:
+                    slot.item = self._pending.popleft()
+                    continue
+                if self._shutdown:
+                    return
+                self._idle.append(slot)
+            slot.wake.acquire()  # until submit() hands over work, or shutdown (item None)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while self._pending:
+                    self._pending.popleft()[0].cancel()
+            for slot in self._idle:
+                slot.item = None
+                slot.wake.release()
+            self._idle.clear()
+            threads = list(self._threads)
+        if wait:
+            me = threading.current_thread()
+            for thread in threads:
+                if thread is not me:
+                    thread.join()
 
 
 def write_ready_file(path: str | Path, payload: dict[str, Any]) -> None:
@@ -143,6 +249,7 @@ class GrpcServer:
         self.port: int = 0
         self.metrics_port: int = 0
         self._server: grpc.Server | None = None
+        self._pool: LifoThreadPool | None = None
         self._health = health.HealthServicer()
         self._in_flight = _InFlight()
         self._stop_requested = threading.Event()
@@ -195,9 +302,9 @@ class GrpcServer:
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
         ]
+        self._pool = LifoThreadPool(cfg.max_workers, thread_name_prefix=f"{self.role}-grpc")
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.max_workers,
-                                       thread_name_prefix=f"{self.role}-grpc"),
+            self._pool,
             interceptors=interceptors,
             options=options,
         )
@@ -258,6 +365,8 @@ class GrpcServer:
             self._in_flight.wait_idle(grace / 2)
             remaining = max(0.0, deadline - time.monotonic())
             self._server.stop(remaining).wait()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)  # idle RPC threads exit; none is running now
             self.metrics.shutdown()
             for obj in [self.servicer, *(s for _, s, _ in self.extra_services)]:
                 close = getattr(obj, "close", None)

@@ -25,6 +25,9 @@ class LoadResult:
     samples: int = 0
     duration_s: float = 0.0
     latencies_s: list[float] = field(default_factory=list)
+    # per answered request, aligned with latencies_s: did any of its samples go to the cloud
+    # (the edge daemon's cloud_samples parameter; False for servers that do not report it)
+    offloaded: list[bool] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)          # gRPC status name -> count
     exits: Counter = field(default_factory=Counter)           # exit index -> samples
     degraded_requests: int = 0
@@ -32,10 +35,15 @@ class LoadResult:
     # per dataset row (only the first pass over the data is kept): predicted class, exit, energy
     predictions: dict[int, tuple[int, int, float]] = field(default_factory=dict)
 
-    def percentile_ms(self, q: float) -> float:
-        if not self.latencies_s:
+    def percentile_ms(self, q: float, offloaded: bool | None = None) -> float:
+        """Latency percentile of all answered requests, or only of those that did
+        (``offloaded=True``) or did not (``False``) send samples to the cloud."""
+        values = self.latencies_s
+        if offloaded is not None:
+            values = [t for t, o in zip(self.latencies_s, self.offloaded) if o == offloaded]
+        if not values:
             return float("nan")
-        return float(np.percentile(np.asarray(self.latencies_s), q) * 1e3)
+        return float(np.percentile(np.asarray(values), q) * 1e3)
 
     def summary(self) -> dict[str, Any]:
         ok = self.requests - sum(self.errors.values())
@@ -111,6 +119,7 @@ def run_load(
             energy = out.get("energy_joules", np.zeros(len(rows)))
             with lock:
                 result.latencies_s.append(latency)
+                result.offloaded.append(int(reply.parameters.get("cloud_samples", 0) or 0) > 0)
                 result.samples += len(rows)
                 result.exits.update(int(e) for e in exits)
                 if reply.parameters.get("degraded"):

@@ -168,3 +168,114 @@ def test_metrics_record_batch_sizes_and_queue_depth():
     assert get("edgecloud_queue_depth", {"model": "mx"}) == 0
     assert get("edgecloud_batch_size_count", {"model": "mx"}) == 2
     assert get("edgecloud_batch_size_sum", {"model": "mx"}) == 5
+
+
+# ---- inline compute on an idle batcher, solo_fn --------------------------------------------
+def test_inline_submit_on_an_idle_batcher_computes_in_the_calling_thread():
+    threads: list[threading.Thread] = []
+
+    def fn(batch):
+        threads.append(threading.current_thread())
+        return batch * 2 + 1
+
+    metrics = Metrics("edge")
+    b = make(fn, max_queue_delay_s=0.0, metrics=metrics, name="mi")
+    x = np.ones((3, 1), np.float32)
+    future = b.submit(x, inline=True)
+    assert future.done()  # answered before submit returned
+    np.testing.assert_array_equal(future.result(0), x * 2 + 1)
+    assert threads == [threading.current_thread()]
+    assert future.batch_size == 3 and future.compute_s > 0 and future.queue_s >= 0
+    get = metrics.registry.get_sample_value
+    assert get("edgecloud_batch_size_count", {"model": "mi"}) == 1
+    b.close()
+
+
+def test_inline_submit_queues_behind_a_running_batch_and_still_batches():
+    rec = Recorder(hold=True)
+    b = make(rec, max_batch_size=8, max_queue_delay_s=0.0)
+    first = b.submit(np.ones((1, 1), np.float32))
+    assert rec.started.wait(5)  # the worker is inside fn
+    # busy: inline requests queue (they return at once, unresolved) and share the next batch
+    queued = [b.submit(np.ones((2, 1), np.float32), inline=True) for _ in range(3)]
+    assert not any(f.done() for f in queued) and b.depth == 6
+    rec.release.set()
+    for f in [first, *queued]:
+        f.result(5)
+    assert rec.sizes == [1, 6]
+    b.close()
+
+
+def test_inline_caller_computing_blocks_the_worker_until_it_is_done():
+    rec = Recorder(hold=True)
+    b = make(rec, max_batch_size=8, max_queue_delay_s=0.0)
+    done: list = []
+    caller = threading.Thread(target=lambda: done.append(b.submit(np.ones((1, 1), np.float32), inline=True)))
+    caller.start()
+    assert rec.started.wait(5)  # the caller's thread is inside fn
+    later = [b.submit(np.ones((1, 1), np.float32)) for _ in range(2)]
+    assert not any(f.done() for f in later) and rec.sizes == [1]  # one batch at a time
+    rec.release.set()
+    caller.join(5)
+    assert done and done[0].result(0).shape == (1, 1)
+    for f in later:
+        f.result(5)
+    assert rec.sizes == [1, 2]
+    b.close()
+
+
+def test_inline_keeps_the_queue_limit_close_and_the_delay():
+    rec = Recorder()
+    b = make(rec, max_batch_size=8, max_queue_delay_s=0.0, max_queue_size=2)
+    with pytest.raises(ResourceExhausted, match="max_queue_size=2"):
+        b.submit(np.ones((3, 1), np.float32), inline=True)
+    b.close()
+    with pytest.raises(Unavailable):
+        b.submit(np.ones((1, 1), np.float32), inline=True)
+    # with a queue delay a lone request waits for company, even when asked for inline
+    b = make(rec, max_batch_size=8, max_queue_delay_s=0.3)
+    f1 = b.submit(np.ones((1, 1), np.float32), inline=True)
+    assert not f1.done()
+    f2 = b.submit(np.ones((2, 1), np.float32), inline=True)
+    f1.result(5), f2.result(5)
+    assert rec.sizes[-1] == 3
+    # a request larger than one batch is chunked by the worker as before
+    b2 = make(rec, max_batch_size=4, max_queue_delay_s=0.0)
+    np.testing.assert_array_equal(b2.submit(np.ones((10, 1), np.float32), inline=True).result(5),
+                                  np.full((10, 1), 3.0))
+    b.close(), b2.close()
+
+
+def test_inline_failure_goes_to_the_future_and_the_batcher_keeps_working():
+    rec = Recorder()
+    b = make(rec, max_queue_delay_s=0.0)
+    bad = b.submit(-np.ones((2, 1), np.float32), inline=True)
+    with pytest.raises(ValueError, match="negative input"):
+        bad.result(0)
+    assert b.submit(np.ones((1, 1), np.float32), inline=True).result(0).shape == (1, 1)
+    assert b.submit(np.ones((1, 1), np.float32)).result(5).shape == (1, 1)  # worker still there
+    b.close()
+
+
+def test_solo_fn_serves_a_request_alone_and_fn_serves_shared_batches():
+    calls: list[tuple[str, int]] = []
+
+    def fn(batch):
+        calls.append(("rows", int(batch.shape[0])))
+        return batch * 2 + 1
+
+    def solo(item):
+        calls.append(("solo", int(item.shape[0])))
+        return {"whole": item.sum()}  # any object: handed over as is
+
+    b = make(fn, max_batch_size=8, max_queue_delay_s=0.2, solo_fn=solo)
+    alone = b.submit(np.ones((3, 1), np.float32))
+    assert alone.result(5) == {"whole": 3.0}
+    pair = [b.submit(np.ones((1, 1), np.float32)) for _ in range(2)]
+    for f in pair:
+        np.testing.assert_array_equal(f.result(5), np.full((1, 1), 3.0))
+    chunked = make(fn, max_batch_size=2, max_queue_delay_s=0.0, solo_fn=solo)
+    assert chunked.submit(np.ones((3, 1), np.float32)).result(5).shape == (3, 1)  # pieces: rows
+    assert calls[:2] == [("solo", 3), ("rows", 2)]
+    assert ("solo", 3) not in calls[2:] and ("solo", 2) not in calls[2:]
+    b.close(), chunked.close()

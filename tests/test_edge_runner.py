@@ -140,3 +140,15 @@ def test_policy_object_is_shared_by_reference(bundle):
     runner = EdgeRunner(bundle, "digital", policy)
     policy.set_threshold(0, 0.0)  # whoever holds the policy changes the runner's decisions
     assert (runner.run(pixels(4)).exit_index == -1).all()
+
+
+def test_run_checked_is_run_with_the_offload_shape_check(runner):
+    x = pixels()
+    checked, plain = runner.run_checked(x), runner.run(x)
+    np.testing.assert_allclose(checked.probs, plain.probs, atol=1e-6)
+    np.testing.assert_array_equal(checked.offload_index, plain.offload_index)
+    assert plain.offload_index.size > 0
+    runner.offload_shape = (1, 2, 3)  # a manifest that disagrees with the model
+    for method in (runner.run_checked, runner.run_rows):
+        with pytest.raises(RuntimeError, match="cloud.input_shape"):
+            method(x)

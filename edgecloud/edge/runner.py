@@ -175,22 +175,33 @@ class EdgeRunner:
         return EdgeResult(probs, exit_index, best_exit, offload_index, offload, energy, compute_s)
 
     # ---- fixed-shape rows for the micro-batcher -------------------------------------------
+    def run_checked(self, x: np.ndarray) -> EdgeResult:
+        """:meth:`run` plus the check :meth:`run_rows` makes: offloaded samples have the
+        manifest's ``cloud.input_shape``. The micro-batcher uses it for a batch that is one
+        request alone (no rows to concatenate or split)."""
+        result = self.run(x)
+        self._check_offload(result)
+        return result
+
+    def _check_offload(self, result: EdgeResult) -> None:
+        if result.offload_index.size and tuple(result.offload.shape[1:]) != self.offload_shape:
+            raise RuntimeError(
+                f"model {self.name!r}: route() offloads samples of shape "
+                f"{list(result.offload.shape[1:])} but the manifest's cloud.input_shape is "
+                f"{list(self.offload_shape)}"
+            )
+
     def run_rows(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """:meth:`run` as per-sample rows (every array has N rows), so a dynamic batcher can
         concatenate several requests' inputs and hand each request its own rows back."""
         result = self.run(x)
+        self._check_offload(result)
         n = result.size
         need = np.zeros(n, dtype=bool)
         need[result.offload_index] = True
         offload = np.zeros((n, *self.offload_shape), dtype=np.float32)
         if result.offload_index.size:
-            rows = result.offload
-            if tuple(rows.shape[1:]) != self.offload_shape:
-                raise RuntimeError(
-                    f"model {self.name!r}: route() offloads samples of shape {list(rows.shape[1:])} "
-                    f"but the manifest's cloud.input_shape is {list(self.offload_shape)}"
-                )
-            offload[result.offload_index] = rows
+            offload[result.offload_index] = result.offload
         energy = np.zeros((n, MAX_COMPONENTS), dtype=np.float64)
         for component, joules in result.energy.items():
             energy[:, self._slot(component)] = joules

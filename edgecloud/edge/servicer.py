@@ -65,12 +65,25 @@ class EdgeModel:
         self.max_request_batch = batching.max_request_batch
         self.batcher = DynamicBatcher(
             runner.run_rows,
+            solo_fn=runner.run_checked,  # a request alone in its batch: no rows round trip
             max_batch_size=batching.max_batch_size,
             max_queue_delay_s=batching.max_queue_delay_ms / 1000.0,
             max_queue_size=batching.max_queue_size,
             name=runner.name,
             metrics=metrics,
         )
+        self._metrics = metrics
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+    def metric(self, metric: str, *labels: str) -> Any:
+        """``metrics.<metric>.labels(model, *labels)``, cached: prometheus_client's labels()
+        validates and locks on every call, several times per request otherwise."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = getattr(self._metrics, metric).labels(self.name, *labels)
+            self._children[key] = child
+        return child
 
 
 class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -170,8 +183,8 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
             log.exception("ModelInfer failed for model %r", request.model_name)
             self.metrics.requests.labels(model=label, status="INTERNAL").inc()
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-        self.metrics.requests.labels(model=label, status="OK").inc()
-        self.metrics.latency.labels(model=label, stage="total").observe(time.perf_counter() - start)
+        model.metric("requests", "OK").inc()
+        model.metric("latency", "total").observe(time.perf_counter() - start)
         return response
 
     def _model(self, name: str, version: str) -> EdgeModel:
@@ -229,11 +242,11 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
         x = codec.decode_inputs(request)[spec.name]  # byte counts, raw/typed mixing
         if x.dtype == np.float32:
-            if not np.isfinite(x).all():
-                bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-                raise InvalidArgument(f"input {spec.name!r}: {bad} value(s) are NaN or infinite")
-            lo, hi = float(x.min()), float(x.max())
-            if lo < 0.0 or hi > 1.0:
+            lo, hi = float(x.min()), float(x.max())  # NaN propagates; +-inf is out of range
+            if not (lo >= 0.0 and hi <= 1.0):  # the checks below only on this rare path
+                if not np.isfinite(x).all():
+                    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+                    raise InvalidArgument(f"input {spec.name!r}: {bad} value(s) are NaN or infinite")
                 raise InvalidArgument(
                     f"input {spec.name!r}: FP32 pixels must lie in [0, 1] (normalisation happens "
                     f"inside the model); got values in [{lo:g}, {hi:g}]"
@@ -262,9 +275,13 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Edge part of one request; returns the result and its queue time."""
         if exit0 is not None:  # a private policy: run alone, not in a shared batch
             return model.runner.run(x, exit0_threshold=exit0), 0.0
-        future = model.batcher.submit(x)  # ResourceExhausted when full: explicit overload
-        rows = future.result()
-        return model.runner.from_rows(rows), future.queue_s
+        # ResourceExhausted when full: explicit overload. inline: an idle batcher runs this
+        # request in this handler thread (no hand-off to the worker and back); a busy one
+        # queues it, so concurrent requests still share batches.
+        future = model.batcher.submit(x, inline=True)
+        out = future.result()  # an EdgeResult when the batch was this request alone, else rows
+        edge = out if isinstance(out, EdgeResult) else model.runner.from_rows(out)
+        return edge, future.queue_s
 
     def _infer(
         self,
@@ -278,8 +295,8 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
         name = model.name
         runner = model.runner
         edge, queue_s = self._edge(model, x, exit0)
-        self.metrics.latency.labels(model=name, stage="queue").observe(queue_s)
-        self.metrics.latency.labels(model=name, stage="edge_compute").observe(edge.compute_s)
+        model.metric("latency", "queue").observe(queue_s)
+        model.metric("latency", "edge_compute").observe(edge.compute_s)
 
         cloud_probs: np.ndarray | None = None
         transmitted = False
@@ -294,12 +311,12 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     reply = self.cloud.infer(name, wire, context.time_remaining())
                     cloud_probs, transmitted = reply.probs, True
                     cloud_latency_ms = reply.latency_s * 1000.0
-                    self.metrics.latency.labels(model=name, stage="cloud_round_trip").observe(reply.latency_s)
+                    model.metric("latency", "cloud_round_trip").observe(reply.latency_s)
                 except CloudUnavailable as exc:
                     reason, transmitted = exc.code, exc.transmitted
                     log.debug("cloud unavailable for %s: %s", name, exc)
         results = runner.complete(edge, cloud_probs, transmitted)
-        self._count(runner, results)
+        self._count(model, results)
 
         n_degraded = int(results.degraded.sum())
         n_cloud = int(results.cloud.sum())
@@ -326,15 +343,22 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
             parameters=parameters, requested=[o.name for o in request.outputs],
         )
 
-    def _count(self, runner: EdgeRunner, results: SampleResults) -> None:
-        name = runner.name
-        exits, counts = np.unique(results.exit_index, return_counts=True)
-        for exit_index, count in zip(exits.tolist(), counts.tolist()):
-            self.metrics.samples.labels(model=name, exit=runner.exit_label(exit_index)).inc(count)
+    @staticmethod
+    def _count(model: EdgeModel, results: SampleResults) -> None:
+        runner = model.runner
+        exits = results.exit_index
+        if exits.size and int(exits.min()) >= 0:
+            counts = np.bincount(exits, minlength=runner.cloud_exit + 1)
+            pairs = [(int(i), int(counts[i])) for i in np.flatnonzero(counts)]
+        else:  # not expected after complete(); counted as before, under the exit's label
+            values, counts = np.unique(exits, return_counts=True)
+            pairs = list(zip(values.tolist(), counts.tolist()))
+        for exit_index, count in pairs:
+            model.metric("samples", runner.exit_label(exit_index)).inc(count)
         degraded = int(results.degraded.sum())
         if degraded:
-            self.metrics.degraded_samples.labels(model=name).inc(degraded)
+            model.metric("degraded_samples").inc(degraded)
         for component, joules in results.energy.items():
             total = float(joules.sum())
             if total > 0:
-                self.metrics.energy.labels(model=name, component=component).inc(total)
+                model.metric("energy", component).inc(total)

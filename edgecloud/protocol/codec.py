@@ -7,6 +7,7 @@ contents; outputs always go out as raw bytes, because tritonclient's ``as_numpy`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -34,8 +35,16 @@ DATATYPES: dict[str, tuple[np.dtype, str | None]] = {
 _NUMPY_TO_OIP = {dt.str if dt.kind != "b" else "|b1": name for name, (dt, _) in DATATYPES.items()}
 
 
+# The same map keyed by dtype object (little-endian / byte-order-free dtypes): one dict lookup
+# on the per-request path instead of building a byte-swapped dtype.
+_DTYPE_TO_OIP = {dt: name for name, (dt, _) in DATATYPES.items()}
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The OIP datatype string for a numpy array."""
+    name = _DTYPE_TO_OIP.get(array.dtype)
+    if name is not None:
+        return name
     key = array.dtype.newbyteorder("<").str if array.dtype.kind != "b" else "|b1"
     try:
         return _NUMPY_TO_OIP[key]
@@ -74,7 +83,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             raise InvalidArgument(f"input {name!r} appears twice")
         dtype = dtype_of(tensor.datatype)
         shape = _check_shape(name, tensor.shape)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # 1 for a scalar shape ()
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidArgument(
