@@ -4,6 +4,10 @@
 full precision, dynamic batch, weights embedded), the model card ``README.md`` and, last, the
 ``manifest.yaml`` — so a folder without a manifest is never mistaken for a finished bundle. The
 ONNX file is checked against torch with ONNX Runtime before the manifest is written.
+
+With an offload ``encoding`` other than fp32 (see :mod:`edgecloud.offload`), ``cloud.onnx`` is
+the cloud part behind its decoder (:func:`edgecloud.offload.export_wire_onnx`): it takes the wire
+datatype (FP16, or UINT8 with the calibrated ``scale``/``zero_point`` the manifest records).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import yaml
 from torch import nn
 
+from edgecloud import offload
 from edgecloud.bundle import CLOUD_ONNX, EDGE_WEIGHTS, MANIFEST, CloudSpec, ExitSpec, InputSpec, Manifest
 from edgecloud.exits import ExitPolicy
 from edgecloud.nets.base import SplitModel
@@ -128,12 +133,22 @@ def export_bundle(
     training: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     verify: bool = True,
+    encoding: offload.Encoding | None = None,
+    calibration: Any = None,
+    percentile: float = offload.DEFAULT_PERCENTILE,
+    cloud: CloudSpec | None = None,
 ) -> Path:
     """Write the bundle folder ``out_dir`` and return its path.
 
     ``exits``: one threshold (or ``None``/ExitSpec/dict) per edge exit, in ``model.exit_names``
     order. ``input_spec`` defaults to the model's own shape and normalisation. ``training`` and
-    ``metrics`` go to the manifest and the model card as given.
+    ``metrics`` go to the manifest and the model card as given — when the encoding is lossy they
+    should be measured on encoded features (``finalize`` does), since that is what is served.
+
+    Offload encoding: ``encoding`` (default fp32); uint8 is calibrated on ``calibration`` (the
+    edge's offloaded features, e.g. :func:`edgecloud.offload.offload_features` of VALIDATION
+    data, never test) at ``percentile``. Or pass ``cloud``, a ready :class:`CloudSpec` whose
+    ``encoding``/``scale``/``zero_point`` are used as they are (its shape must match the model).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,9 +166,13 @@ def export_bundle(
 
     offload_shape = tuple(int(v) for v in model.offload_shape())
     input_name = "FEATURES" if model.offload_kind == "features" else "INPUT"
-    cloud = model.cloud_module()
-    cloud_macs = int(count_macs(cloud, offload_shape))  # type: ignore[arg-type]
+    cloud_part = model.cloud_module()
+    cloud_macs = int(count_macs(cloud_part, offload_shape))  # type: ignore[arg-type]
     edge_macs = count_macs(model, sample_shape, lambda m, x: m.route(x, _never_exit(m)), by_precision=True)
+    cloud_spec = _cloud_spec(
+        CloudSpec(offload=model.offload_kind, input_name=input_name, input_shape=list(offload_shape),
+                  output_name=OUTPUT_NAME, macs=cloud_macs),
+        encoding, calibration, percentile, cloud)
     manifest = Manifest(
         name=name,
         family=family,
@@ -163,10 +182,7 @@ def export_bundle(
         reference_macs=reference_macs(model, sample_shape),
         policy=policy,  # type: ignore[arg-type]
         exits=_exit_specs(model, exits),
-        cloud=CloudSpec(
-            offload=model.offload_kind, input_name=input_name, input_shape=list(offload_shape),
-            output_name=OUTPUT_NAME, macs=cloud_macs,
-        ),
+        cloud=cloud_spec,
         training=dict(training or {}),
         metrics=dict(metrics or {}),
     )
@@ -176,11 +192,51 @@ def export_bundle(
         manifest_path.unlink()  # the folder is not a valid bundle until the new manifest lands
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, out / EDGE_WEIGHTS)
-    export_onnx(cloud, out / CLOUD_ONNX, offload_shape, input_name)
-    onnx_err = verify_onnx(cloud, out / CLOUD_ONNX, offload_shape, input_name) if verify else None
+    if cloud_spec.encoding == "fp32":
+        export_onnx(cloud_part, out / CLOUD_ONNX, offload_shape, input_name)
+        onnx_err = verify_onnx(cloud_part, out / CLOUD_ONNX, offload_shape, input_name) if verify else None
+    else:  # the cloud part behind the offload decoder: takes the wire datatype
+        offload.export_wire_onnx(cloud_part, out / CLOUD_ONNX, cloud_spec, opset=ONNX_OPSET)
+        onnx_err = offload.verify_wire_onnx(cloud_part, out / CLOUD_ONNX, cloud_spec) if verify else None
     (out / "README.md").write_text(model_card(manifest, edge_macs, onnx_err))
     _atomic_write(manifest_path, yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False))
     return out
+
+
+def _cloud_spec(base: CloudSpec, encoding: str | None, calibration: Any, percentile: float,
+                ready: CloudSpec | None) -> CloudSpec:
+    """``base`` (shape, names, MACs from the model) with the offload encoding applied."""
+    if ready is None:
+        return offload.with_encoding(base, encoding or "fp32", calibration, percentile)  # type: ignore[arg-type]
+    if calibration is not None:
+        raise ValueError("pass calibration features or a ready CloudSpec (cloud=...), not both")
+    if encoding is not None and encoding != ready.encoding:
+        raise ValueError(f"encoding={encoding!r} contradicts cloud.encoding={ready.encoding!r}")
+    if list(ready.input_shape) != list(base.input_shape):
+        raise ValueError(f"cloud spec is for input shape {list(ready.input_shape)}, the model offloads "
+                         f"{list(base.input_shape)}")
+    return CloudSpec.model_validate({**base.model_dump(), "encoding": ready.encoding, "scale": ready.scale,
+                                     "zero_point": ready.zero_point})
+
+
+def _offload_lines(c: CloudSpec) -> list[str]:
+    """The model card's lines on what ``cloud.onnx`` takes and what one offloaded sample costs."""
+    head = (f"- **Cloud** (`cloud.onnx`, FP32, opset {ONNX_OPSET}): input `{c.input_name}` "
+            f"{c.input_shape} ({c.offload}), output `{c.output_name}`, {c.macs:,} MACs per sample.")
+    if c.encoding == "fp32":
+        return [head, f"- Offload per sample: {offload.bytes_per_sample(c):,} bytes as FP32."]
+    dtype = offload.wire_datatype(c)
+    head = (f"- **Cloud** (`cloud.onnx`, FP32 compute, opset {ONNX_OPSET}): input `{c.input_name}` "
+            f"{dtype} {c.input_shape} ({c.offload}, decoded inside the graph), output `{c.output_name}`, "
+            f"{c.macs:,} MACs per sample.")
+    line = f"- Offload per sample: {offload.bytes_per_sample(c):,} bytes as {dtype}"
+    if c.encoding == "uint8":
+        lo, hi = offload.uint8_range(c)
+        line += (f" (affine: x ≈ (q − {c.zero_point}) × {c.scale:.6g}, float range "
+                 f"[{lo:.6g}, {hi:.6g}]; FP32 would be {offload.bytes_per_sample(c) * 4:,} bytes).")
+    else:
+        line += f" (FP32 would be {offload.bytes_per_sample(c) * 2:,} bytes)."
+    return [head, line]
 
 
 class _NeverExit(ExitPolicy):
@@ -227,15 +283,13 @@ def model_card(manifest: Manifest, edge_macs: Mapping[str, int] | int, onnx_err:
         f"- **Exits** ({m.policy} policy): "
         + ", ".join(f"`{e.name}` threshold {e.threshold}" for e in m.exits)
         + (" — none (every sample goes to the cloud)" if not m.exits else ""),
-        f"- **Cloud** (`cloud.onnx`, FP32, opset {ONNX_OPSET}): input `{m.cloud.input_name}` "
-        f"{m.cloud.input_shape} ({m.cloud.offload}), output `{m.cloud.output_name}`, "
-        f"{m.cloud.macs:,} MACs per sample.",
-        f"- Offload per sample: {int(np.prod(m.cloud.input_shape)) * 4:,} bytes as FP32.",
+        *_offload_lines(m.cloud),
         f"- Reference (whole network in full precision, everything in the cloud): "
         f"{m.reference_macs:,} MACs per sample.",
     ]
     if onnx_err is not None:
-        lines.append(f"- ONNX Runtime vs torch (cloud part): max |diff| = {onnx_err:.2e}.")
+        part = "cloud part" if m.cloud.encoding == "fp32" else "cloud part with its decoder, random wire input"
+        lines.append(f"- ONNX Runtime vs torch ({part}): max |diff| = {onnx_err:.2e}.")
     lines += ["", "## Architecture", "", f"`create_model({m.family!r}, **arch)` with arch:", "", "```yaml",
               yaml.safe_dump(m.arch or {}, sort_keys=False).strip(), "```", "",
               "Classes (label order): " + ", ".join(m.classes), "", "## Training", ""]
@@ -297,8 +351,11 @@ def rewrite_card(bundle_dir: str | Path) -> Path:
     model = bundle.build_model()
     shape = tuple(bundle.manifest.input.shape)
     edge_macs = count_macs(model, shape, lambda mm, x: mm.route(x, _never_exit(mm)), by_precision=True)
+    c = bundle.manifest.cloud
+    if c.encoding == "fp32":
+        err = verify_onnx(model.cloud_module(), bundle.cloud_onnx, tuple(c.input_shape), c.input_name)
+    else:
+        err = offload.verify_wire_onnx(model.cloud_module(), bundle.cloud_onnx, c)
     path = bundle.path / "README.md"
-    path.write_text(model_card(bundle.manifest, edge_macs, verify_onnx(
-        model.cloud_module(), bundle.cloud_onnx, tuple(bundle.manifest.cloud.input_shape),
-        bundle.manifest.cloud.input_name)))
+    path.write_text(model_card(bundle.manifest, edge_macs, err))
     return path

@@ -247,3 +247,151 @@ def test_export_raw_offload_family(tmp_path) -> None:
         ["LOGITS"], {"INPUT": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, b.build_model().cloud_module()(x).numpy(), atol=1e-4, rtol=0)
+
+
+# ---- offload encoding from the recipe (recipe.offload -> finalize -> export_bundle) -----------------
+
+def _with_offload(recipe, **offload_spec):
+    from edgecloud.train.recipe import Recipe
+
+    return Recipe.model_validate({**recipe.model_dump(mode="json"), "offload": offload_spec})
+
+
+def _onnx_logits(bundle, wire):
+    session = ort.InferenceSession(str(bundle.cloud_onnx), providers=["CPUExecutionProvider"])
+    (onnx_in,) = session.get_inputs()
+    return onnx_in.type, session.run([bundle.manifest.cloud.output_name], {onnx_in.name: wire})[0]
+
+
+def test_uint8_recipe_exports_a_bundle_calibrated_on_validation(toy_data, tmp_path, capsys) -> None:
+    from edgecloud import offload
+    from edgecloud.bundle import Bundle
+    from edgecloud.cli import main
+    from edgecloud.train.loop import finalize, load_splits, offloaded_features, run_training
+
+    recipe = _with_offload(_toy_recipe(toy_data, epochs=1), encoding="uint8", percentile=99.0)
+    splits = load_splits(recipe)
+    result = run_training(recipe, tmp_path / "run", splits=splits, progress=False)
+    model = result.model
+    path, metrics = finalize(model, recipe, tmp_path / "u8", splits=splits)
+    bundle = Bundle(path)
+    c = bundle.manifest.cloud
+
+    # the manifest: uint8, scale/zero point calibrated on the VALIDATION split's offloads
+    val_feats, test_feats = offloaded_features(model, splits.val), offloaded_features(model, splits.test)
+    assert c.encoding == "uint8" and c.input_shape == [8, 7, 7]
+    assert (c.scale, c.zero_point) == offload.calibrate_uint8(val_feats, 99.0)
+    assert (c.scale, c.zero_point) != offload.calibrate_uint8(test_feats, 99.0)
+    assert c.scale != 1.0 and 0 < c.zero_point < 255  # the edge's residual features are signed
+    record = bundle.manifest.training["offload"]
+    assert record["encoding"] == "uint8" and record["percentile"] == 99.0
+    assert f"all {len(splits.val)} samples" in record["calibrated_on"] and "validation" in record["calibrated_on"]
+
+    # cloud.onnx takes the wire tensor and equals torch on the decoded features
+    wire = offload.encode(test_feats.numpy(), c)
+    onnx_type, got = _onnx_logits(bundle, wire)
+    assert onnx_type == "tensor(uint8)"
+    with torch.no_grad():
+        want = model.cloud_module()(torch.from_numpy(offload.decode(wire, c))).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+    # the measured metrics are those of what is served: the cloud exit on encoded features
+    labels = splits.test.labels.numpy()
+    served = round(float((got.argmax(1) == labels).mean()), 4)
+    assert metrics["test_accuracy_cloud_alone"] == bundle.manifest.metrics["test_accuracy_cloud_alone"] == served
+    with torch.no_grad():
+        unencoded = model.cloud_module()(test_feats).numpy()
+    assert metrics["test_accuracy_cloud_alone_unencoded_features"] == round(
+        float((unencoded.argmax(1) == labels).mean()), 4)
+    card = (path / "README.md").read_text()
+    assert f"Offload per sample: {8 * 7 * 7:,} bytes as UINT8" in card and "as FP32." not in card
+
+    # `edgecloud export`: the checkpoint's recipe says uint8; --encoding overrides it
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "again")]) == 0
+    again = Bundle(tmp_path / "again").manifest
+    assert (again.cloud.encoding, again.cloud.scale, again.cloud.zero_point) == ("uint8", c.scale, c.zero_point)
+    assert again.metrics["test_accuracy_cloud_alone"] == served
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "f32"), "--encoding", "fp32"]) == 0
+    f32 = Bundle(tmp_path / "f32")
+    assert (f32.manifest.cloud.encoding, f32.manifest.cloud.scale, f32.manifest.cloud.zero_point) == ("fp32", 1.0, 0)
+    assert f32.manifest.training["offload"] == {"encoding": "fp32"}
+    onnx_type, got32 = _onnx_logits(f32, test_feats.numpy())
+    assert onnx_type == "tensor(float)"
+    np.testing.assert_allclose(got32, unencoded, atol=1e-4, rtol=0)
+    assert f32.manifest.metrics["test_accuracy_cloud_alone"] == metrics["test_accuracy_cloud_alone_unencoded_features"]
+    assert "test_accuracy_cloud_alone_unencoded_features" not in f32.manifest.metrics
+    assert f"Offload per sample: {8 * 7 * 7 * 4:,} bytes as FP32." in (f32.path / "README.md").read_text()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "f16"), "--encoding", "fp16"]) == 0
+    assert _onnx_logits(Bundle(tmp_path / "f16"), test_feats.numpy().astype(np.float16))[0] == "tensor(float16)"
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "x"), "--encoding", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+    # the encoding is export-only: a checkpoint resumes under another offload section
+    resumed = run_training(_with_offload(recipe, encoding="fp16"), tmp_path / "run", splits=splits,
+                           progress=False, resume=True)
+    assert resumed.epochs == 1
+
+
+def test_recipe_rejects_an_invalid_offload_section(tmp_path) -> None:
+    import yaml
+
+    from edgecloud.train.recipe import load_recipe
+
+    base = yaml.safe_load((__import__("edgecloud.train.recipe", fromlist=["x"]).recipes_dir()
+                           / "fmnist-hybrid.yaml").read_text())
+    assert base["offload"]["encoding"] == "uint8"  # the demo bundle's recipe
+    for bad, message in (({"encoding": "int4"}, r"offload\.encoding\n.*'fp32', 'fp16' or 'uint8'"),
+                         ({"encoding": "uint8", "percentile": 40}, r"offload\.percentile\n.*greater than 50"),
+                         ({"encoding": "uint8", "bits": 8}, r"offload\.bits\n.*Extra inputs are not permitted")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**base, "offload": bad}))
+        with pytest.raises(ValueError, match=r"invalid recipe .*bad\.yaml") as info:
+            load_recipe(path)
+        assert info.match(message), str(info.value)
+    path.write_text(yaml.safe_dump({k: v for k, v in base.items() if k != "offload"}))
+    assert load_recipe(path).offload.encoding == "fp32"  # the default
+
+
+def test_export_bundle_encoding_arguments(tmp_path) -> None:
+    from edgecloud import offload
+    from edgecloud.bundle import Bundle, CloudSpec
+    from edgecloud.export import export_bundle
+    from edgecloud.nets import create_model
+
+    torch.manual_seed(0)
+    arch = {"width": 8, "cloud_width": 8, "cloud_blocks": 1}
+    model = create_model("fmnist_hybrid", **arch).eval()
+    kw = {"family": "fmnist_hybrid", "arch": arch, "classes": [str(i) for i in range(10)], "exits": [0.5]}
+    feats = offload.offload_features(model, torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="calibration features"):
+        export_bundle(model, tmp_path / "a", name="a", encoding="uint8", **kw)
+    export_bundle(model, tmp_path / "b", name="b", encoding="uint8", calibration=feats, percentile=100.0, **kw)
+    c = Bundle(tmp_path / "b").manifest.cloud
+    assert (c.encoding, c.scale, c.zero_point) == ("uint8", *offload.calibrate_uint8(feats, 100.0))
+    assert c.macs > 0 and c.input_name == "FEATURES"
+    ready = CloudSpec(input_shape=[8, 7, 7], encoding="uint8", scale=0.125, zero_point=3)
+    export_bundle(model, tmp_path / "c", name="c", cloud=ready, **kw)
+    c = Bundle(tmp_path / "c").manifest.cloud
+    assert (c.encoding, c.scale, c.zero_point, c.macs) == ("uint8", 0.125, 3, Bundle(tmp_path / "b").manifest.cloud.macs)
+    with pytest.raises(ValueError, match="contradicts"):
+        export_bundle(model, tmp_path / "d", name="d", cloud=ready, encoding="fp16", **kw)
+    with pytest.raises(ValueError, match="input shape"):
+        export_bundle(model, tmp_path / "d", name="d", cloud=ready.model_copy(update={"input_shape": [8, 4, 4]}), **kw)
+    assert not (tmp_path / "a" / "manifest.yaml").exists() and not (tmp_path / "d" / "manifest.yaml").exists()
+
+
+def test_shipped_demo_bundle_offloads_uint8() -> None:
+    """models/fmnist-hybrid was trained from a recipe with ``offload: {encoding: uint8}``."""
+    from edgecloud import offload
+    from edgecloud.bundle import ModelRepository
+    from edgecloud.train.recipe import load_recipe
+
+    bundle = ModelRepository().get("fmnist-hybrid")
+    m = bundle.manifest
+    assert load_recipe("fmnist-hybrid").offload.encoding == m.cloud.encoding == "uint8"
+    assert offload.bytes_per_sample(m.cloud) == 32 * 7 * 7  # 1 byte per element (FP32: 4)
+    assert m.training["offload"]["scale"] == m.cloud.scale and "validation" in m.training["offload"]["calibrated_on"]
+    session = ort.InferenceSession(str(bundle.cloud_onnx), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    assert "Offload per sample: 1,568 bytes as UINT8" in (bundle.path / "README.md").read_text()

@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="bundle name (default: the recipe's)")
     p.add_argument("--threshold", type=_threshold, help="'auto' or a number (default: the recipe's)")
     p.add_argument("--data-root", help="data folder (overrides the recipe's data.root)")
+    p.add_argument("--encoding", choices=["fp32", "fp16", "uint8"],
+                   help="offload encoding of the cloud input (overrides the recipe's offload.encoding; "
+                        "uint8 is calibrated on the validation split)")
     p.set_defaults(func=run)
 
 
@@ -33,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     recipe, model, ckpt = load_checkpoint(args.checkpoint)
     if args.data_root:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"root": args.data_root})})
+    if args.encoding:
+        recipe = recipe.model_copy(update={"offload": recipe.offload.model_copy(update={"encoding": args.encoding})})
     path, metrics = finalize(
         model, recipe, args.out, name=args.name, threshold=args.threshold,
         training={"command": f"edgecloud train {recipe.name} (exported with: edgecloud "
@@ -41,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"bundle written to {path}")
     print(f"  threshold: {metrics['threshold']}  test accuracy: {metrics.get('test_accuracy')}  "
-          f"edge exit share: {metrics.get('test_edge_exit_share')}")
+          f"edge exit share: {metrics.get('test_edge_exit_share')}  offload: {recipe.offload.encoding}")
     return 0

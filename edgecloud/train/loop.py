@@ -2,8 +2,9 @@
 
 ``run_training(recipe, out_dir)`` trains (or resumes) and returns the trained model; the run
 folder holds ``checkpoint.pt`` (model, optimiser, schedule, epoch, history, wall time) and
-``history.json``. ``finalize`` picks the exit threshold on the validation split, measures the
-test split and exports the bundle.
+``history.json``. ``finalize`` calibrates the offload encoding (``recipe.offload``) and picks
+the exit threshold on the validation split, measures the test split as it will be served (the
+cloud exit on encoded features) and exports the bundle.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from edgecloud import offload
+from edgecloud.bundle import CloudSpec
 from edgecloud.data.dataset import ImageDataset, train_val_split
 from edgecloud.data.loader import Loader
 from edgecloud.data.registry import load_dataset
@@ -120,6 +123,44 @@ def evaluate_accuracy(model: nn.Module, ds: ImageDataset, batch_size: int = 500)
     return [float((p.argmax(1) == ds.labels).float().mean()) for p in probs]
 
 
+@torch.no_grad()
+def offloaded_features(model: nn.Module, ds: ImageDataset, batch_size: int = 500) -> torch.Tensor:
+    """The cloud input the edge produces for every sample of ``ds`` (no exit taken), float32."""
+    feats = [offload.offload_features(model, x) for x, _ in Loader(ds, batch_size)]
+    return torch.cat(feats) if feats else torch.zeros(0, *model.offload_shape())
+
+
+@torch.no_grad()
+def served_cloud_probs(model: nn.Module, ds: ImageDataset, spec: CloudSpec, batch_size: int = 500) -> torch.Tensor:
+    """Softmax of the cloud exit for every sample of ``ds`` as served: the edge's features go
+    through the wire encoding (``offload.encode`` then ``offload.decode``, the arithmetic the
+    exported ``cloud.onnx`` decodes with) before the cloud part runs on them."""
+    cloud = model.cloud_module().eval()
+    out = []
+    for x, _ in Loader(ds, batch_size):
+        wire = offload.encode(offload.offload_features(model, x).numpy(), spec)
+        out.append(torch.softmax(cloud(torch.from_numpy(offload.decode(wire, spec))).float(), dim=1))
+    return torch.cat(out) if out else torch.zeros(0, getattr(model, "num_classes", 0))
+
+
+def offload_spec(model: nn.Module, recipe: Recipe, val: ImageDataset) -> tuple[CloudSpec, dict[str, Any]]:
+    """The bundle's offload encoding (``recipe.offload``), uint8 calibrated on the VALIDATION
+    split's offloaded features; and a record of how, for the manifest."""
+    o = recipe.offload
+    base = CloudSpec(offload=model.offload_kind, input_shape=[int(v) for v in model.offload_shape()])
+    record: dict[str, Any] = {"encoding": o.encoding}
+    if o.encoding != "uint8":
+        return offload.with_encoding(base, o.encoding), record
+    if len(val) == 0:
+        raise ValueError("uint8 offload is calibrated on the validation split, which is empty "
+                         "(set data.val_fraction > 0 or use offload.encoding fp32/fp16)")
+    spec = offload.with_encoding(base, "uint8", offloaded_features(model, val), o.percentile)
+    record.update({"percentile": o.percentile, "scale": spec.scale, "zero_point": spec.zero_point,
+                   "calibrated_on": f"validation split: the offloaded features of all {len(val)} samples "
+                                    f"(no exit taken)"})
+    return spec, record
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -164,7 +205,8 @@ def run_training(
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt["recipe"] != recipe.model_dump(mode="json"):
+        saved = {k: v for k, v in ckpt["recipe"].items() if k != "offload"}  # export-only section
+        if saved != recipe.training_dump():
             raise ValueError(f"{ckpt_path} was written by a different recipe/settings; resume with the same ones")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -253,14 +295,21 @@ def finalize(
     name: str | None = None,
     threshold: float | str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Choose the exit threshold on validation, measure test, export the bundle."""
+    """Calibrate the offload encoding and choose the exit threshold on validation, measure test,
+    export the bundle. With a lossy encoding (fp16, uint8) the cloud exit's probabilities, on
+    validation and test alike, are computed on encoded features: what the bundle serves."""
     from edgecloud.export import export_bundle, resolve_arch
 
     splits = splits or load_splits(recipe)
     model = model.eval()
     kind = recipe.exits.policy
     threshold = recipe.exits.threshold if threshold is None else threshold
+    split_model = hasattr(model, "cloud_module")
+    spec, offload_record = offload_spec(model, recipe, splits.val) if split_model else (None, {})
+    encoded = spec is not None and spec.encoding != "fp32"
     val_probs = predict_exits(model, splits.val)
+    if encoded:
+        val_probs[-1] = served_cloud_probs(model, splits.val, spec)
     if not getattr(model, "exit_names", []):
         t, how = None, "no edge exit"
         val_m = routed_metrics(model, val_probs, splits.val.labels, policy_for(kind, model, 0.0))
@@ -278,9 +327,16 @@ def finalize(
                                "val_edge_exit_share": round(val_m["edge_exit_share"], 4)}
     if splits.test is not None:
         test_probs = predict_exits(model, splits.test)
+        float_cloud = test_probs[-1]
+        if encoded:
+            test_probs[-1] = served_cloud_probs(model, splits.test, spec)
         test_m = routed_metrics(model, test_probs, splits.test.labels, policy)
         metrics["test_samples"] = len(splits.test)
         metrics.update({f"test_{k}": round(v, 4) for k, v in test_m.items()})
+        if encoded:  # what the encoding costs: the cloud exit on the features before encoding
+            final = getattr(model, "final_name", "cloud")
+            metrics[f"test_accuracy_{final}_alone_unencoded_features"] = round(
+                float((float_cloud.argmax(1) == splits.test.labels).float().mean()), 4)
     summary = (f"{recipe.data.dataset}: {len(splits.train)} train / {len(splits.val)} validation (held out of the "
                f"train split, stratified, seed {recipe.seed})"
                + (f"; metrics on the {len(splits.test)}-image test split" if splits.test is not None else ""))
@@ -288,9 +344,11 @@ def finalize(
             "data": recipe.data.model_dump(mode="json"),
             "optim": recipe.optim.model_dump(mode="json"), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if split_model:
+        info["offload"] = offload_record
     info.update(training or {})
     exits = [p for p in policy.thresholds]
-    if not hasattr(model, "cloud_module"):  # an edge-only classifier (lenet5, vgg_small): an edge-only bundle
+    if not split_model:  # an edge-only classifier (lenet5, vgg_small): an edge-only bundle
         from edgecloud.export_edge import export_edge_bundle
 
         return export_edge_bundle(model, bundle_dir, name=name or recipe.name, family=recipe.family,
@@ -298,5 +356,6 @@ def finalize(
                                   policy=kind, training=info, metrics=metrics), metrics
     path = export_bundle(model, bundle_dir, name=name or recipe.name, family=recipe.family,
                          arch=resolve_arch(recipe.family, recipe.arch),
-                         classes=splits.val.classes, exits=exits, policy=kind, training=info, metrics=metrics)
+                         classes=splits.val.classes, exits=exits, policy=kind, training=info, metrics=metrics,
+                         cloud=spec)
     return path, metrics

@@ -1,7 +1,9 @@
 """Training recipes: one YAML file per trained model, shipped in ``edgecloud/train/recipes``.
 
 A recipe names the family and its arch kwargs, the data, the optimiser and schedule, the
-per-exit loss weights and how the bundle's exit threshold is chosen (on the validation split).
+per-exit loss weights, how the bundle's exit threshold is chosen (on the validation split) and
+how the offloaded tensor travels to the cloud (``offload``: fp32, fp16 or uint8 calibrated on
+the validation split; see :mod:`edgecloud.offload`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from edgecloud.offload import DEFAULT_PERCENTILE
 
 
 class DataSpec(BaseModel):
@@ -50,6 +54,20 @@ class ThresholdSpec(BaseModel):
     max_drop: float = Field(0.5, ge=0.0)
 
 
+class OffloadSpec(BaseModel):
+    """How the edge sends the cloud its input (the bundle's ``cloud.encoding``).
+
+    ``uint8`` is calibrated by ``finalize`` on the VALIDATION split's offloaded features: the
+    range spans their ``100 - percentile`` .. ``percentile`` percentiles (always containing 0).
+    Only the export depends on it, so changing it never requires retraining
+    (``edgecloud export CHECKPOINT --encoding ...``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    encoding: Literal["fp32", "fp16", "uint8"] = "fp32"
+    percentile: float = Field(DEFAULT_PERCENTILE, gt=50.0, le=100.0)  # uint8 calibration only
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str                       # bundle name
@@ -61,6 +79,12 @@ class Recipe(BaseModel):
     optim: OptimSpec = Field(default_factory=OptimSpec)
     exits: ThresholdSpec = Field(default_factory=ThresholdSpec)
     stages: list[dict[str, Any]] = Field(default_factory=list)  # family-specific extra stages (MEANet)
+    offload: OffloadSpec = Field(default_factory=OffloadSpec)  # wire encoding of the cloud input
+
+    def training_dump(self) -> dict[str, Any]:
+        """The recipe as JSON without the export-only ``offload`` section: what a checkpoint must
+        match to be resumed (the encoding does not change what is trained)."""
+        return self.model_dump(mode="json", exclude={"offload"})
 
 
 def recipes_dir() -> Path:
