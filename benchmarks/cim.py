@@ -168,6 +168,7 @@ def main() -> None:
             "digital_img_s": round(statistics.median(speeds["digital"]), 1),
             "crossbar_img_s": round(statistics.median(speeds["crossbar"]), 1),
             "ratio": round(ratio, 4),
+            "ratios": [round(r, 4) for r in ratios],
             "slowdown": round(1 / ratio, 2),
             "target_ratio": round(target, 4),
             "meets_target": ratio >= target,

@@ -86,27 +86,76 @@ def test_exact_on_a_small_network_with_residuals_and_events() -> None:
         assert ("crossbar" if name == "crossbar" else "sram") in components
 
 
-def test_noisy_paths_agree_between_fused_kernel_and_torch() -> None:
-    if kernel.load() is None:
+NOISY = [
+    ("crossbar", {"preset": "typical", "rows": 64}),
+    ("crossbar", {"adc_bits": 7, "adc_noise_lsb": 0.7, "dac_bits": 2}),
+    ("crossbar", {"preset": "typical", "rows": 50, "dac_bits": 2}),  # read noise on 2-bit planes: sigma formula
+    ("crossbar", {"preset": "typical", "gemm": "float32"}),  # float GEMM: the C ADC over partial sums
+    ("crossbar", {"preset": "typical", "fresh_noise": True}),  # fresh samples: one kernel call per block
+    ("crossbar", {"preset": "typical", "block_kib": 16}),  # many blocks, each at its own pool offset
+    ("sram", {"preset": "typical"}),
+    ("sram", {"preset": "typical", "xnor_binary": False, "dac_bits": 3}),
+]
+
+
+@pytest.mark.parametrize("backend,opts", NOISY)
+@pytest.mark.parametrize("shape", [(16, 8, 1, 8), (12, 7, 2, 8), (20, 9, 1, 1)])  # (in, out, stride, bits)
+def test_noisy_paths_agree_between_fused_kernel_and_torch(backend: str, opts: dict, shape: tuple,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    lib = kernel.load()
+    if lib is None:
         pytest.skip("no C compiler: only the torch path exists here")
+    cin, cout, stride, bits = shape  # 7 or 9 outputs: partly filled vectors; 1 bit: one cycle
     torch.manual_seed(0)
-    conv = QuantConv2d(16, 8, 3, padding=1, weight_bits=8, act_bits=8).eval()
-    x = torch.rand(2, 16, 6, 6) * 0.4
+    conv = QuantConv2d(cin, cout, 3, stride=stride, padding=1, weight_bits=bits, act_bits=bits).eval()
+    x = torch.rand(3, cin, 9, 9) * 0.4 if bits > 1 else torch.randn(3, cin, 9, 9)
     with torch.no_grad():
         xi, (wi, _) = conv.quantize_input(x), conv.quantize_weight()
-    for backend, opts in [("crossbar", {"preset": "typical", "rows": 64}),
-                          ("crossbar", {"adc_bits": 7, "adc_noise_lsb": 0.7, "dac_bits": 2}),
-                          ("sram", {"preset": "typical"})]:
-        outs = []
-        for fused in (True, False):
-            be = create_backend(backend, {**opts, "fused_kernel": fused}, seed=5)
-            with torch.no_grad():
-                outs.append(be.mvm(conv, xi, wi))
-        # same noise samples and arithmetic; only float summation order (and libm's expm1 for
-        # the bit-line saturation) differ, far below one ADC step
-        scale = outs[1].abs().max()
-        assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-5 * float(scale)), (backend, opts)
-        assert not torch.equal(outs[0], conv.integer_mvm(xi, wi))
+
+    def run(fused: bool) -> torch.Tensor:
+        be = create_backend(backend, {**opts, "fused_kernel": fused}, seed=5)
+        with torch.no_grad():
+            return be.mvm(conv, xi, wi)
+
+    outs = [run(True), run(False)]
+    if kernel.fused_available(lib):  # also the C ADC over materialised int8-GEMM partial sums
+        monkeypatch.setattr(kernel, "fused_available", lambda _lib: False)
+        outs.append(run(True))
+    # same noise samples and arithmetic; only float rounding (summation order, fused multiply-adds,
+    # libm's expm1 for the bit-line saturation) differs, far below one ADC step
+    scale = outs[1].abs().max()
+    for out in outs[::2]:
+        assert torch.allclose(out, outs[1], rtol=0, atol=1e-5 * float(scale)), (backend, opts)
+    assert not torch.equal(outs[0], conv.integer_mvm(xi, wi))
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding,dilation", [
+    (1, 1, 0, 1), (3, 1, 1, 1), (3, 2, 0, 1), (5, 2, 2, 1), (3, 1, 2, 2),
+])
+def test_implicit_conv_patches_are_exact(kernel_size: int, stride: int, padding: int, dilation: int) -> None:
+    """The fused kernel reads conv patches in place; arrays cut (kh, kw, c) rows mid-pixel."""
+    torch.manual_seed(kernel_size * 7 + stride)
+    conv = QuantConv2d(6, 5, kernel_size, stride=stride, padding=padding, weight_bits=8, act_bits=8).eval()
+    conv.dilation = (dilation, dilation)
+    x = torch.rand(2, 6, 11, 9)
+    with torch.no_grad():
+        xi, (wi, _) = conv.quantize_input(x), conv.quantize_weight()
+        ref = conv.integer_mvm(xi, wi)
+        for opts in ({"rows": 20}, {"rows": 128, "cell_bits": 1}, {"rows": 7, "dac_bits": 3, "fused_kernel": False}):
+            assert torch.equal(create_backend("crossbar", opts, seed=0).mvm(conv, xi, wi), ref), opts
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("options", [{"rows": 16}, {"rows": 16, "fused_kernel": False}, {"dac_bits": 2, "adc_bits": 12}])
+def test_skipped_zero_planes_stay_exact(scale: float, options: dict) -> None:
+    """Inputs below 2^k leave the top bit-planes empty: they are skipped, not mis-converted."""
+    torch.manual_seed(1)
+    conv = QuantConv2d(8, 6, 3, padding=1, weight_bits=8, act_bits=8).eval()
+    x = torch.rand(2, 8, 6, 6) * scale
+    with torch.no_grad():
+        xi, (wi, _) = conv.quantize_input(x), conv.quantize_weight()
+        out = create_backend("crossbar", options, seed=0).mvm(conv, xi, wi)
+        assert torch.equal(out, conv.integer_mvm(xi, wi))
 
 
 def test_layers_that_cannot_map_stay_digital() -> None:

@@ -35,7 +35,11 @@ Options (``BackendConfig.options``; default in brackets):
   ``adc_percentile`` [99.9]; ``calib_batches`` [1]; ``adc_noise_lsb`` [0.0].
 - ``gemm`` ["int8"]: "int8" (exact int8 GEMM; non-integer conductances on a 2^-f grid of about
   1/100 of the cell range) or "float32". ``fresh_noise`` [False]: fresh Gaussian per read
-  instead of the seeded pool (slower). ``block_kib`` [2048]: partial-sum block size.
+  instead of the seeded pool (slower). ``block_kib`` [8192]: rows per block of partial sums
+  (and per noise draw). ``fused_kernel`` [True]: the C kernels of :mod:`edgecloud.cim.kernel`.
+
+Each conversion's read noise and ADC noise are independent Gaussians and are drawn as one
+(:mod:`edgecloud.cim.engine`).
 
 Events per sample: ``adc/adc_conversion_<B>b`` (one per pair, cycle and row tile; B = the
 lossless formula per tile for an ideal ADC), ``adc/sample_hold`` (one per conversion),

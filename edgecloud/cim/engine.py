@@ -2,20 +2,31 @@
 
 A backend *programs* a layer into a :class:`MappedLayer` (effective per-cell weights of every
 array, in integer units, with the chip's variation already applied) and then runs
-:func:`run_mapped` on each call. One call does, per block of patch rows:
+:func:`run_mapped` on each call. Every call does, for each patch row:
 
 1. split the uint8 inputs into bit-planes (``n_cycles`` cycles of ``bits_per_cycle`` bits);
-2. one GEMM per array over all planes at once (all slices / polarities are columns of the
-   same GEMM): exact int8 x int8 -> int32 with ``torch._int_mm`` when planes and weights fit
-   int8 (non-integer weights are put on a 2^-f fixed-point grid, ~1/100 of the cell range),
-   otherwise float32 (exact for integers below 2^24); planes that are all zero skip the GEMM;
-3. the analog stage on every partial sum: analog offset, bit-line saturation, per-read noise
-   (read noise ~ sqrt(sum x^2), ADC noise in LSB), fixed per-site errors, ADC quantization;
+2. one GEMM per array over all planes (all slices / polarities are columns of the same GEMM):
+   exact int8 x int8 -> int32 when planes and weights fit int8 (non-integer weights are put on
+   a 2^-f fixed-point grid, ~1/100 of the cell range), otherwise float32 (exact for integers
+   below 2^24);
+3. the analog stage on every partial sum (one conversion per column, array, cycle and row):
+   analog offset, bit-line saturation, noise, fixed per-site errors, ADC quantization;
 4. digital shift-and-add over cycles, arrays and sub-columns (slices, polarities).
 
-Blocks are sized so a block of partial sums stays around ``block_bytes`` (cache-sized), so
-memory stays flat in the batch size. With every non-ideality off and an ideal or lossless ADC
-the result equals the integer product exactly.
+Noise per conversion: ADC noise (``adc_noise_lsb``) and read noise (``row_noise`` integer units
+per sqrt(sum x^2) of the array's inputs in that cycle) are independent zero-mean Gaussians, so
+their sum is drawn as one Gaussian, sigma = sqrt(s1^2 + rn^2 sum x^2 / step^2) LSB, from one
+N(0, 1) sample of :class:`~edgecloud.cim.noise.ReadNoise` (drawn per block of rows).
+
+Where the C kernel is built with AVX-512 VNNI (:mod:`edgecloud.cim.kernel`), integer layers run
+*fused*: one kernel call per layer builds each row's bit-planes in L1, multiplies them with
+``vpdpbusd`` and converts and accumulates every partial sum in registers, reading conv patches
+straight from the padded NHWC input (no patch matrix, no bit-plane or partial-sum tensors).
+Otherwise, per block of rows: bit-planes, ``torch._int_mm`` / float GEMMs into a block of
+partial sums sized ~``block_bytes``, then the C ADC kernel or torch ops. Planes that are zero
+in a whole block (whole input, fused) skip the work when there is no noise. All paths use the
+same noise samples in the same places. With every non-ideality off and an ideal or lossless
+ADC the result equals the integer product exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import torch
 from edgecloud.cim import kernel
 from edgecloud.cim.adc import AdcRanges, calibrated_ranges, max_ranges
 from edgecloud.cim.noise import ReadNoise, saturate
-from edgecloud.cim.tiling import bit_planes
+from edgecloud.cim.tiling import PatchSource, bit_planes
 
 CALIBRATION_SAMPLES = 4096  # analog samples kept per array and calibration batch
 
@@ -65,6 +76,7 @@ class MappedLayer:
     calib_samples: list[torch.Tensor] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stacked: torch.Tensor | None = None  # (n_full, rows, J) float32 for the batched GEMM
+    packed: tuple[torch.Tensor, torch.Tensor, int] | None = None  # int8 weights for the fused kernel
 
     @property
     def n_tiles(self) -> int:
@@ -153,6 +165,7 @@ class _Stage:
     offset: torch.Tensor  # analog offset (used before saturation)
     const: torch.Tensor  # (J,) digital constant per unit of sum_t 2^(v t)
     top: float | None  # highest code; None = ideal ADC (no quantization)
+    inv_step2: torch.Tensor  # inv_step^2, for the read-noise sigma in LSB
 
 
 def _stage(mapped: MappedLayer) -> _Stage:
@@ -176,33 +189,50 @@ def _stage(mapped: MappedLayer) -> _Stage:
     const = (lo - removed).sum(0)
     f32 = lambda t: t.float().contiguous()  # noqa: E731
     return _Stage(f32(scale), f32(shift), f32(inv), f32(step), f32(off), f32(const),
-                  float(mapped.ranges.top_code) if quantize and mapped.ranges else None)
+                  float(mapped.ranges.top_code) if quantize and mapped.ranges else None, f32(inv * inv))
 
 
-def _adc_torch(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, noise1: torch.Tensor | None,
-               noise2: torch.Tensor | None, row_sigma: torch.Tensor | None) -> torch.Tensor:
+def _noise_sigma(sq: torch.Tensor, inv_step2: torch.Tensor, rn2: float, s1sq: float) -> torch.Tensor:
+    """(n_tiles, N, J) per-conversion noise sigma in LSB for sums of squares sq (n_tiles, N).
+
+    ADC noise (s1 LSB) and read noise (rn sqrt(sq) integer units) are independent Gaussians:
+    sigma = sqrt(s1^2 + rn^2 sq inv^2). Three separately rounded float32 ops (mul, mul, add) and
+    a sqrt, exactly as the fused kernel evaluates it.
+    """
+    var = (sq * rn2).unsqueeze(-1) * inv_step2.unsqueeze(1)
+    return var.add_(s1sq).sqrt_()
+
+
+def _noise_view(noise: torch.Tensor, shape: torch.Size, t: int) -> torch.Tensor:
+    """Row-major noise samples (m, n_tiles, T, J) laid out like the partial sums (n_tiles, T m, J)."""
+    n_tiles, rows, j = shape
+    return noise.view(rows // t, n_tiles, t, j).permute(1, 2, 0, 3).reshape(shape)
+
+
+def _adc_torch(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, noise: torch.Tensor | None,
+               sigma: torch.Tensor | None, t: int = 1) -> torch.Tensor:
     """ADC codes (or ideal analog values) in normalised units, (n_tiles, T m, J) float32."""
     if mapped.saturation:
         u = _analog(mapped, partial)
         u.mul_(st.inv_step.unsqueeze(1)).add_(st.shift.unsqueeze(1))
     else:
         u = torch.addcmul(st.shift.unsqueeze(1), partial, st.scale.unsqueeze(1))
-    if noise1 is not None:
-        u.view(-1).add_(noise1, alpha=mapped.adc_noise_lsb)
-    if noise2 is not None and row_sigma is not None:
-        u.addcmul_(noise2.view(u.shape) * row_sigma.unsqueeze(-1), st.inv_step.unsqueeze(1))
+    if noise is not None:
+        if sigma is not None:
+            u.addcmul_(_noise_view(noise, u.shape, t), sigma)
+        else:
+            u.add_(_noise_view(noise, u.shape, t), alpha=mapped.adc_noise_lsb)
     if st.top is not None:
         u.floor_().clamp_(0.0, st.top)
     return u
 
 
 def _convert_torch(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, weights: torch.Tensor,
-                   noise1: torch.Tensor | None, noise2: torch.Tensor | None,
-                   row_sigma: torch.Tensor | None) -> torch.Tensor:
-    """(m, J): sum over arrays and cycles of step * cycle weight * code (torch ops)."""
-    codes = _adc_torch(mapped, st, partial, noise1, noise2, row_sigma)
-    n_tiles, rows, j = codes.shape
+                   noise: torch.Tensor | None, sigma: torch.Tensor | None) -> torch.Tensor:
+    """(m, J): sum over arrays of step * sum over cycles of cycle weight * code (torch ops)."""
     t = weights.numel()
+    codes = _adc_torch(mapped, st, partial, noise, sigma, t)
+    n_tiles, rows, j = codes.shape
     m = rows // t
     if t > 1:
         codes = torch.matmul(weights.view(1, 1, -1), codes.view(n_tiles, t, m * j)).view(n_tiles, m, j)
@@ -213,17 +243,25 @@ def _convert_torch(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, weigh
     return (codes * st.step.unsqueeze(1)).sum(0)
 
 
-def _calibrate(mapped: MappedLayer, patches: torch.Tensor, block_rows: int) -> None:
-    """Collect analog partial sums of one batch and set percentile ranges from all seen so far."""
+def _calibrate(mapped: MappedLayer, source: PatchSource, block_rows: int) -> None:
+    """Collect analog partial sums of one batch and set percentile ranges from all seen so far.
+
+    Per block of rows, a random subset of its (cycle, row) conversions is kept; only those
+    plane-rows are built and multiplied (the values are those of the full block's partial sums).
+    """
     gen = torch.Generator()
     gen.manual_seed(len(mapped.calib_samples) + 1)
-    per_block = max(1, CALIBRATION_SAMPLES * block_rows // max(patches.shape[0], 1))
-    for start in range(0, patches.shape[0], block_rows):
-        planes = bit_planes(patches[start:start + block_rows], mapped.bits_per_cycle, mapped.n_cycles)
-        y = _analog(mapped, _gemm(mapped, planes))
-        if y.shape[1] > per_block:
-            y = y[:, torch.randperm(y.shape[1], generator=gen)[:per_block]]
-        mapped.calib_samples.append(y)
+    v, n_cycles = mapped.bits_per_cycle, mapped.n_cycles
+    per_block = max(1, CALIBRATION_SAMPLES * block_rows // max(source.m, 1))
+    for start in range(0, source.m, block_rows):
+        m = min(block_rows, source.m - start)
+        pick = torch.arange(n_cycles * m)
+        if pick.numel() > per_block:
+            pick = torch.randperm(pick.numel(), generator=gen)[:per_block]
+        t, i = pick // m, pick % m  # plane-row t m + i of bit_planes(block)
+        rows = source.take(start + i).long()
+        planes = ((rows >> (v * t).unsqueeze(1)) & ((1 << v) - 1)).to(torch.uint8)
+        mapped.calib_samples.append(_analog(mapped, _gemm(mapped, planes.unsqueeze(0))))
     assert mapped.adc_bits is not None
     mapped.ranges = calibrated_ranges(torch.cat(mapped.calib_samples, dim=1), mapped.adc_bits, mapped.adc_percentile)
     mapped.calib_seen += 1
@@ -248,25 +286,111 @@ def _live_planes(mapped: MappedLayer, chunk: torch.Tensor, lib: object | None) -
     return torch.tensor([(present >> (v * t)) & mask != 0 for t in range(n_cycles)])
 
 
-def run_mapped(mapped: MappedLayer, patches: torch.Tensor, noise: ReadNoise | None,
+def _read_noise_args(mapped: MappedLayer, st: _Stage, rn2: float, s1sq: float
+                     ) -> tuple[torch.Tensor | None, float, float, torch.Tensor]:
+    """(table, rn2, s1sq, inv^2) for the fused kernel; table[r, q] = sigma for sum of squares q.
+
+    With one-bit planes q is at most the array's row count, so a table (built with
+    :func:`_noise_sigma`, the formula the kernel would otherwise evaluate) replaces a sqrt per
+    conversion by a load; wider planes use the formula.
+    """
+    rows = max(b - a for a, b in mapped.tiles) + 1
+    if mapped.bits_per_cycle != 1 or mapped.n_tiles * rows * mapped.columns > (4 << 20):
+        return None, rn2, s1sq, st.inv_step2
+    q = torch.arange(rows, dtype=torch.float32).expand(mapped.n_tiles, rows)
+    return _noise_sigma(q, st.inv_step2, rn2, s1sq).contiguous(), rn2, s1sq, st.inv_step2
+
+
+def _run_fused(mapped: MappedLayer, source: PatchSource, noise: ReadNoise | None, block: int, st: _Stage,
+               lib: object) -> torch.Tensor:
+    """The fused kernel over all rows: one call (one parallel region) per layer where possible.
+
+    Noise samples are drawn exactly as the block loop of :func:`run_mapped` would draw them
+    (one pooled draw per block of ``block`` rows, in order); a pooled draw is read in place.
+    """
+    v, n_cycles, j, n_tiles = mapped.bits_per_cycle, mapped.n_cycles, mapped.columns, mapped.n_tiles
+    m_total, o = source.m, mapped.out_features
+    assert mapped.packed is not None
+    packed, offsets, jv = mapped.packed
+    noisy = noise is not None and (mapped.adc_noise_lsb > 0 or mapped.row_noise > 0)
+    cycle_w = torch.pow(2.0, v * torch.arange(n_cycles, dtype=torch.float32))
+    const = st.const * cycle_w.sum()
+    coef = mapped.coef.float().contiguous()
+    out = torch.empty(m_total, o, dtype=torch.float32)
+    live = torch.ones(n_cycles, dtype=torch.bool)
+    if n_cycles > 1 and not noisy:  # a plane that is zero in every input converts to code(0): skip it
+        present = source.byte_or()
+        live = torch.tensor([(present >> (v * t)) & ((1 << v) - 1) != 0 for t in range(n_cycles)])
+        if not bool(live.all()):
+            zeros = torch.zeros(n_tiles, 1, j, dtype=torch.float32)
+            zero_sum = _convert_torch(mapped, st, zeros, torch.ones(1), None, None)[0]
+            const = const + zero_sum * cycle_w[~live].sum()
+        if not bool(live.any()):
+            out.copy_((const.view(mapped.n_sub, o) * coef.view(-1, 1)).sum(0).expand(m_total, o))
+            return out
+    emitted = torch.arange(n_cycles)[live]
+    weights, const = cycle_w[live].contiguous(), const.contiguous()
+    shifts = (emitted * v).to(torch.int32)
+    s1 = mapped.adc_noise_lsb
+    read_noise = _read_noise_args(mapped, st, mapped.row_noise ** 2, s1 * s1) if noisy and mapped.row_noise > 0 else None
+    x = source.nhwc if source.conv is not None else source.rows()
+    assert x is not None
+    bounds = torch.tensor([a for a, _ in mapped.tiles] + [mapped.tiles[-1][1]], dtype=torch.int64)
+    per_row = n_tiles * emitted.numel() * j
+
+    def call(row0: int, m: int, samples: tuple[torch.Tensor, torch.Tensor, int] | None) -> None:
+        kernel.fused_block(
+            lib, x, m, source.conv, bounds, packed, offsets, jv, shifts, (1 << v) - 1, j,  # type: ignore[arg-type]
+            st.scale, st.shift, st.step, st.inv_step, weights, st.top, samples, s1, read_noise,
+            mapped.saturation, mapped.weight_unit, st.offset, mapped.v_sat, const, coef,
+            out[row0:row0 + m], row0=row0,
+        )
+
+    starts = range(0, m_total, block)
+    if not noisy or noise is None:
+        call(0, m_total, None)
+    elif all(noise.pooled(min(block, m_total - a) * per_row) for a in starts):
+        noff = torch.tensor([noise.offset(min(block, m_total - a) * per_row) for a in starts], dtype=torch.int64)
+        call(0, m_total, (noise.pool(), noff, block))
+    else:  # fresh samples: one call per block
+        for a in starts:
+            m = min(block, m_total - a)
+            call(a, m, (noise.draw_half(m * per_row), torch.zeros(1, dtype=torch.int64), m))
+    return out
+
+
+def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: ReadNoise | None,
                block_bytes: int = 8 << 20, use_kernel: bool = True) -> torch.Tensor:
-    """(M, O) float32 integer-unit results of the programmed layer for uint8 patches (M, K)."""
+    """(M, O) float32 integer-unit results of the programmed layer for uint8 patches (M, K).
+
+    ``patches`` may be a :class:`PatchSource` (an implicit conv im2col, read in place by the
+    fused kernel and materialised only for the other paths).
+    """
+    source = patches if isinstance(patches, PatchSource) else PatchSource(patches.shape[0], patches.shape[1], patches)
     block = block_rows_for(mapped, block_bytes)
     with mapped.lock:
         if mapped.needs_calibration():
-            _calibrate(mapped, patches, block)
+            _calibrate(mapped, source, block)
     st = _stage(mapped)
     lib = kernel.load() if use_kernel else None
+    if mapped.int_gemm and kernel.fused_available(lib):
+        with mapped.lock:
+            if mapped.packed is None:
+                mapped.packed = kernel.pack_weights(mapped.weights)
+        return _run_fused(mapped, source, noise, block, st, lib)
     v, n_cycles, j, n_tiles = mapped.bits_per_cycle, mapped.n_cycles, mapped.columns, mapped.n_tiles
     cycle_w = torch.pow(2.0, v * torch.arange(n_cycles, dtype=torch.float32))
     noisy = noise is not None and (mapped.adc_noise_lsb > 0 or mapped.row_noise > 0)
-    row_noise = mapped.row_noise if noisy and mapped.row_noise > 0 else None
+    # one N(0, 1) sample per conversion, scaled by sigma = sqrt(s1^2 + rn^2 sum x^2 inv^2) (LSB)
+    s1, rn2 = mapped.adc_noise_lsb, mapped.row_noise ** 2
+    read_noise = noisy and mapped.row_noise > 0
     const = (st.const * cycle_w.sum()).contiguous()
     coef = mapped.coef.float().contiguous()
     zero_sum: torch.Tensor | None = None  # (J,) one conversion of an all-zero plane: sum_r step * code(0)
     int_planes = lib is not None and mapped._loop_tiles()
     bounds = torch.tensor([a for a, _ in mapped.tiles] + [mapped.tiles[-1][1]], dtype=torch.int64)
-    m_total, o = patches.shape[0], mapped.out_features
+    patches = source.rows()
+    m_total, o = source.m, mapped.out_features
     out = torch.empty(m_total, o, dtype=torch.float32)
     for start in range(0, m_total, block):
         chunk = patches[start:start + block]
@@ -280,7 +404,7 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor, noise: ReadNoise | No
         if live is not None:
             if zero_sum is None:
                 zeros = torch.zeros(n_tiles, 1, j, dtype=torch.float32)
-                zero_sum = _convert_torch(mapped, st, zeros, torch.ones(1), None, None, None)[0]
+                zero_sum = _convert_torch(mapped, st, zeros, torch.ones(1), None, None)[0]
             weights = cycle_w[live].contiguous()
             block_const = (const + zero_sum * cycle_w[~live].sum()).contiguous()
         dest = out[start:start + m]
@@ -289,10 +413,10 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor, noise: ReadNoise | No
             continue
         emitted = torch.arange(n_cycles)[live] if live is not None else torch.arange(n_cycles)
         t_used = emitted.numel()
-        row_sigma = None
+        row_sq = None
         if int_planes:
             shifts = (emitted * v).to(torch.int32)
-            flat, row_sigma = kernel.planes_tiled(lib, chunk, bounds, shifts, (1 << v) - 1, row_noise)  # type: ignore[arg-type]
+            flat, row_sq = kernel.planes_tiled(lib, chunk, bounds, shifts, (1 << v) - 1, read_noise)  # type: ignore[arg-type]
             partial = torch.empty(n_tiles, t_used * m, j, dtype=torch.int32)
             for r, ((a, b), w) in enumerate(zip(mapped.tiles, mapped.weights)):
                 lhs = flat[t_used * m * a: t_used * m * b].view(t_used * m, b - a)
@@ -302,19 +426,18 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor, noise: ReadNoise | No
             if live is not None:
                 planes = planes[live]
             partial = _gemm(mapped, planes)
-            if row_noise is not None:
-                row_sigma = _row_sq_sums(mapped, planes).sqrt_().mul_(row_noise).contiguous()
-        n = partial.numel()
-        noise1 = noise.draw(n) if noisy and noise is not None and mapped.adc_noise_lsb > 0 else None
-        noise2 = noise.draw(n) if noisy and noise is not None and row_sigma is not None else None
+            if read_noise:
+                row_sq = _row_sq_sums(mapped, planes)
+        samples = noise.draw(partial.numel()) if noisy and noise is not None else None
+        sigma = _noise_sigma(row_sq, st.inv_step2, rn2, s1 * s1) if row_sq is not None else None
         if lib is not None:
             kernel.adc_accumulate(
                 lib, partial, t_used, st.scale, st.shift, st.step, st.inv_step, weights, st.top,  # type: ignore[arg-type]
-                noise1, mapped.adc_noise_lsb, noise2, row_sigma, mapped.saturation, mapped.weight_unit,
+                samples, s1, sigma, mapped.saturation, mapped.weight_unit,
                 st.offset, mapped.v_sat, block_const, coef, dest,
             )
             continue
-        acc = _convert_torch(mapped, st, partial, weights, noise1, noise2, row_sigma)
+        acc = _convert_torch(mapped, st, partial, weights, samples, sigma)
         acc += block_const
         if mapped.n_sub == 1:
             dest.copy_(acc.view(m, o).mul_(coef[0]))

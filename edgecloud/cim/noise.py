@@ -9,7 +9,11 @@ Two kinds of randomness, kept apart:
   partial sums. By default the samples come from a seeded pool of iid N(0, 1) values read at a
   fresh random offset per block: every read in a block gets a distinct sample, samples recur
   only across blocks at unrelated positions, and the cost is one add per read instead of
-  ~5 ns per fresh Gaussian on this CPU. ``fresh=True`` draws every sample anew.
+  ~5 ns per fresh Gaussian on this CPU. ``fresh=True`` draws every sample anew. Samples are
+  kept at half precision (N(0, 1) rounded to float16: 11 significant bits, far finer than any
+  noise level they scale) so that streaming them costs 2 bytes per conversion. A conversion
+  draws one sample: its ADC noise and read noise are independent Gaussians, so their sum is
+  one Gaussian with the summed variance (see :mod:`edgecloud.cim.engine`).
 
 Device and circuit models (conductances normalised to G_max = 1):
 
@@ -42,7 +46,7 @@ import zlib
 import numpy as np
 import torch
 
-POOL_SIZE = 1 << 22  # 4 Mi samples, 16 MiB
+POOL_SIZE = 1 << 22  # 4 Mi samples, 8 MiB (float16)
 
 
 def chip_generator(seed: int, layer_name: str, purpose: str = "program") -> torch.Generator:
@@ -66,23 +70,32 @@ class ReadNoise:
         self._lock = threading.Lock()
 
     def pool(self) -> torch.Tensor:
+        """The float16 sample pool."""
         with self._lock:
             if self._pool is None:
-                self._pool = torch.randn(self.pool_size, generator=self._gen)
+                self._pool = torch.randn(self.pool_size, generator=self._gen).half()
             return self._pool
 
-    def draw(self, n: int) -> torch.Tensor:
-        """n N(0, 1) samples (a read-only view when pooled: do not modify in place)."""
-        if self.fresh or n > self.pool_size // 2:
+    def pooled(self, n: int) -> bool:
+        """Whether a draw of n samples is a view of the pool (at a fresh :meth:`offset`)."""
+        return not self.fresh and n <= self.pool_size // 2
+
+    def draw_half(self, n: int) -> torch.Tensor:
+        """n N(0, 1) samples as float16 (a read-only view when pooled: do not modify in place)."""
+        if not self.pooled(n):
             with self._lock:
-                return torch.randn(n, generator=self._gen)
+                return torch.randn(n, generator=self._gen).half()
         pool = self.pool()
-        with self._lock:
-            start = int(self._rng.integers(0, self.pool_size - n + 1))
+        start = self.offset(n)
         return pool[start:start + n]
 
+    def draw(self, n: int) -> torch.Tensor:
+        """The same n samples as :meth:`draw_half` would give, as float32."""
+        return self.draw_half(n).float()
+
     def offset(self, n: int) -> int:
-        """A random start into :meth:`pool` for a block of n samples (for fused kernels)."""
+        """A random start into :meth:`pool` for a block of n samples: the start a pooled
+        :meth:`draw_half` of n would use (fused kernels read the pool in place)."""
         with self._lock:
             return int(self._rng.integers(0, self.pool_size - n + 1))
 

@@ -22,7 +22,7 @@ from edgecloud.cim.backend import Backend
 from edgecloud.cim.engine import MappedLayer, run_mapped
 from edgecloud.cim.events import record
 from edgecloud.cim.noise import ReadNoise
-from edgecloud.cim.tiling import check_supported, layer_patches, to_output
+from edgecloud.cim.tiling import check_supported, layer_source, to_output
 from edgecloud.nn.quant import QuantLayerMixin, quant_layers
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ class SimulatedBackend(Backend):
 
     def mvm(self, layer: QuantLayerMixin, x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
         mapped = self.mapped(layer, w_int)
-        patches, geo = layer_patches(layer, x_int)
-        acc = run_mapped(mapped, patches, self.noise, self.options.block_kib * 1024, self.options.fused_kernel)
+        source, geo = layer_source(layer, x_int)
+        acc = run_mapped(mapped, source, self.noise, self.options.block_kib * 1024, self.options.fused_kernel)
         for component, event, per_position in self.events(mapped, layer):
             record(component, event, per_position * geo.positions)
         return to_output(acc, geo)

@@ -7,7 +7,9 @@ cycles of a few bits. This module only does that bookkeeping, with no physics:
 
 - :func:`layer_patches`: the integer input as uint8 patch rows, built with a strided view of the
   NHWC input (one copy, no float im2col, and no padding rows beyond K: a 27-row first conv
-  uses 27 rows, not 128).
+  uses 27 rows, not 128). :func:`layer_source` gives the same rows without the copy for a
+  conv (:class:`PatchSource`: the zero-padded NHWC input plus the conv geometry, an implicit
+  im2col the fused kernel reads directly); the rows are materialised only on demand.
 - Rows are ordered (kh, kw, C), channels innermost (the natural NHWC im2col order);
   :func:`weight_matrix` flattens weights the same way. Row order is a mapping choice: it only
   decides which inputs share an array (and, for IR drop, where each row sits).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -90,6 +93,71 @@ def layer_patches(layer: QuantLayerMixin, x_int: torch.Tensor) -> tuple[torch.Te
     positions = math.prod(lead[1:]) if len(lead) > 1 else 1
     geo = Geometry(batch, positions, k, layer.out_features, (*lead, layer.out_features), None)
     return patches, geo
+
+
+@dataclass
+class PatchSource:
+    """The (M, K) uint8 patch rows of one layer call: materialised, or an implicit conv im2col.
+
+    ``nhwc`` is the zero-padded uint8 input (N, Hp, Wp, C) and ``conv`` the int64 geometry
+    (OH, OW, KH, KW, C, SH, SW, DH, DW, Hp, Wp) of the fused kernel; :meth:`rows` copies the
+    rows out (as :func:`layer_patches` does) for the paths that need them in memory.
+    """
+
+    m: int
+    k: int
+    patches: torch.Tensor | None = None
+    nhwc: torch.Tensor | None = None
+    conv: torch.Tensor | None = None
+    _view: torch.Tensor | None = None  # (N, OH, OW, KH, KW, C) strided view of nhwc
+
+    def rows(self) -> torch.Tensor:
+        """All patch rows as a (M, K) uint8 tensor with unit column stride (copied once)."""
+        if self.patches is None:
+            assert self._view is not None
+            self.patches = self._view.reshape(self.m, self.k)
+        return self.patches
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """Patch rows ``index`` (int64) as a (len, K) uint8 tensor, without materialising the rest."""
+        if self.patches is not None or self._view is None:
+            return self.rows()[index]
+        oh, ow = self._view.shape[1], self._view.shape[2]
+        return self._view[index // (oh * ow), (index // ow) % oh, index % ow].reshape(-1, self.k)
+
+    def byte_or(self) -> int:
+        """Bitwise OR of every input byte (the padding adds only zeros)."""
+        src = (self.nhwc if self.nhwc is not None else self.rows()).contiguous().view(-1)
+        words = src[: src.numel() // 8 * 8].view(torch.int64).numpy()
+        acc = int(np.bitwise_or.reduce(words)) if words.size else 0
+        present = 0
+        for shift in range(0, 64, 8):
+            present |= (acc >> shift) & 0xFF
+        for byte in src[src.numel() // 8 * 8:].tolist():
+            present |= byte
+        return present
+
+
+def layer_source(layer: QuantLayerMixin, x_int: torch.Tensor) -> tuple[PatchSource, Geometry]:
+    """:func:`layer_patches` without the patch copy for a conv (see :class:`PatchSource`)."""
+    if not isinstance(layer, QuantConv2d):
+        patches, geo = layer_patches(layer, x_int)
+        return PatchSource(patches.shape[0], patches.shape[1], patches=patches), geo
+    n, c, h, w = x_int.shape
+    kh, kw = layer.kernel_size
+    (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    nhwc = x_int.detach().permute(0, 2, 3, 1).to(torch.uint8)
+    if ph or pw:
+        nhwc = F.pad(nhwc, (0, 0, pw, pw, ph, ph))
+    nhwc = nhwc.contiguous()
+    s_n, s_h, s_w, s_c = nhwc.stride()
+    view = nhwc.as_strided((n, oh, ow, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
+    hp, wp = nhwc.shape[1], nhwc.shape[2]
+    conv = torch.tensor([oh, ow, kh, kw, c, sh, sw, dh, dw, hp, wp], dtype=torch.int64)
+    geo = Geometry(n, oh * ow, kh * kw * c, layer.out_channels, (n, layer.out_channels, oh, ow), (oh, ow))
+    return PatchSource(n * oh * ow, kh * kw * c, nhwc=nhwc, conv=conv, _view=view), geo
 
 
 def to_output(acc: torch.Tensor, geo: Geometry) -> torch.Tensor:
