@@ -264,6 +264,27 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+
+def training_section(t: Mapping[str, Any]) -> list[str]:
+    """The model card's training lines: the reproducing command, facts, nested settings, history."""
+    if not t:
+        return ["Untrained (weights are the seeded initialisation)."]
+    lines: list[str] = []
+    if "command" in t:
+        lines += ["Reproduce with:", "", "```bash", str(t["command"]), "```", ""]
+    nested = {k: v for k, v in t.items() if isinstance(v, (dict, list)) and k != "history"}
+    lines += [f"- {k}: {_fmt(v)}" for k, v in t.items() if k not in nested and k not in ("command", "history")]
+    if nested:
+        lines += ["", "```yaml", yaml.safe_dump(nested, sort_keys=False).strip(), "```"]
+    history = t.get("history")
+    if history:
+        lines += ["", "| epoch | train loss | val accuracy per output | cumulative wall time (s) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {h.get('stage', '')} {h.get('epoch', '')} | {_fmt(h.get('loss', ''))} | "
+                  f"{', '.join(f'{a:.4f}' for a in h.get('val_accuracy', []))} | {h.get('wall_time_s', '')} |"
+                  for h in history]
+    return lines
+
 def model_card(manifest: Manifest, edge_macs: Mapping[str, int] | int, onnx_err: float | None) -> str:
     """The bundle's README: what it is, how it was made, what was measured."""
     m = manifest
@@ -293,23 +314,7 @@ def model_card(manifest: Manifest, edge_macs: Mapping[str, int] | int, onnx_err:
     lines += ["", "## Architecture", "", f"`create_model({m.family!r}, **arch)` with arch:", "", "```yaml",
               yaml.safe_dump(m.arch or {}, sort_keys=False).strip(), "```", "",
               "Classes (label order): " + ", ".join(m.classes), "", "## Training", ""]
-    if t:
-        if "command" in t:
-            lines += ["Reproduce with:", "", "```bash", str(t["command"]), "```", ""]
-        nested = {k: v for k, v in t.items() if isinstance(v, (dict, list)) and k != "history"}
-        lines += [f"- {k}: {_fmt(v)}" for k, v in t.items() if k != "command" and k not in nested
-                  and k != "history"]
-        if nested:
-            lines += ["", "```yaml", yaml.safe_dump(nested, sort_keys=False).strip(), "```"]
-        history = t.get("history")
-        if history:
-            lines += ["", "| epoch | train loss | val accuracy per output | cumulative wall time (s) |",
-                      "|---|---|---|---|"]
-            lines += [f"| {h.get('stage', '')} {h['epoch']} | {h['loss']:.4f} | "
-                      f"{', '.join(f'{a:.4f}' for a in h.get('val_accuracy', []))} | {h['wall_time_s']} |"
-                      for h in history]
-    else:
-        lines.append("Untrained (weights are the seeded initialisation).")
+    lines += training_section(t)
     lines += ["", "## Measured metrics", ""]
     if m.metrics:
         lines += _metrics_table(m)

@@ -12,8 +12,6 @@ CHECKPOINT --out DIR`` produce it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import yaml
 from torch import nn
 
 from edgecloud.bundle import EDGE_WEIGHTS, MANIFEST, CloudSpec, ExitSpec, InputSpec, Manifest
+from edgecloud.export import _atomic_write, _fmt, training_section
 
 FINAL_EXIT = "final"
 
@@ -125,21 +124,7 @@ def edge_model_card(manifest: Manifest, macs: Mapping[str, int]) -> str:
         "## Training",
         "",
     ]
-    if t:
-        if "command" in t:
-            lines += ["Reproduce with:", "", "```bash", str(t["command"]), "```", ""]
-        nested = {k: v for k, v in t.items() if isinstance(v, (dict, list)) and k != "history"}
-        lines += [f"- {k}: {_fmt(v)}" for k, v in t.items() if k not in nested and k not in ("command", "history")]
-        if nested:
-            lines += ["", "```yaml", yaml.safe_dump(nested, sort_keys=False).strip(), "```"]
-        history = t.get("history")
-        if history:
-            lines += ["", "| epoch | train loss | val accuracy | cumulative wall time (s) |", "|---|---|---|---|"]
-            lines += [f"| {h.get('epoch', '')} | {_fmt(h.get('loss', ''))} | "
-                      f"{', '.join(f'{a:.4f}' for a in h.get('val_accuracy', []))} | {h.get('wall_time_s', '')} |"
-                      for h in history]
-    else:
-        lines.append("Untrained (weights are the seeded initialisation).")
+    lines += training_section(t)
     lines += ["", "## Measured metrics (digital reference)", ""]
     if m.metrics:
         lines += [f"- {k}: {_fmt(v)}" for k, v in m.metrics.items()]
@@ -147,18 +132,6 @@ def edge_model_card(manifest: Manifest, macs: Mapping[str, int]) -> str:
         lines.append("None recorded.")
     lines.append("")
     return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)  # readable by servers, like every other bundle file
-    os.replace(tmp, path)
 
 
 # ---- from the earlier edge-only output (weights.pt + metrics.json) ------------------------------

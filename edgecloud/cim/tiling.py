@@ -69,23 +69,8 @@ def weight_matrix(layer: QuantLayerMixin, w_int: torch.Tensor) -> torch.Tensor:
 def layer_patches(layer: QuantLayerMixin, x_int: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
     """(patches, geometry): uint8 patch rows (M, K), channels innermost, and the call's shape."""
     if isinstance(layer, QuantConv2d):
-        n, c, h, w = x_int.shape
-        kh, kw = layer.kernel_size
-        (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
-        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        nhwc = x_int.detach().permute(0, 2, 3, 1).to(torch.uint8)
-        if ph or pw:
-            nhwc = F.pad(nhwc, (0, 0, pw, pw, ph, ph))
-        nhwc = nhwc.contiguous()
-        s_n, s_h, s_w, s_c = nhwc.stride()
-        view = nhwc.as_strided(
-            (n, oh, ow, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c)
-        )
-        k = kh * kw * c
-        patches = view.reshape(n * oh * ow, k)
-        geo = Geometry(n, oh * ow, k, layer.out_channels, (n, layer.out_channels, oh, ow), (oh, ow))
-        return patches, geo
+        _, view, geo = _conv_view(layer, x_int)
+        return view.reshape(geo.batch * geo.positions, geo.k), geo
     lead = tuple(x_int.shape[:-1])
     k = x_int.shape[-1]
     patches = x_int.detach().reshape(-1, k).to(torch.uint8).contiguous()
@@ -143,6 +128,15 @@ def layer_source(layer: QuantLayerMixin, x_int: torch.Tensor) -> tuple[PatchSour
     if not isinstance(layer, QuantConv2d):
         patches, geo = layer_patches(layer, x_int)
         return PatchSource(patches.shape[0], patches.shape[1], patches=patches), geo
+    nhwc, view, geo = _conv_view(layer, x_int)
+    n, oh, ow, kh, kw, c = view.shape
+    (sh, sw), (dh, dw) = layer.stride, layer.dilation
+    conv = torch.tensor([oh, ow, kh, kw, c, sh, sw, dh, dw, nhwc.shape[1], nhwc.shape[2]], dtype=torch.int64)
+    return PatchSource(n * oh * ow, geo.k, nhwc=nhwc, conv=conv, _view=view), geo
+
+
+def _conv_view(layer: QuantConv2d, x_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Geometry]:
+    """(padded uint8 NHWC input, its (n, oh, ow, kh, kw, c) patch view without a copy, geometry)."""
     n, c, h, w = x_int.shape
     kh, kw = layer.kernel_size
     (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
@@ -154,10 +148,8 @@ def layer_source(layer: QuantLayerMixin, x_int: torch.Tensor) -> tuple[PatchSour
     nhwc = nhwc.contiguous()
     s_n, s_h, s_w, s_c = nhwc.stride()
     view = nhwc.as_strided((n, oh, ow, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
-    hp, wp = nhwc.shape[1], nhwc.shape[2]
-    conv = torch.tensor([oh, ow, kh, kw, c, sh, sw, dh, dw, hp, wp], dtype=torch.int64)
     geo = Geometry(n, oh * ow, kh * kw * c, layer.out_channels, (n, layer.out_channels, oh, ow), (oh, ow))
-    return PatchSource(n * oh * ow, kh * kw * c, nhwc=nhwc, conv=conv, _view=view), geo
+    return nhwc, view, geo
 
 
 def to_output(acc: torch.Tensor, geo: Geometry) -> torch.Tensor:
