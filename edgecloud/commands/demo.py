@@ -109,7 +109,6 @@ def run(args: argparse.Namespace) -> int:
 def _summary(args, manifest, labels: np.ndarray, result, table) -> dict[str, Any]:
     rows = sorted(result.predictions)
     pred = np.array([result.predictions[r][0] for r in rows])
-    exits = np.array([result.predictions[r][1] for r in rows])
     energy = np.array([result.predictions[r][2] for r in rows])
     names = [e.name for e in manifest.exits] + ["cloud"]
     accuracy = float((pred == labels[rows]).mean()) if rows else float("nan")

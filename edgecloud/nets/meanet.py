@@ -121,7 +121,6 @@ class MEANet(SplitModel):
 
     @torch.no_grad()
     def route(self, x: torch.Tensor, policy: ExitPolicy) -> EdgeDecision:
-        n = x.shape[0]
         feats = self.main.features(x)
         p0 = F.softmax(self.main.head(feats).float(), dim=1)
         probs = p0.clone()
