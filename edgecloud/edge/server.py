@@ -99,6 +99,8 @@ def build_edge_server(
     if edge.cloud.address:
         cloud = CloudClient(edge.cloud, metrics, max_message_bytes=edge.server.max_message_bytes)
         for runner in runners.values():
+            if runner.manifest.edge_only:  # answers every sample on the edge: nothing to forward
+                continue
             spec = runner.manifest.cloud
             cloud.add_model(CloudModel(
                 name=runner.name, cloud_name=runner.manifest.cloud_model_name,
