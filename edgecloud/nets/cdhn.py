@@ -25,7 +25,7 @@ from torch import nn
 from edgecloud.cim.events import current_log
 from edgecloud.exits import ExitPolicy, softmax_entropy
 from edgecloud.nets.base import EdgeDecision, SplitModel
-from edgecloud.nets.layers import BasicBlock, ClassifierHead, EdgeBlock, ExitHead, Normalize, conv_bn
+from edgecloud.nets.layers import BasicBlock, ClassifierHead, EdgeBlock, ExitBranch, ExitHead, Normalize, conv_bn
 from edgecloud.nets.registry import register_model
 
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
@@ -56,7 +56,9 @@ class HybridNet(SplitModel):
     ``edge_blocks`` run on the edge (quantized, ``weight_bits``/``act_bits`` or per block
     ``block_bits``), the rest in the cloud (full precision). ``exits`` are block counts after
     which an exit head sits (1-based, increasing); the last one must be ``edge_blocks`` — the
-    split point, whose feature map is what the edge offloads.
+    split point, whose feature map is what the edge offloads. ``exit_blocks`` (``(width,
+    stride)`` each) puts quantized blocks in front of every exit's classifier
+    (:class:`~edgecloud.nets.layers.ExitBranch`).
     """
 
     offload_kind = "features"
@@ -78,6 +80,7 @@ class HybridNet(SplitModel):
         act_bits: int = 1,
         block_bits: Sequence[Sequence[int]] | None = None,
         exit_pool: int = 1,
+        exit_blocks: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= edge_blocks < len(blocks):
@@ -105,7 +108,11 @@ class HybridNet(SplitModel):
             edge.append(EdgeBlock(cin, width, stride, weight_bits=wb, act_bits=ab))
             cin, size = width, size // stride
             if i + 1 in exits:
-                heads.append(ExitHead(width, num_classes, pool=min(exit_pool, size)))
+                if exit_blocks:
+                    heads.append(ExitBranch(width, num_classes, exit_blocks, weight_bits=wb, act_bits=ab,
+                                            pool=exit_pool, size=size))
+                else:
+                    heads.append(ExitHead(width, num_classes, pool=min(exit_pool, size)))
         self.edge = nn.ModuleList(edge)
         self.heads = nn.ModuleList(heads)
         self._offload_shape = (cin, size, size)
@@ -114,6 +121,46 @@ class HybridNet(SplitModel):
             tail.append(BasicBlock(cin, width, stride))
             cin = width
         self.cloud = CloudTail(tail, cin, num_classes)
+
+    # ---- initialisation from a trained full-precision ResNet -----------------------------------------
+    @torch.no_grad()
+    def init_from(self, source: nn.Module) -> list[str]:
+        """Copy a trained full-precision CIFAR ResNet of the same block layout into this net.
+
+        Binary nets train far better from full-precision weights than from scratch (XNOR-Net,
+        Bi-Real, Real-to-Binary all start this way): the stem and the cloud blocks are copied
+        exactly; every edge block takes its block's conv weights (as latent weights of the
+        quantized convs), post-conv BNs and shortcut; an exit branch takes the blocks that follow
+        the split and the final classifier where shapes agree. Returns what was not copied.
+        """
+        net = getattr(source, "net", source)
+        src_blocks = list(getattr(net, "blocks", []))
+        if not src_blocks or not hasattr(net, "stem"):
+            raise ValueError(f"init_from needs a CIFAR ResNet (family 'resnet'), got {type(source).__name__}")
+        total = len(self.edge) + len(self.cloud.blocks)
+        if len(src_blocks) != total:
+            raise ValueError(f"init_from: the source ResNet has {len(src_blocks)} blocks, this net {total}")
+        skipped: list[str] = []
+        self.stem.load_state_dict(net.stem.state_dict())
+        for block, src in zip(self.edge, src_blocks):
+            _fp_block_into_edge_block(src, block)
+        for block, src in zip(self.cloud.blocks, src_blocks[len(self.edge):]):
+            block.load_state_dict(src.state_dict())
+        self.cloud.head.load_state_dict(net.head.state_dict())
+        for e, head in enumerate(self.heads):
+            if not isinstance(head, ExitBranch):
+                skipped.append(f"heads.{e}")
+                continue
+            start = self.exits[e]
+            for m, block in enumerate(head.blocks):
+                src = src_blocks[start + m] if start + m < len(src_blocks) else None
+                if src is None or not _fp_block_into_edge_block(src, block):
+                    skipped.append(f"heads.{e}.blocks.{m}")
+            if head.head.fc.weight.shape == net.head.fc.weight.shape:
+                head.head.fc.load_state_dict(net.head.fc.state_dict())
+            else:
+                skipped.append(f"heads.{e}.head.fc")
+        return skipped
 
     # ---- the SplitModel contract -------------------------------------------------------------
     def cloud_module(self) -> nn.Module:
@@ -180,6 +227,21 @@ class HybridNet(SplitModel):
         )
 
 
+def _fp_block_into_edge_block(src: nn.Module, dst: EdgeBlock) -> bool:
+    """conv1/bn1, conv2/bn2 and the shortcut of a :class:`BasicBlock` into an :class:`EdgeBlock`."""
+    pairs = [(src.conv1, dst.unit1.conv), (src.conv2, dst.unit2.conv)]
+    if any(a.weight.shape != b.weight.shape for a, b in pairs):
+        return False
+    if sum(p.numel() for p in src.short.parameters()) != sum(p.numel() for p in dst.short.parameters()):
+        return False
+    for a, b in pairs:
+        b.weight.copy_(a.weight)
+    dst.unit1.post.load_state_dict(src.bn1.state_dict())
+    dst.unit2.post.load_state_dict(src.bn2.state_dict())
+    dst.short.load_state_dict(src.short.state_dict())
+    return True
+
+
 # ---- registered families --------------------------------------------------------------------------
 
 @register_model("fmnist_hybrid")
@@ -220,6 +282,7 @@ def cifar_hybrid(
     block_bits: Sequence[Sequence[int]] | None = None,
     num_classes: int = 10,
     exit_pool: int = 4,
+    exit_blocks: Sequence[Sequence[int]] | None = None,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
 ) -> HybridNet:
@@ -229,5 +292,5 @@ def cifar_hybrid(
         in_channels=3, image_size=32, num_classes=num_classes, mean=mean, std=std,
         stem_channels=16, stem_stride=1, blocks=cifar_resnet_blocks(depth), edge_blocks=edge_blocks,
         exits=exits, weight_bits=weight_bits, act_bits=act_bits, block_bits=block_bits,
-        exit_pool=exit_pool,
+        exit_pool=exit_pool, exit_blocks=exit_blocks,
     )

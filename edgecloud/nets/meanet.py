@@ -104,6 +104,18 @@ class MEANet(SplitModel):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cloud(x)
 
+    @torch.no_grad()
+    def init_from(self, source: nn.Module) -> list[str]:
+        """The cloud model from a trained full-precision ResNet run (``family: resnet``) of the same
+        depth: the cloud is an ordinary network, so an existing one can serve (freeze it: ``freeze:
+        [cloud]``). The main, adaptive and extension blocks keep their fresh initialisation."""
+        net = getattr(source, "net", source)
+        try:
+            self.cloud.load_state_dict(net.state_dict())
+        except RuntimeError as exc:
+            raise ValueError(f"init_from: the source is not a ResNet of cloud_depth's architecture: {exc}") from exc
+        return ["main", "adaptive", "extension", "extension_head"]
+
     def cloud_module(self) -> nn.Module:
         return self.cloud
 

@@ -63,6 +63,16 @@ class CloudOnly(SplitModel):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    @torch.no_grad()
+    def init_from(self, source: nn.Module) -> list[str]:
+        """All weights from a trained network of the same architecture (fine-tuning controls)."""
+        net = getattr(source, "net", source)
+        try:
+            self.net.load_state_dict(net.state_dict())
+        except RuntimeError as exc:
+            raise ValueError(f"init_from: the source network has another architecture: {exc}") from exc
+        return []
+
     def cloud_module(self) -> nn.Module:
         return self.net
 

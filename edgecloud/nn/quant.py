@@ -187,7 +187,26 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return oh * ow * self.out_channels * (self.in_channels // self.groups) * kh * kw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.act_bits == 1 and self.mvm_fn is None and torch.is_grad_enabled() and self.groups == 1:
+            return self._binary_train_forward(x)
         return self.quant_forward(x)
+
+    def _binary_train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function as :meth:`quant_forward` for binary inputs, in fewer passes (training speed).
+
+        With x = 2 x_int - 1 = sign(x) and the border at x_int = 0, i.e. x = -1:
+        2 MVM(x_int, w) - sum(w) = conv(pad(sign(x), -1), w).
+        """
+        w_int, w_scale = self.quantize_weight()
+        s = sign_ste(x)
+        ph, pw = self.padding if isinstance(self.padding, tuple) else (self.padding, self.padding)
+        if ph or pw:
+            s = F.pad(s, (pw, pw, ph, ph), value=-1.0)
+        y = F.conv2d(s, w_int, None, self.stride, 0, self.dilation)
+        y = y * w_scale.view(1, -1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", weight_bits={self.weight_bits}, act_bits={self.act_bits}"

@@ -33,6 +33,7 @@ from edgecloud.nets import create_model
 from edgecloud.train.exitstats import choose_threshold, policy_for, predict_exits, routed_metrics
 from edgecloud.train.recipe import OptimSpec, Recipe
 from edgecloud.train.stages import run_stage
+from edgecloud.train.warmstart import Distiller, frozen_modules, init_from_run
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -198,11 +199,17 @@ def run_training(
     loader = Loader(splits.train, o.batch_size, shuffle=True, drop_last=len(splits.train) > o.batch_size,
                     crop_padding=recipe.data.crop_padding, hflip=recipe.data.hflip, seed=recipe.seed,
                     channels_last=o.channels_last)
+    ckpt_path = out / CHECKPOINT
+    if recipe.init and not (resume and ckpt_path.is_file()):
+        left = init_from_run(model, recipe.init.checkpoint)
+        if progress and left:
+            tqdm.write(f"init from {recipe.init.checkpoint}: fresh weights in {', '.join(left)}")
+    frozen = frozen_modules(model, recipe.freeze)
+    distiller = Distiller(recipe.distill, channels_last=o.channels_last) if recipe.distill else None
     opt = make_optimizer(model, o)
     sched = make_scheduler(opt, o, o.epochs * len(loader))
     history: list[dict[str, Any]] = []
     start_epoch, wall = 0, 0.0
-    ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         saved = {k: v for k, v in ckpt["recipe"].items() if k != "offload"}  # export-only section
@@ -218,13 +225,20 @@ def run_training(
     for epoch in range(start_epoch, last):
         t0 = time.perf_counter()
         model.train()
+        for mod in frozen:
+            mod.eval()  # BN statistics stay those of the trained part
         loader.set_epoch(epoch)
         total, count, correct = 0.0, 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{o.epochs}", disable=not progress, leave=False,
                    mininterval=1.0, dynamic_ncols=True)
         for x, y in bar:
-            outputs = model(x)
-            loss = joint_loss(outputs, y, weights, o.label_smoothing)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.precision == "bf16"):
+                outputs = [out.float() for out in model(x)]
+                teacher = distiller.logits(x) if distiller else None
+            if distiller:
+                loss = distiller.loss(outputs, y, teacher, weights, o.label_smoothing)
+            else:
+                loss = joint_loss(outputs, y, weights, o.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if o.grad_clip:

@@ -80,9 +80,11 @@ def meanet_extension(model: nn.Module, train: ImageDataset, val: ImageDataset, *
         loader.set_epoch(epoch)
         total, n = 0.0, 0
         for x, y in tqdm(loader, desc=f"extension {epoch + 1}/{o.epochs}", disable=not progress, leave=False):
-            with torch.no_grad():
-                feats = model.main.features(x)
-            loss = F.cross_entropy(model.extension_logits(x, feats), y, label_smoothing=o.label_smoothing)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.precision == "bf16"):
+                with torch.no_grad():
+                    feats = model.main.features(x)
+                logits = model.extension_logits(x, feats).float()
+            loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
