@@ -378,3 +378,24 @@ def test_multi_exit_cache_replays_route_exactly():
     assert set(np.unique(direct.tables[0].exit_index)) == {0, 1, 2}  # all three destinations used
     e = [direct.tables[0].total_energy()[direct.tables[0].exit_index == i].mean() for i in range(3)]
     assert e[0] < e[1] < e[2]  # deeper exit, more blocks; the cloud adds radio and cloud MACs
+
+
+def test_cli_eval_card_writes_and_replaces_its_section(tiny_repo, fmnist_root, tmp_path, capsys):
+    import shutil
+
+    bundle_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_repo / "tiny", bundle_dir)
+    card = bundle_dir / "README.md"
+    before = card.read_text()
+    args = ["eval", str(bundle_dir), "--dataset", "fashion-mnist", "--data-root", str(fmnist_root),
+            "--limit", "20", "--card"]
+    assert main(args) == 0
+    once = card.read_text()
+    assert once.startswith(before.rstrip("\n")) and "## Evaluations" in once
+    assert "edgecloud eval " + str(bundle_dir) in once and "overall" in once
+    assert main(args + ["--json"]) == 0  # same settings: replaces its own section
+    assert card.read_text().count("### fashion-mnist/test, 20 samples") == 1
+    assert main(args[:-1] + ["--backend", "crossbar", "--card"]) == 0  # other settings: a second section
+    text = card.read_text()
+    assert text.count("<!-- /eval:") == 2 and "backend crossbar" in text
+    capsys.readouterr()

@@ -108,6 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="machine assumption (repeatable): banks, cols, io_bits, multipliers, "
                         "accumulate=bitline|sequential, replicate=true|false, memory=auto|sram_8kb|sram_32kb|"
                         "sram_1mb|dram (defaults: IMAC's System script, see edgecloud.cim.baseline)")
+    p.add_argument("--card", action="store_true",
+                   help="also write this evaluation (command and report) into the bundle's model card "
+                        "(README.md; a repeated evaluation replaces its own section)")
     p.set_defaults(func=run)
 
 
@@ -153,6 +156,16 @@ def run(args: argparse.Namespace) -> int:
         out["baseline"] = base
         print()
         print(baseline_table(base))
+    if args.card:
+        from edgecloud.evaluate.card import write_eval_section
+
+        title = (f"{out.get('dataset', args.dataset)}/{args.split}, {len(data)} samples, backend {args.backend}"
+                 + (f" ({', '.join(args.backend_option)})" if args.backend_option else "")
+                 + (f", {config.chips} chips" if config.chips > 1 else ""))
+        text = eval_table(out) + ("\n\n" + baseline_table(out["baseline"]) if "baseline" in out else "")
+        card = write_eval_section(bundle.path, ["edgecloud", *args.argv], title, text)
+        if not args.json:
+            print(f"model card updated: {card}")
     if args.json:
         print(json.dumps(json_safe(out)))
     return 0
