@@ -3,7 +3,9 @@
 A recipe names the family and its arch kwargs, the data, the optimiser and schedule, the
 per-exit loss weights, how the bundle's exit threshold is chosen (on the validation split) and
 how the offloaded tensor travels to the cloud (``offload``: fp32, fp16 or uint8 calibrated on
-the validation split; see :mod:`edgecloud.offload`).
+the validation split; see :mod:`edgecloud.offload`). ``init``, ``distill`` and ``freeze`` build on
+other runs (:mod:`edgecloud.train.warmstart`): start from a trained network's weights, learn from
+a teacher's outputs, keep a part fixed.
 """
 
 from __future__ import annotations
