@@ -223,6 +223,9 @@ def test_cli_train_then_export(toy_data, tmp_path, capsys) -> None:
     assert rc == 0
     fixed = Bundle(tmp_path / "models" / "fixed").manifest
     assert fixed.name == "fixed" and fixed.exits[0].threshold == 0.5
+    # The card of a re-export names both commands: the recorded training run and the export.
+    assert fixed.training["command"].startswith(m.training["command"] + " && edgecloud export ")
+    assert len(fixed.training["history"]) == 1
     # Same weights, same test split, fixed threshold -> the "alone" accuracies agree.
     assert fixed.metrics["test_accuracy_cloud_alone"] == m.metrics["test_accuracy_cloud_alone"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
 
@@ -31,18 +30,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgecloud.commands.train import rounded_history
     from edgecloud.train.loop import finalize, load_checkpoint
 
     recipe, model, ckpt = load_checkpoint(args.checkpoint)
+    run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
+    recorded = run_dir / "command.txt"  # written by `edgecloud train`
+    trained_with = recorded.read_text().strip() if recorded.is_file() else f"edgecloud train {recipe.name}"
     if args.data_root:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"root": args.data_root})})
     if args.encoding:
         recipe = recipe.model_copy(update={"offload": recipe.offload.model_copy(update={"encoding": args.encoding})})
     path, metrics = finalize(
         model, recipe, args.out, name=args.name, threshold=args.threshold,
-        training={"command": f"edgecloud train {recipe.name} (exported with: edgecloud "
-                             f"{shlex.join(sys.argv[1:])})",
-                  "epochs": ckpt["epoch"], "wall_time_s": round(ckpt["wall_time_s"], 1)},
+        training={"command": f"{trained_with} && edgecloud {shlex.join(args.argv)}",
+                  "epochs": ckpt["epoch"], "wall_time_s": round(ckpt["wall_time_s"], 1),
+                  "history": rounded_history(ckpt.get("history", []))},
     )
     print(f"bundle written to {path}")
     print(f"  threshold: {metrics['threshold']}  test accuracy: {metrics.get('test_accuracy')}  "

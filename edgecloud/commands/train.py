@@ -44,6 +44,12 @@ def reproduce_command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
+def rounded_history(history: list[dict]) -> list[dict]:
+    """The per-epoch records for the model card (4 decimals, no learning rate)."""
+    return [{k: (round(v, 4) if isinstance(v, float) else [round(a, 4) for a in v] if isinstance(v, list) else v)
+             for k, v in h.items() if k != "lr"} for h in history]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -74,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / recipe.name
     bundle_dir = args.export_dir or out / (args.name or recipe.name)
     command = reproduce_command(args)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "command.txt").write_text(command + "\n")  # read back by `edgecloud export`
     started = time.perf_counter()
     splits = load_splits(recipe)
     result = run_training(recipe, out, resume=args.resume, splits=splits, progress=not args.no_progress)
@@ -81,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
         result.model, recipe, bundle_dir, splits=splits, name=args.name,
         training={"command": command, "epochs": result.epochs,
                   "wall_time_s": round(result.wall_time_s, 1), "cpu_count": os.cpu_count(),
-                  "history": [{k: (round(v, 4) if isinstance(v, float) else
-                               [round(a, 4) for a in v] if isinstance(v, list) else v)
-                               for k, v in h.items() if k != "lr"} for h in result.history],
+                  "history": rounded_history(result.history),
                   "total_wall_time_s": round(time.perf_counter() - started, 1)},
     )
     print(f"bundle written to {path}")
