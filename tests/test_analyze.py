@@ -92,3 +92,20 @@ def test_cli_analyze_pca_on_a_bundle(tiny_repo, tmp_path, capsys):
     assert "block_bits" in out and "significant" in out
     assert main(["analyze", "pca", "tiny", "--repository", str(tiny_repo), "--dataset", "fashion-mnist",
                  "--data-root", str(tmp_path), "--samples", "0"]) == 2
+
+
+def test_exit_branch_bits_proposal_and_the_hybrid_it_builds():
+    from edgecloud.analyze.pca import propose_exit_block_bits
+
+    arch = {"depth": 8, "edge_blocks": 1, "exit_blocks": [[32, 2], [64, 2]], "exit_pool": 1}
+    model = create_model("cifar_hybrid", **arch)
+    layers = [LayerSignificance("heads.0.blocks.1.unit1.conv", 64, "w1a1", 100, 9, 5, True),
+              LayerSignificance("heads.0.blocks.0.unit2.conv", 32, "w1a1", 100, 4, 0, False)]
+    proposal = propose_exit_block_bits(model, layers, 2)
+    assert proposal == [[1, 1], [2, 2]]
+    assert propose_exit_block_bits(create_model("cifar_hybrid", depth=8, edge_blocks=1), layers) is None
+    hybrid = create_model("cifar_hybrid", **arch, exit_block_bits=proposal)
+    convs = [m for m in hybrid.heads[0].modules() if hasattr(m, "weight_bits")]
+    assert [(c.weight_bits, c.act_bits) for c in convs] == [(1, 1), (1, 1), (2, 2), (2, 2)]
+    with pytest.raises(ValueError, match="exit branch"):
+        create_model("cifar_hybrid", **arch, exit_block_bits=[[2, 2]])

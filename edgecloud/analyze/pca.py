@@ -158,3 +158,28 @@ def propose_block_bits(model: nn.Module, layers: list[LayerSignificance],
         out.append([max(bits, current[0]), max(bits, current[1])] if any(n in raised for n, _ in quant)
                    else current)
     return out
+
+
+def propose_exit_block_bits(model: nn.Module, layers: list[LayerSignificance],
+                            bits: int = DEFAULT_BITS) -> list[list[int]] | None:
+    """The same for exit branches (``heads.E.blocks.M``): a hybrid net's ``exit_block_bits`` (one
+    pair per branch block, shared by all exits; a block is raised when it is significant in any
+    exit). ``None`` when the model has no exit branch."""
+    heads = getattr(model, "heads", None)
+    branches = [(e, h) for e, h in enumerate(heads or []) if isinstance(getattr(h, "blocks", None), nn.Sequential)]
+    if not branches or len({len(h.blocks) for _, h in branches}) != 1:
+        return None
+    raised = set(propose_bits(layers, bits))
+    out: list[list[int]] = []
+    for m in range(len(branches[0][1].blocks)):
+        current, hit = [1, 1], False
+        for e, head in branches:
+            quant = [(f"heads.{e}.blocks.{m}.{name}", q) for name, q in head.blocks[m].named_modules()
+                     if isinstance(q, QuantLayerMixin)]
+            if not quant:
+                return None
+            current = [max(current[0], *(q.weight_bits for _, q in quant)),
+                       max(current[1], *(q.act_bits for _, q in quant))]
+            hit = hit or any(n in raised for n, _ in quant)
+        out.append([max(bits, current[0]), max(bits, current[1])] if hit else current)
+    return out

@@ -73,7 +73,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 def run_pca(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from edgecloud.analyze.pca import analyze_layers, propose_bits, propose_block_bits
+    from edgecloud.analyze.pca import analyze_layers, propose_bits, propose_block_bits, propose_exit_block_bits
 
     model, data, arch = _load(args)
     starts = range(0, len(data), args.batch_size)
@@ -82,6 +82,7 @@ def run_pca(args: argparse.Namespace) -> int:
                             variance=args.variance, delta=args.delta)
     raised = propose_bits(layers, args.bits)
     block_bits = propose_block_bits(model, layers, args.bits)
+    exit_block_bits = propose_exit_block_bits(model, layers, args.bits)
 
     print(f"{'layer':<28} {'ch':>4} {'precision':>9} {'D':>4} {'jump':>5}  significant")
     for layer in layers:
@@ -94,10 +95,12 @@ def run_pca(args: argparse.Namespace) -> int:
     else:
         print("proposal: no quantized layer is significant; keep the network as it is")
     if block_bits is not None:
-        print(f"recipe arch for the hybrid: block_bits: {json.dumps(block_bits)}")
+        print(f"recipe arch for the hybrid: block_bits: {json.dumps(block_bits)}"
+              + (f", exit_block_bits: {json.dumps(exit_block_bits)}" if exit_block_bits is not None else ""))
     if args.json:
         print(json.dumps({"model": str(args.model), "dataset": args.dataset, "split": args.split,
                           "samples": len(data), "variance": args.variance, "delta": args.delta,
                           "bits": args.bits, "layers": [layer.to_json() for layer in layers],
-                          "raise": raised, "block_bits": block_bits, "arch": arch}))
+                          "raise": raised, "block_bits": block_bits, "exit_block_bits": exit_block_bits,
+                          "arch": arch}))
     return 0

@@ -58,7 +58,8 @@ class HybridNet(SplitModel):
     which an exit head sits (1-based, increasing); the last one must be ``edge_blocks`` — the
     split point, whose feature map is what the edge offloads. ``exit_blocks`` (``(width,
     stride)`` each) puts quantized blocks in front of every exit's classifier
-    (:class:`~edgecloud.nets.layers.ExitBranch`).
+    (:class:`~edgecloud.nets.layers.ExitBranch`), at the bits of the block the exit follows or
+    at ``exit_block_bits`` (one ``[weight_bits, act_bits]`` per exit block).
     """
 
     offload_kind = "features"
@@ -81,6 +82,7 @@ class HybridNet(SplitModel):
         block_bits: Sequence[Sequence[int]] | None = None,
         exit_pool: int = 1,
         exit_blocks: Sequence[Sequence[int]] | None = None,
+        exit_block_bits: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= edge_blocks < len(blocks):
@@ -110,7 +112,7 @@ class HybridNet(SplitModel):
             if i + 1 in exits:
                 if exit_blocks:
                     heads.append(ExitBranch(width, num_classes, exit_blocks, weight_bits=wb, act_bits=ab,
-                                            pool=exit_pool, size=size))
+                                            pool=exit_pool, size=size, block_bits=exit_block_bits))
                 else:
                     heads.append(ExitHead(width, num_classes, pool=min(exit_pool, size)))
         self.edge = nn.ModuleList(edge)
@@ -283,6 +285,7 @@ def cifar_hybrid(
     num_classes: int = 10,
     exit_pool: int = 4,
     exit_blocks: Sequence[Sequence[int]] | None = None,
+    exit_block_bits: Sequence[Sequence[int]] | None = None,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
 ) -> HybridNet:
@@ -292,5 +295,5 @@ def cifar_hybrid(
         in_channels=3, image_size=32, num_classes=num_classes, mean=mean, std=std,
         stem_channels=16, stem_stride=1, blocks=cifar_resnet_blocks(depth), edge_blocks=edge_blocks,
         exits=exits, weight_bits=weight_bits, act_bits=act_bits, block_bits=block_bits,
-        exit_pool=exit_pool, exit_blocks=exit_blocks,
+        exit_pool=exit_pool, exit_blocks=exit_blocks, exit_block_bits=exit_block_bits,
     )

@@ -122,11 +122,15 @@ class ExitBranch(nn.Module):
     """
 
     def __init__(self, cin: int, num_classes: int, blocks: Sequence[Sequence[int]], *, weight_bits: int,
-                 act_bits: int, pool: int = 1, size: int | None = None) -> None:
+                 act_bits: int, pool: int = 1, size: int | None = None,
+                 block_bits: Sequence[Sequence[int]] | None = None) -> None:
         super().__init__()
+        if block_bits is not None and len(block_bits) != len(blocks):
+            raise ValueError(f"exit branch: {len(blocks)} blocks but {len(block_bits)} [weight_bits, act_bits] pairs")
         layers: list[nn.Module] = []
-        for width, stride in blocks:
-            layers.append(EdgeBlock(cin, width, stride, weight_bits=weight_bits, act_bits=act_bits))
+        for i, (width, stride) in enumerate(blocks):
+            wb, ab = block_bits[i] if block_bits is not None else (weight_bits, act_bits)
+            layers.append(EdgeBlock(cin, width, stride, weight_bits=wb, act_bits=ab))
             cin = width
             size = None if size is None else size // stride
         self.blocks = nn.Sequential(*layers)
