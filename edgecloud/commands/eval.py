@@ -90,6 +90,27 @@ def prepare(args: argparse.Namespace, thresholds: list[float | None] | None = No
     return bundle, data, info, config
 
 
+CARD_EVENTS = {
+    "digital": ["mac_fp32", "mac_int8", "mac_int4", "mac_int2", "mac_binary", "radio_bit"],
+    "crossbar": ["crossbar_cell_read", "dac_row_cycle_1b", "adc_fom_per_step", "sample_hold", "shift_add"],
+    "sram": ["sram_cim_binary_op", "sram_cim_4b_op", "sram_wl_dac_1b", "adc_fom_per_step", "shift_add"],
+}
+
+
+def energy_constants_line(table_path: str | None, backend: str) -> str:
+    """The energy-table constants an evaluation's energies rest on (named in model cards)."""
+    from edgecloud.cim.energy import EnergyTable
+
+    table = EnergyTable.load(table_path)
+    parts = []
+    for event in CARD_EVENTS["digital"] + CARD_EVENTS.get(backend, []):
+        try:
+            parts.append(f"{event} {table.per_event(event):.3g} J")
+        except (KeyError, ValueError):
+            continue
+    return f"energy table {table_path or 'edgecloud/cim/energy_table.yaml (packaged)'}: " + ", ".join(parts)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="accuracy, exit shares and energy of a bundle on a data set",
@@ -163,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
                  + (f" ({', '.join(args.backend_option)})" if args.backend_option else "")
                  + (f", {config.chips} chips" if config.chips > 1 else ""))
         text = eval_table(out) + ("\n\n" + baseline_table(out["baseline"]) if "baseline" in out else "")
+        text += "\n\n" + energy_constants_line(args.energy_table, args.backend)
         card = write_eval_section(bundle.path, ["edgecloud", *args.argv], title, text)
         if not args.json:
             print(f"model card updated: {card}")
