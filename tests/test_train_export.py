@@ -226,6 +226,20 @@ def test_cli_train_then_export(toy_data, tmp_path, capsys) -> None:
     # The card of a re-export names both commands: the recorded training run and the export.
     assert fixed.training["command"].startswith(m.training["command"] + " && edgecloud export ")
     assert len(fixed.training["history"]) == 1
+    # Auto threshold against a reference run's validation accuracy (here: the run itself).
+    rc = main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "models" / "ref"), "--reference",
+               str(tmp_path / "run"), "--max-drop", "100"])
+    assert rc == 0
+    ref = Bundle(tmp_path / "models" / "ref").manifest
+    assert "validation accuracy" in ref.metrics["threshold_selection"]
+    assert ref.metrics["val_edge_exit_share"] == 1.0  # a 100-point allowance lets every sample exit
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt["recipe"]["seed"] = 99  # another train/validation split
+    (tmp_path / "other").mkdir()
+    torch.save(ckpt, tmp_path / "other" / "checkpoint.pt")
+    rc = main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "models" / "bad"), "--reference",
+               str(tmp_path / "other")])
+    assert rc == 2 and "differs from this recipe" in capsys.readouterr().err
     # Same weights, same test split, fixed threshold -> the "alone" accuracies agree.
     assert fixed.metrics["test_accuracy_cloud_alone"] == m.metrics["test_accuracy_cloud_alone"]
 

@@ -22,6 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--name", help="bundle name (default: the recipe's)")
     p.add_argument("--threshold", type=_threshold, help="'auto' or a number (default: the recipe's)")
+    p.add_argument("--max-drop", type=float, help="auto threshold: allowed accuracy drop in points "
+                   "(overrides the recipe's exits.max_drop)")
+    p.add_argument("--reference", help="auto threshold: measure the drop from this run's final validation "
+                   "accuracy (a run folder, e.g. the full-precision baseline) instead of cloud-only")
     p.add_argument("--data-root", help="data folder (overrides the recipe's data.root)")
     p.add_argument("--encoding", choices=["fp32", "fp16", "uint8"],
                    help="offload encoding of the cloud input (overrides the recipe's offload.encoding; "
@@ -39,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     trained_with = recorded.read_text().strip() if recorded.is_file() else f"edgecloud train {recipe.name}"
     if args.data_root:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"root": args.data_root})})
+    exits = {k: v for k, v in (("max_drop", args.max_drop), ("reference", args.reference)) if v is not None}
+    if exits:
+        recipe = recipe.model_copy(update={"exits": recipe.exits.model_copy(update=exits)})
     if args.encoding:
         recipe = recipe.model_copy(update={"offload": recipe.offload.model_copy(update={"encoding": args.encoding})})
     path, metrics = finalize(

@@ -82,10 +82,14 @@ def policy_for(kind: str, model: nn.Module, threshold: float) -> ExitPolicy:
 
 def choose_threshold(
     model: nn.Module, probs: Sequence[torch.Tensor], labels: torch.Tensor, kind: str, max_drop: float,
+    reference_accuracy: float | None = None,
 ) -> tuple[float, dict[str, float]]:
     """The threshold with the largest edge-exit share whose routed accuracy is within ``max_drop``
-    points of the cloud-only accuracy. Call on VALIDATION data only."""
+    points of the cloud-only accuracy (or of ``reference_accuracy``, e.g. a baseline network's on
+    the same data). Call on VALIDATION data only."""
     cloud_acc = float((probs[-1].argmax(1) == labels).float().mean())
+    if reference_accuracy is not None:
+        cloud_acc = reference_accuracy
     if kind == "entropy":
         score = softmax_entropy(probs[0]).numpy()
         cands = np.unique(np.round(np.quantile(score, np.linspace(0, 1, 201)) + 1e-4, 4))

@@ -299,6 +299,23 @@ def load_checkpoint(path: str | Path) -> tuple[Recipe, nn.Module, dict[str, Any]
     return recipe, model.eval(), ckpt
 
 
+def reference_val_accuracy(run: str | Path, recipe: Recipe) -> float:
+    """Final validation accuracy of another run, which must have held out the same validation split."""
+    from edgecloud.train.warmstart import run_checkpoint
+
+    ckpt = torch.load(run_checkpoint(run), map_location="cpu", weights_only=False)
+    other = Recipe.model_validate(ckpt["recipe"])
+    mine = (recipe.data.dataset, recipe.data.val_fraction, recipe.seed)
+    theirs = (other.data.dataset, other.data.val_fraction, other.seed)
+    if mine != theirs:
+        raise ValueError(f"exits.reference {run}: its validation split (dataset, val_fraction, seed) = {theirs} "
+                         f"differs from this recipe's {mine}")
+    history = [h for h in ckpt["history"] if h.get("val_accuracy")]
+    if not history:
+        raise ValueError(f"exits.reference {run}: the run recorded no validation accuracy")
+    return float(history[-1]["val_accuracy"][-1])
+
+
 def finalize(
     model: nn.Module,
     recipe: Recipe,
@@ -328,9 +345,12 @@ def finalize(
         t, how = None, "no edge exit"
         val_m = routed_metrics(model, val_probs, splits.val.labels, policy_for(kind, model, 0.0))
     elif threshold == "auto":
-        t, val_m = choose_threshold(model, val_probs, splits.val.labels, kind, recipe.exits.max_drop)
+        ref_acc = reference_val_accuracy(recipe.exits.reference, recipe) if recipe.exits.reference else None
+        t, val_m = choose_threshold(model, val_probs, splits.val.labels, kind, recipe.exits.max_drop, ref_acc)
+        bar = (f"the validation accuracy {ref_acc:.4f} of {recipe.exits.reference}" if ref_acc is not None
+               else "cloud-only")
         how = (f"auto on the validation split ({len(splits.val)} samples held out of train): largest edge-exit "
-               f"share with accuracy within {recipe.exits.max_drop} points of cloud-only")
+               f"share with accuracy within {recipe.exits.max_drop} points of {bar}")
     else:
         t = float(threshold)
         val_m = routed_metrics(model, val_probs, splits.val.labels, policy_for(kind, model, t))

@@ -57,6 +57,9 @@ class ThresholdSpec(BaseModel):
     # ``max_drop`` points of the cloud-only (final exit) accuracy; or a fixed number.
     threshold: Literal["auto"] | float = "auto"
     max_drop: float = Field(0.5, ge=0.0)
+    # With a reference run (e.g. the full-precision baseline trained with the same budget), "auto"
+    # measures the drop from THAT run's final validation accuracy instead of this model's cloud-only one.
+    reference: str | None = None
 
 
 class OffloadSpec(BaseModel):
