@@ -194,13 +194,20 @@ def export_bundle(
     torch.save(state, out / EDGE_WEIGHTS)
     if cloud_spec.encoding == "fp32":
         export_onnx(cloud_part, out / CLOUD_ONNX, offload_shape, input_name)
-        onnx_err = verify_onnx(cloud_part, out / CLOUD_ONNX, offload_shape, input_name) if verify else None
     else:  # the cloud part behind the offload decoder: takes the wire datatype
         offload.export_wire_onnx(cloud_part, out / CLOUD_ONNX, cloud_spec, opset=ONNX_OPSET)
-        onnx_err = offload.verify_wire_onnx(cloud_part, out / CLOUD_ONNX, cloud_spec) if verify else None
+    onnx_err = verify_cloud_onnx(cloud_part, out / CLOUD_ONNX, cloud_spec) if verify else None
     (out / "README.md").write_text(model_card(manifest, edge_macs, onnx_err))
     _atomic_write(manifest_path, yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False))
     return out
+
+
+def verify_cloud_onnx(cloud_part: nn.Module, path: Path, spec: CloudSpec) -> float:
+    """Max |ONNX Runtime - torch| of ``cloud.onnx`` as exported for ``spec`` (behind its decoder
+    when the offload encoding is not fp32)."""
+    if spec.encoding == "fp32":
+        return verify_onnx(cloud_part, path, tuple(spec.input_shape), spec.input_name)
+    return offload.verify_wire_onnx(cloud_part, path, spec)
 
 
 def _cloud_spec(base: CloudSpec, encoding: str | None, calibration: Any, percentile: float,
@@ -356,11 +363,7 @@ def rewrite_card(bundle_dir: str | Path) -> Path:
     model = bundle.build_model()
     shape = tuple(bundle.manifest.input.shape)
     edge_macs = count_macs(model, shape, lambda mm, x: mm.route(x, _never_exit(mm)), by_precision=True)
-    c = bundle.manifest.cloud
-    if c.encoding == "fp32":
-        err = verify_onnx(model.cloud_module(), bundle.cloud_onnx, tuple(c.input_shape), c.input_name)
-    else:
-        err = offload.verify_wire_onnx(model.cloud_module(), bundle.cloud_onnx, c)
+    err = verify_cloud_onnx(model.cloud_module(), bundle.cloud_onnx, bundle.manifest.cloud)
     path = bundle.path / "README.md"
     path.write_text(model_card(bundle.manifest, edge_macs, err))
     return path

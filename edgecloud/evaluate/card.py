@@ -16,10 +16,12 @@ from pathlib import Path
 CARD = "README.md"
 
 
-def section_key(command: list[str]) -> str:
-    """A short stable key of the result-changing arguments (everything but output/progress flags)."""
-    kept = [a for a in command if a not in ("--json", "--card")]
-    return hashlib.sha1(" ".join(kept).encode()).hexdigest()[:10]
+OUTPUT_FLAGS = ("--json", "--card")  # change how a result is shown, not the result
+
+
+def section_key(shown: list[str]) -> str:
+    """A short stable key of the result-changing arguments."""
+    return hashlib.sha1(" ".join(shown).encode()).hexdigest()[:10]
 
 
 def write_eval_section(bundle_dir: str | Path, command: list[str], title: str, report: str) -> Path:
@@ -27,9 +29,9 @@ def write_eval_section(bundle_dir: str | Path, command: list[str], title: str, r
     path = Path(bundle_dir) / CARD
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: --card needs a bundle folder with a model card")
-    key = section_key(command)
+    shown = [a for a in command if a not in OUTPUT_FLAGS]
+    key = section_key(shown)
     start, end = f"<!-- eval:{key} -->", f"<!-- /eval:{key} -->"
-    shown = [a for a in command if a not in ("--json", "--card")]
     body = (f"{start}\n### {title}\n\n```bash\n{shlex.join(shown)}\n```\n\n```text\n{report.rstrip()}\n```\n{end}")
     text = path.read_text()
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)

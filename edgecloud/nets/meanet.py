@@ -27,7 +27,7 @@ from edgecloud.nets.base import EdgeDecision, SplitModel
 from edgecloud.nets.cdhn import CIFAR10_MEAN, CIFAR10_STD
 from edgecloud.nets.layers import BasicBlock, ClassifierHead, Normalize, conv_bn
 from edgecloud.nets.registry import register_model
-from edgecloud.nets.resnet import CifarResNet
+from edgecloud.nets.resnet import CifarResNet, load_network
 
 # Logit given to the non-hard classes at the extension exit (finite, so softmax/CE stay finite).
 MASKED_LOGIT = -1e4
@@ -104,16 +104,11 @@ class MEANet(SplitModel):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cloud(x)
 
-    @torch.no_grad()
     def init_from(self, source: nn.Module) -> list[str]:
         """The cloud model from a trained full-precision ResNet run (``family: resnet``) of the same
         depth: the cloud is an ordinary network, so an existing one can serve (freeze it: ``freeze:
         [cloud]``). The main, adaptive and extension blocks keep their fresh initialisation."""
-        net = getattr(source, "net", source)
-        try:
-            self.cloud.load_state_dict(net.state_dict())
-        except RuntimeError as exc:
-            raise ValueError(f"init_from: the source is not a ResNet of cloud_depth's architecture: {exc}") from exc
+        load_network(self.cloud, source, "the source is not a ResNet of cloud_depth's architecture")
         return ["main", "adaptive", "extension", "extension_head"]
 
     def cloud_module(self) -> nn.Module:

@@ -45,6 +45,17 @@ class CifarResNet(nn.Module):
         return self.head(self.features(x))
 
 
+@torch.no_grad()
+def load_network(target: nn.Module, source: nn.Module, mismatch: str) -> None:
+    """Copy a trained CIFAR ResNet (bare, or wrapped as :class:`CloudOnly`) into ``target``, which
+    must have its architecture; ``mismatch`` says what a shape or key mismatch means for the caller."""
+    net = getattr(source, "net", source)
+    try:
+        target.load_state_dict(net.state_dict())
+    except RuntimeError as exc:
+        raise ValueError(f"init_from: {mismatch}: {exc}") from exc
+
+
 class CloudOnly(SplitModel):
     """A SplitModel whose edge only forwards the raw input to a full-precision cloud network."""
 
@@ -63,14 +74,9 @@ class CloudOnly(SplitModel):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    @torch.no_grad()
     def init_from(self, source: nn.Module) -> list[str]:
         """All weights from a trained network of the same architecture (fine-tuning controls)."""
-        net = getattr(source, "net", source)
-        try:
-            self.net.load_state_dict(net.state_dict())
-        except RuntimeError as exc:
-            raise ValueError(f"init_from: the source network has another architecture: {exc}") from exc
+        load_network(self.net, source, "the source network has another architecture")
         return []
 
     def cloud_module(self) -> nn.Module:

@@ -33,9 +33,8 @@ from edgecloud.nets import create_model
 from edgecloud.train.exitstats import choose_threshold, policy_for, predict_exits, routed_metrics
 from edgecloud.train.recipe import OptimSpec, Recipe
 from edgecloud.train.stages import run_stage
-from edgecloud.train.warmstart import Distiller, frozen_modules, init_from_run
+from edgecloud.train.warmstart import CHECKPOINT, Distiller, frozen_modules, init_from_run, run_checkpoint
 
-CHECKPOINT = "checkpoint.pt"
 
 
 def seed_everything(seed: int) -> None:
@@ -287,12 +286,7 @@ def run_training(
 
 def load_checkpoint(path: str | Path) -> tuple[Recipe, nn.Module, dict[str, Any]]:
     """(recipe, model with the checkpoint's weights, raw checkpoint) from ``checkpoint.pt``."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_checkpoint(path), map_location="cpu", weights_only=False)
     recipe = Recipe.model_validate(ckpt["recipe"])
     model = build_model(recipe)
     model.load_state_dict(ckpt["model"])
@@ -301,8 +295,6 @@ def load_checkpoint(path: str | Path) -> tuple[Recipe, nn.Module, dict[str, Any]
 
 def reference_val_accuracy(run: str | Path, recipe: Recipe) -> float:
     """Final validation accuracy of another run, which must have held out the same validation split."""
-    from edgecloud.train.warmstart import run_checkpoint
-
     ckpt = torch.load(run_checkpoint(run), map_location="cpu", weights_only=False)
     other = Recipe.model_validate(ckpt["recipe"])
     mine = (recipe.data.dataset, recipe.data.val_fraction, recipe.seed)

@@ -16,12 +16,14 @@ from torch import nn
 
 from edgecloud.train.recipe import DistillSpec
 
+CHECKPOINT = "checkpoint.pt"  # the file every run folder keeps (``edgecloud.train.loop`` writes it)
+
 
 def run_checkpoint(path: str | Path) -> Path:
     """``checkpoint.pt`` of a run folder (or the file itself), with an error that says what to do."""
     p = Path(path)
     if p.is_dir():
-        p = p / "checkpoint.pt"
+        p = p / CHECKPOINT
     if not p.is_file():
         raise FileNotFoundError(
             f"no training checkpoint at {p}: train that run first (edgecloud train RECIPE --out {p.parent})"
