@@ -93,6 +93,7 @@ class Manifest(BaseModel):
     classes: list[str]
     reference_macs: int = 0  # MACs per sample of the whole network in full precision, i.e. the
     #                          "send everything to the cloud" baseline the energy is compared to
+    reference_network: str = ""  # whose MACs reference_macs are: "" = this network's; else a run's name
     policy: Literal["entropy", "max_prob"] = "entropy"
     exits: list[ExitSpec]
     cloud: CloudSpec

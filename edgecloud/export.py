@@ -137,6 +137,7 @@ def export_bundle(
     calibration: Any = None,
     percentile: float = offload.DEFAULT_PERCENTILE,
     cloud: CloudSpec | None = None,
+    baseline: tuple[str, int] | None = None,
 ) -> Path:
     """Write the bundle folder ``out_dir`` and return its path.
 
@@ -147,7 +148,8 @@ def export_bundle(
 
     Offload encoding: ``encoding`` (default fp32); uint8 is calibrated on ``calibration`` (the
     edge's offloaded features, e.g. :func:`edgecloud.offload.offload_features` of VALIDATION
-    data, never test) at ``percentile``. Or pass ``cloud``, a ready :class:`CloudSpec` whose
+    data, never test) at ``percentile``. ``baseline`` = (name, MACs per sample) of the full-precision
+    network the energy is compared to, when it is not this network at full precision. Or pass ``cloud``, a ready :class:`CloudSpec` whose
     ``encoding``/``scale``/``zero_point`` are used as they are (its shape must match the model).
     """
     out = Path(out_dir)
@@ -179,7 +181,8 @@ def export_bundle(
         arch=dict(arch or {}),
         input=spec,
         classes=classes,
-        reference_macs=reference_macs(model, sample_shape),
+        reference_macs=baseline[1] if baseline else reference_macs(model, sample_shape),
+        reference_network=baseline[0] if baseline else "",
         policy=policy,  # type: ignore[arg-type]
         exits=_exit_specs(model, exits),
         cloud=cloud_spec,
@@ -312,8 +315,8 @@ def model_card(manifest: Manifest, edge_macs: Mapping[str, int] | int, onnx_err:
         + ", ".join(f"`{e.name}` threshold {e.threshold}" for e in m.exits)
         + (" — none (every sample goes to the cloud)" if not m.exits else ""),
         *_offload_lines(m.cloud),
-        f"- Reference (whole network in full precision, everything in the cloud): "
-        f"{m.reference_macs:,} MACs per sample.",
+        f"- Reference ({'the baseline network `' + m.reference_network + '`' if m.reference_network else 'whole network'}"
+        f" in full precision, everything in the cloud): {m.reference_macs:,} MACs per sample.",
     ]
     if onnx_err is not None:
         part = "cloud part" if m.cloud.encoding == "fp32" else "cloud part with its decoder, random wire input"

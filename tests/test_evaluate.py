@@ -280,6 +280,7 @@ def test_cli_eval_uses_a_user_energy_table(tiny_repo, fmnist_root, tmp_path, cap
                str(fmnist_root), "--limit", "10", "--threshold", "0=0", "--energy-table", str(path), "--json"])
     report = last_json(capsys.readouterr().out)
     assert rc == 0 and report["energy_table"] == str(path)
+    assert report["baseline_network"] == "this network"
     s = report["summary"]
     assert s["energy_j"]["radio"]["mean"] == 0.0
     assert s["energy_total_j"]["mean"] == pytest.approx(s["compute_energy_j"]["mean"])
@@ -400,3 +401,18 @@ def test_cli_eval_card_writes_and_replaces_its_section(tiny_repo, fmnist_root, t
     text = card.read_text()
     assert text.count("<!-- /eval:") == 2 and "backend crossbar" in text
     capsys.readouterr()
+
+
+def test_eval_table_names_a_baseline_network_other_than_the_model() -> None:
+    from edgecloud.evaluate.report import eval_table
+
+    stat = {"mean": 1.0, "std": 0.0}
+    summary = {"exit_share": {"cloud": stat}, "exit_accuracy": {"cloud": stat}, "accuracy": stat,
+               "energy_j": {"digital": stat}, "energy_total_j": stat, "compute_energy_j": stat,
+               "baseline_fp_j": {"mean": 2.0, "std": 0.0}, "energy_ratio": stat,
+               "compute_energy_ratio": stat, "compute_energy_reduction": stat}
+    report = {"summary": summary, "chips": 1, "seeds": [0], "bundle": "b", "samples": 1, "backend": "digital",
+              "backend_options": {}, "cloud_runtime": "onnx", "policy": "entropy", "thresholds": {},
+              "exits": ["cloud"]}
+    assert "(cifar10-resnet20)" in eval_table({**report, "baseline_network": "cifar10-resnet20"})
+    assert "(this network)" not in eval_table({**report, "baseline_network": "this network"})

@@ -242,6 +242,22 @@ def test_cli_train_then_export(toy_data, tmp_path, capsys) -> None:
     assert rc == 2 and "differs from this recipe" in capsys.readouterr().err
     # Same weights, same test split, fixed threshold -> the "alone" accuracies agree.
     assert fixed.metrics["test_accuracy_cloud_alone"] == m.metrics["test_accuracy_cloud_alone"]
+    # Energy baseline: another run's network (here a wider one) instead of this one at full precision.
+    from edgecloud.nets.layers import reference_macs
+    from edgecloud.train.loop import run_training
+    from edgecloud.train.warmstart import load_run_model
+
+    wider = _toy_recipe(toy_data, epochs=1).model_copy(update={"arch": {"width": 16, "cloud_width": 16}})
+    run_training(wider, tmp_path / "wider", progress=False)
+    rc = main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "models" / "based"), "--baseline",
+               str(tmp_path / "wider"), "--threshold", "0.5"])
+    assert rc == 0
+    based = Bundle(tmp_path / "models" / "based")
+    expected = reference_macs(load_run_model(tmp_path / "wider"), (1, 28, 28))
+    assert based.manifest.reference_macs == expected != m.reference_macs
+    assert based.manifest.reference_network == "wider" and m.reference_network == ""
+    assert "the baseline network `wider`" in (based.path / "README.md").read_text()
+    assert based.manifest.metrics == fixed.metrics  # the baseline changes the energy reference only
 
 
 def test_export_raw_offload_family(tmp_path) -> None:

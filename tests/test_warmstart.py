@@ -69,9 +69,19 @@ def test_distillation_freeze_and_init_in_a_training_run(toy_data, tmp_path) -> N
     splits = load_splits(teacher_recipe, with_test=False)
     run_training(teacher_recipe, tmp_path / "teacher", splits=splits, progress=False)
 
-    # No init_from on this family: a clear error, not a silent fresh start.
+    # A hybrid continues a hybrid run of its own layout (staged training): an exact copy.
+    from edgecloud.train.warmstart import init_from_run, load_run_model
+
+    again = build_model(teacher_recipe)
+    assert init_from_run(again, tmp_path / "teacher") == []
+    for (name, a), b in zip(load_run_model(tmp_path / "teacher").state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    # A family without init_from: a clear error, not a silent fresh start.
     with pytest.raises(ValueError, match="init_from"):
-        run_training(teacher_recipe.model_copy(update={"init": InitSpec(checkpoint=str(tmp_path / "teacher"))}),
+        init_from_run(create_model("lenet5"), tmp_path / "teacher")
+    with pytest.raises(ValueError, match="differ in layers"):  # a hybrid of another layout
+        run_training(teacher_recipe.model_copy(update={"init": InitSpec(checkpoint=str(tmp_path / "teacher")),
+                                                       "arch": {"width": 8, "cloud_width": 8, "cloud_blocks": 2}}),
                      tmp_path / "x", splits=splits, progress=False)
     with pytest.raises(FileNotFoundError, match="train that run first"):
         run_training(teacher_recipe.model_copy(update={"distill": DistillSpec(teacher=str(tmp_path / "none"))}),

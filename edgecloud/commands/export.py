@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(overrides the recipe's exits.max_drop)")
     p.add_argument("--reference", help="auto threshold: measure the drop from this run's final validation "
                    "accuracy (a run folder, e.g. the full-precision baseline) instead of cloud-only")
+    p.add_argument("--baseline", help="energy baseline: this run's network at full precision (a run folder, "
+                   "e.g. the FP ResNet-20 a wider edge replaces; overrides the recipe's baseline)")
     p.add_argument("--data-root", help="data folder (overrides the recipe's data.root)")
     p.add_argument("--encoding", choices=["fp32", "fp16", "uint8"],
                    help="offload encoding of the cloud input (overrides the recipe's offload.encoding; "
@@ -46,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     exits = {k: v for k, v in (("max_drop", args.max_drop), ("reference", args.reference)) if v is not None}
     if exits:
         recipe = recipe.model_copy(update={"exits": recipe.exits.model_copy(update=exits)})
+    if args.baseline:
+        recipe = recipe.model_copy(update={"baseline": args.baseline})
     if args.encoding:
         recipe = recipe.model_copy(update={"offload": recipe.offload.model_copy(update={"encoding": args.encoding})})
     path, metrics = finalize(

@@ -134,6 +134,7 @@ def evaluate(source: ModelSource, data: ImageDataset, config: EvalConfig | None 
         "thresholds": {n: t for n, t in zip(exit_names, policy.thresholds)},
         "exits": exit_names + ["cloud"],
         "energy_table": config.energy_table or "packaged",
+        "baseline_network": source.manifest.reference_network or "this network",
         "samples": len(data),
     }
     summary = aggregate([{k: v for k, v in chip.items() if k not in ("seed", "samples")} for chip in per_chip])

@@ -39,7 +39,9 @@ def eval_table(report: dict[str, Any]) -> str:
     base = s.get("baseline_fp_j")
     if base and base["mean"] > 0:
         lines += [
-            f"  {'full-precision network':<26}{format(base['mean'], '.4g'):>24}",
+            f"  {'full-precision network':<26}{format(base['mean'], '.4g'):>24}"
+            + (f"  ({report['baseline_network']})" if report.get("baseline_network", "this network") != "this network"
+               else ""),
             f"energy ratio vs full precision: total {_pm(s['energy_ratio'], '.4g', chips)}, "
             f"compute only {_pm(s['compute_energy_ratio'], '.4g', chips)} "
             f"({_pm(s['compute_energy_reduction'], '.3g', chips)}x less compute energy)",

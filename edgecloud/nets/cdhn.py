@@ -27,6 +27,7 @@ from edgecloud.exits import ExitPolicy, softmax_entropy
 from edgecloud.nets.base import EdgeDecision, SplitModel
 from edgecloud.nets.layers import BasicBlock, ClassifierHead, EdgeBlock, ExitBranch, ExitHead, Normalize, conv_bn
 from edgecloud.nets.registry import register_model
+from edgecloud.nets.widen import widen_into
 
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -134,8 +135,12 @@ class HybridNet(SplitModel):
         exactly; every edge block takes its block's conv weights (as latent weights of the
         quantized convs), post-conv BNs and shortcut; an exit branch takes the blocks that follow
         the split and the final classifier where shapes agree. Returns what was not copied.
+
+        From a trained :class:`HybridNet` instead, it continues that net (same or wider widths).
         """
         net = getattr(source, "net", source)
+        if isinstance(net, HybridNet):
+            return self._init_from_hybrid(net)
         src_blocks = list(getattr(net, "blocks", []))
         if not src_blocks or not hasattr(net, "stem"):
             raise ValueError(f"init_from needs a CIFAR ResNet (family 'resnet'), got {type(source).__name__}")
@@ -163,6 +168,18 @@ class HybridNet(SplitModel):
             else:
                 skipped.append(f"heads.{e}.head.fc")
         return skipped
+
+    def _init_from_hybrid(self, source: HybridNet) -> list[str]:
+        """Continue from a trained hybrid of the same layout: the same widths (e.g. staged
+        quantization, 4-bit -> binary) or narrower ones, widened function-preservingly
+        (:func:`~edgecloud.nets.widen.widen_into`). Nothing is left fresh."""
+        src_shapes = {k: v.shape for k, v in source.state_dict().items()}
+        wider = any(src_shapes.get(k, v.shape) != v.shape for k, v in self.state_dict().items())
+        if wider and any(isinstance(h, ExitHead) and h.pool > 1 for h in self.modules()):
+            raise ValueError("init_from: widening needs exit heads with exit_pool 1 (pooled features "
+                             "interleave channels and positions)")
+        widen_into(self, source)
+        return []
 
     # ---- the SplitModel contract -------------------------------------------------------------
     def cloud_module(self) -> nn.Module:
@@ -286,14 +303,24 @@ def cifar_hybrid(
     exit_pool: int = 4,
     exit_blocks: Sequence[Sequence[int]] | None = None,
     exit_block_bits: Sequence[Sequence[int]] | None = None,
+    widths: Sequence[int] = (16, 32, 64),
+    stem_channels: int | None = None,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
 ) -> HybridNet:
     """CIFAR hybrid ResNet. Default = the paper's split of ResNet-32: FP stem, stage 1 (5 blocks)
-    and the first 3 blocks of stage 2 quantized, one exit there, the rest in the cloud."""
+    and the first 3 blocks of stage 2 quantized, one exit there, the rest in the cloud.
+
+    ``widths`` are the three stages' channels (default 16/32/64); a binary edge can afford wider
+    stages (a binary MAC costs ~1/920 of an fp32 one), e.g. 32/64/64 keeps the cloud's stage 3
+    as in ResNet-20 and doubles the edge. ``stem_channels`` defaults to the first stage's width.
+    """
+    if len(widths) != 3:
+        raise ValueError(f"widths needs one channel count per stage (3), got {list(widths)}")
     return HybridNet(
         in_channels=3, image_size=32, num_classes=num_classes, mean=mean, std=std,
-        stem_channels=16, stem_stride=1, blocks=cifar_resnet_blocks(depth), edge_blocks=edge_blocks,
+        stem_channels=stem_channels or widths[0], stem_stride=1,
+        blocks=cifar_resnet_blocks(depth, widths), edge_blocks=edge_blocks,
         exits=exits, weight_bits=weight_bits, act_bits=act_bits, block_bits=block_bits,
         exit_pool=exit_pool, exit_blocks=exit_blocks, exit_block_bits=exit_block_bits,
     )

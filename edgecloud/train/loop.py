@@ -31,9 +31,9 @@ from edgecloud.data.loader import Loader
 from edgecloud.data.registry import load_dataset
 from edgecloud.nets import create_model
 from edgecloud.train.exitstats import choose_threshold, policy_for, predict_exits, routed_metrics
-from edgecloud.train.recipe import OptimSpec, Recipe
+from edgecloud.train.recipe import EXPORT_ONLY, OptimSpec, Recipe
 from edgecloud.train.stages import run_stage
-from edgecloud.train.warmstart import CHECKPOINT, Distiller, frozen_modules, init_from_run, run_checkpoint
+from edgecloud.train.warmstart import CHECKPOINT, Distiller, frozen_modules, init_from_run, load_run_model, run_checkpoint
 
 
 
@@ -211,7 +211,7 @@ def run_training(
     start_epoch, wall = 0, 0.0
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = {k: v for k, v in ckpt["recipe"].items() if k != "offload"}  # export-only section
+        saved = {k: v for k, v in ckpt["recipe"].items() if k not in EXPORT_ONLY}
         if saved != recipe.training_dump():
             raise ValueError(f"{ckpt_path} was written by a different recipe/settings; resume with the same ones")
         model.load_state_dict(ckpt["model"])
@@ -291,6 +291,18 @@ def load_checkpoint(path: str | Path) -> tuple[Recipe, nn.Module, dict[str, Any]
     model = build_model(recipe)
     model.load_state_dict(ckpt["model"])
     return recipe, model.eval(), ckpt
+
+
+def baseline_macs(run: str | Path, model: nn.Module) -> tuple[str, int]:
+    """(name, MACs per sample) of the run's network at full precision, on ``model``'s input shape."""
+    from edgecloud.export import input_spec_of
+    from edgecloud.nets.layers import reference_macs
+
+    base = load_run_model(run)
+    shape = tuple(input_spec_of(model).shape)
+    if tuple(input_spec_of(base).shape) != shape:
+        raise ValueError(f"baseline {run}: its input shape {input_spec_of(base).shape} differs from {list(shape)}")
+    return Path(run).name, reference_macs(base, shape)
 
 
 def reference_val_accuracy(run: str | Path, recipe: Recipe) -> float:
@@ -383,5 +395,5 @@ def finalize(
     path = export_bundle(model, bundle_dir, name=name or recipe.name, family=recipe.family,
                          arch=resolve_arch(recipe.family, recipe.arch),
                          classes=splits.val.classes, exits=exits, policy=kind, training=info, metrics=metrics,
-                         cloud=spec)
+                         cloud=spec, baseline=baseline_macs(recipe.baseline, model) if recipe.baseline else None)
     return path, metrics

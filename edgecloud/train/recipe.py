@@ -96,6 +96,9 @@ class DistillSpec(BaseModel):
     temperature: float = Field(4.0, gt=0.0)
 
 
+EXPORT_ONLY = ("offload", "baseline")  # recipe sections that change the bundle, not the training
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str                       # bundle name
@@ -111,11 +114,14 @@ class Recipe(BaseModel):
     distill: DistillSpec | None = None    # learn from a teacher run's outputs
     freeze: list[str] = Field(default_factory=list)  # submodules kept fixed (eval mode, no gradient)
     offload: OffloadSpec = Field(default_factory=OffloadSpec)  # wire encoding of the cloud input
+    # The run whose network, at full precision, is the energy baseline of the bundle (default: this
+    # network at full precision). Set it when the edge is wider than the network it replaces.
+    baseline: str | None = None
 
     def training_dump(self) -> dict[str, Any]:
-        """The recipe as JSON without the export-only ``offload`` section: what a checkpoint must
-        match to be resumed (the encoding does not change what is trained)."""
-        return self.model_dump(mode="json", exclude={"offload"})
+        """The recipe as JSON without the export-only ``offload`` and ``baseline``: what a
+        checkpoint must match to be resumed (neither changes what is trained)."""
+        return self.model_dump(mode="json", exclude=set(EXPORT_ONLY))
 
 
 def recipes_dir() -> Path:
