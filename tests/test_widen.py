@@ -84,3 +84,21 @@ def test_widening_refuses_other_layer_graphs_and_pooled_exits() -> None:
         pooled.init_from(create_model("cifar_hybrid", widths=(8, 16, 16), depth=8, edge_blocks=2, exit_pool=2))
     with pytest.raises(ValueError, match="widths"):
         create_model("cifar_hybrid", widths=(16, 32))
+
+
+def test_stream_activations_start_as_identity_when_added_to_a_trained_hybrid() -> None:
+    narrow = _trained_like(create_model("cifar_hybrid", widths=(8, 16, 16), **ARCH))
+    acted = create_model("cifar_hybrid", widths=(8, 16, 16), stream_act=True, **ARCH)
+    fresh = acted.init_from(narrow)
+    assert "edge.0.act1" in fresh and "heads.0.blocks.0.act2" in fresh
+    acted.eval()
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(narrow(x), acted(x)):
+            torch.testing.assert_close(b, a)
+        acted.edge[0].act1.shift_in.fill_(0.3)
+        acted.edge[0].act1.slope.fill_(0.25)
+        assert not torch.allclose(acted(x)[-1], narrow(x)[-1])  # it is a real, learnable non-linearity
+    again = create_model("cifar_hybrid", widths=(8, 16, 16), stream_act=True, **ARCH)
+    assert again.init_from(acted) == []  # a run that has them: copied, nothing fresh
+    assert again.edge[0].act1.slope.detach()[0].item() == 0.25

@@ -25,7 +25,9 @@ from torch import nn
 from edgecloud.cim.events import current_log
 from edgecloud.exits import ExitPolicy, softmax_entropy
 from edgecloud.nets.base import EdgeDecision, SplitModel
-from edgecloud.nets.layers import BasicBlock, ClassifierHead, EdgeBlock, ExitBranch, ExitHead, Normalize, conv_bn
+from edgecloud.nets.layers import (
+    BasicBlock, ClassifierHead, EdgeBlock, ExitBranch, ExitHead, Normalize, RPReLU, conv_bn,
+)
 from edgecloud.nets.registry import register_model
 from edgecloud.nets.widen import widen_into
 
@@ -60,7 +62,8 @@ class HybridNet(SplitModel):
     split point, whose feature map is what the edge offloads. ``exit_blocks`` (``(width,
     stride)`` each) puts quantized blocks in front of every exit's classifier
     (:class:`~edgecloud.nets.layers.ExitBranch`), at the bits of the block the exit follows or
-    at ``exit_block_bits`` (one ``[weight_bits, act_bits]`` per exit block).
+    at ``exit_block_bits`` (one ``[weight_bits, act_bits]`` per exit block). ``stream_act`` adds
+    a learnable :class:`~edgecloud.nets.layers.RPReLU` after every residual addition of the edge.
     """
 
     offload_kind = "features"
@@ -84,6 +87,7 @@ class HybridNet(SplitModel):
         exit_pool: int = 1,
         exit_blocks: Sequence[Sequence[int]] | None = None,
         exit_block_bits: Sequence[Sequence[int]] | None = None,
+        stream_act: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= edge_blocks < len(blocks):
@@ -108,12 +112,13 @@ class HybridNet(SplitModel):
         heads: list[nn.Module] = []
         for i, (width, stride) in enumerate(blocks[:edge_blocks]):
             wb, ab = block_bits[i] if block_bits is not None else (weight_bits, act_bits)
-            edge.append(EdgeBlock(cin, width, stride, weight_bits=wb, act_bits=ab))
+            edge.append(EdgeBlock(cin, width, stride, weight_bits=wb, act_bits=ab, stream_act=stream_act))
             cin, size = width, size // stride
             if i + 1 in exits:
                 if exit_blocks:
                     heads.append(ExitBranch(width, num_classes, exit_blocks, weight_bits=wb, act_bits=ab,
-                                            pool=exit_pool, size=size, block_bits=exit_block_bits))
+                                            pool=exit_pool, size=size, block_bits=exit_block_bits,
+                                            stream_act=stream_act))
                 else:
                     heads.append(ExitHead(width, num_classes, pool=min(exit_pool, size)))
         self.edge = nn.ModuleList(edge)
@@ -172,14 +177,17 @@ class HybridNet(SplitModel):
     def _init_from_hybrid(self, source: HybridNet) -> list[str]:
         """Continue from a trained hybrid of the same layout: the same widths (e.g. staged
         quantization, 4-bit -> binary) or narrower ones, widened function-preservingly
-        (:func:`~edgecloud.nets.widen.widen_into`). Nothing is left fresh."""
+        (:func:`~edgecloud.nets.widen.widen_into`). Stream activations the source lacks start
+        as the identity; they are the parts returned as fresh."""
         src_shapes = {k: v.shape for k, v in source.state_dict().items()}
         wider = any(src_shapes.get(k, v.shape) != v.shape for k, v in self.state_dict().items())
         if wider and any(isinstance(h, ExitHead) and h.pool > 1 for h in self.modules()):
             raise ValueError("init_from: widening needs exit heads with exit_pool 1 (pooled features "
                              "interleave channels and positions)")
-        widen_into(self, source)
-        return []
+        acts = [name for name, m in self.named_modules() if isinstance(m, RPReLU)]
+        fresh = [a for a in acts if not any(k.startswith(a + ".") for k in source.state_dict())]
+        widen_into(self, source, new_ok=lambda k: any(k.startswith(a + ".") for a in fresh))
+        return fresh
 
     # ---- the SplitModel contract -------------------------------------------------------------
     def cloud_module(self) -> nn.Module:
@@ -305,6 +313,7 @@ def cifar_hybrid(
     exit_block_bits: Sequence[Sequence[int]] | None = None,
     widths: Sequence[int] = (16, 32, 64),
     stem_channels: int | None = None,
+    stream_act: bool = False,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
 ) -> HybridNet:
@@ -314,6 +323,7 @@ def cifar_hybrid(
     ``widths`` are the three stages' channels (default 16/32/64); a binary edge can afford wider
     stages (a binary MAC costs ~1/920 of an fp32 one), e.g. 32/64/64 keeps the cloud's stage 3
     as in ResNet-20 and doubles the edge. ``stem_channels`` defaults to the first stage's width.
+    ``stream_act``: ReActNet's RPReLU on the edge's residual stream (see :class:`HybridNet`).
     """
     if len(widths) != 3:
         raise ValueError(f"widths needs one channel count per stage (3), got {list(widths)}")
@@ -323,4 +333,5 @@ def cifar_hybrid(
         blocks=cifar_resnet_blocks(depth, widths), edge_blocks=edge_blocks,
         exits=exits, weight_bits=weight_bits, act_bits=act_bits, block_bits=block_bits,
         exit_pool=exit_pool, exit_blocks=exit_blocks, exit_block_bits=exit_block_bits,
+        stream_act=stream_act,
     )

@@ -67,18 +67,37 @@ class QuantUnit(nn.Module):
         return self.post(self.conv(h))
 
 
-class EdgeBlock(nn.Module):
-    """Two quantized units, each with a full-precision residual (1x1 FP shortcut when needed)."""
+class RPReLU(nn.Module):
+    """ReActNet's learnable activation on the residual stream: PReLU(x - shift_in) + shift_out,
+    per channel. Starts as the identity (slope 1, no shifts) so it can be inserted into a trained
+    net without changing what it computes; a binary block has no other real-valued non-linearity."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, weight_bits: int = 1, act_bits: int = 1) -> None:
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.shift_in = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.slope = nn.Parameter(torch.ones(channels))
+        self.shift_out = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.prelu(x - self.shift_in, self.slope.to(x.dtype)) + self.shift_out
+
+
+class EdgeBlock(nn.Module):
+    """Two quantized units, each with a full-precision residual (1x1 FP shortcut when needed);
+    with ``stream_act`` an :class:`RPReLU` after each residual addition."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, weight_bits: int = 1, act_bits: int = 1,
+                 stream_act: bool = False) -> None:
         super().__init__()
         self.unit1 = QuantUnit(cin, cout, stride, weight_bits, act_bits)
         self.unit2 = QuantUnit(cout, cout, 1, weight_bits, act_bits)
         self.short = shortcut(cin, cout, stride)
+        self.act1 = RPReLU(cout) if stream_act else nn.Identity()
+        self.act2 = RPReLU(cout) if stream_act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.unit1(x) + self.short(x)
-        return self.unit2(h) + h
+        h = self.act1(self.unit1(x) + self.short(x))
+        return self.act2(self.unit2(h) + h)
 
 
 class BasicBlock(nn.Module):
@@ -123,14 +142,14 @@ class ExitBranch(nn.Module):
 
     def __init__(self, cin: int, num_classes: int, blocks: Sequence[Sequence[int]], *, weight_bits: int,
                  act_bits: int, pool: int = 1, size: int | None = None,
-                 block_bits: Sequence[Sequence[int]] | None = None) -> None:
+                 block_bits: Sequence[Sequence[int]] | None = None, stream_act: bool = False) -> None:
         super().__init__()
         if block_bits is not None and len(block_bits) != len(blocks):
             raise ValueError(f"exit branch: {len(blocks)} blocks but {len(block_bits)} [weight_bits, act_bits] pairs")
         layers: list[nn.Module] = []
         for i, (width, stride) in enumerate(blocks):
             wb, ab = block_bits[i] if block_bits is not None else (weight_bits, act_bits)
-            layers.append(EdgeBlock(cin, width, stride, weight_bits=wb, act_bits=ab))
+            layers.append(EdgeBlock(cin, width, stride, weight_bits=wb, act_bits=ab, stream_act=stream_act))
             cin = width
             size = None if size is None else size // stride
         self.blocks = nn.Sequential(*layers)

@@ -13,6 +13,8 @@ different features.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -47,15 +49,18 @@ def widen_tensor(src: torch.Tensor, shape: torch.Size, *, noise: float = 0.0,
 
 
 @torch.no_grad()
-def widen_into(target: nn.Module, source: nn.Module, *, noise: float = 0.02, seed: int = 0) -> list[str]:
+def widen_into(target: nn.Module, source: nn.Module, *, noise: float = 0.02, seed: int = 0,
+               new_ok: Callable[[str], bool] | None = None) -> list[str]:
     """Load ``source``'s weights into ``target``, a copy of it with more channels somewhere.
 
-    Both must have the same parameter / buffer names (the same layer graph). BN running
-    statistics widen with their channels, so the widened net in eval mode computes the same
-    function as ``source`` up to ``noise``. Returns the names whose shapes changed.
+    Both must have the same parameter / buffer names (the same layer graph), except target-only
+    names for which ``new_ok(name)`` holds (layers that start as the identity, kept as built).
+    BN running statistics widen with their channels, so the widened net in eval mode computes
+    the same function as ``source`` up to ``noise``. Returns the names whose shapes changed.
     """
     src_state, dst_state = source.state_dict(), target.state_dict()
-    missing = sorted(set(dst_state) ^ set(src_state))
+    new = {k for k in set(dst_state) - set(src_state) if new_ok is not None and new_ok(k)}
+    missing = sorted((set(dst_state) - new) ^ set(src_state))
     if missing:
         shown = ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else "")
         raise ValueError(f"widen: the two networks differ in layers, not only in widths ({shown})")
@@ -63,6 +68,9 @@ def widen_into(target: nn.Module, source: nn.Module, *, noise: float = 0.02, see
     widened: list[str] = []
     new_state = {}
     for name, dst in dst_state.items():
+        if name in new:
+            new_state[name] = dst
+            continue
         src = src_state[name]
         if src.shape == dst.shape:
             new_state[name] = src.clone()
