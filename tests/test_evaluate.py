@@ -395,6 +395,7 @@ def test_cli_eval_card_writes_and_replaces_its_section(tiny_repo, fmnist_root, t
     assert once.startswith(before.rstrip("\n")) and "## Evaluations" in once
     assert "edgecloud eval " + str(bundle_dir) in once and "overall" in once
     assert "mac_fp32 4.6e-12 J" in once and "radio_bit 3e-07 J" in once  # the constants, named
+    assert once.count("mac_fp32 4.6e-12 J") == 1  # once each
     assert main(args + ["--json"]) == 0  # same settings: replaces its own section
     assert card.read_text().count("### fashion-mnist/test, 20 samples") == 1
     assert main(args[:-1] + ["--backend", "crossbar", "--card"]) == 0  # other settings: a second section

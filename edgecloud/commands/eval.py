@@ -103,7 +103,8 @@ def energy_constants_line(table_path: str | None, backend: str) -> str:
 
     table = EnergyTable.load(table_path)
     parts = []
-    for event in CARD_EVENTS["digital"] + CARD_EVENTS.get(backend, []):
+    events = CARD_EVENTS["digital"] + (CARD_EVENTS.get(backend, []) if backend != "digital" else [])
+    for event in events:
         try:
             parts.append(f"{event} {table.per_event(event):.3g} J")
         except (KeyError, ValueError):
