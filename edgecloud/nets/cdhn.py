@@ -185,7 +185,7 @@ class HybridNet(SplitModel):
             raise ValueError("init_from: widening needs exit heads with exit_pool 1 (pooled features "
                              "interleave channels and positions)")
         acts = [name for name, m in self.named_modules() if isinstance(m, RPReLU)]
-        fresh = [a for a in acts if not any(k.startswith(a + ".") for k in source.state_dict())]
+        fresh = [a for a in acts if not any(k.startswith(a + ".") for k in src_shapes)]
         widen_into(self, source, new_ok=lambda k: any(k.startswith(a + ".") for a in fresh))
         return fresh
 
