@@ -148,9 +148,11 @@ def export_bundle(
 
     Offload encoding: ``encoding`` (default fp32); uint8 is calibrated on ``calibration`` (the
     edge's offloaded features, e.g. :func:`edgecloud.offload.offload_features` of VALIDATION
-    data, never test) at ``percentile``. ``baseline`` = (name, MACs per sample) of the full-precision
-    network the energy is compared to, when it is not this network at full precision. Or pass ``cloud``, a ready :class:`CloudSpec` whose
+    data, never test) at ``percentile``. Or pass ``cloud``, a ready :class:`CloudSpec` whose
     ``encoding``/``scale``/``zero_point`` are used as they are (its shape must match the model).
+
+    ``baseline``: (name, MACs per sample) of the full-precision network the energy is compared
+    to, when it is not this network at full precision.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

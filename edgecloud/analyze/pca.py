@@ -148,12 +148,22 @@ def propose_block_bits(model: nn.Module, layers: list[LayerSignificance],
     edge = getattr(model, "edge", None)
     if not isinstance(edge, nn.ModuleList):
         return None
+    return _proposed_pairs([[(f"edge.{i}", block)] for i, block in enumerate(edge)], layers, bits)
+
+
+def _proposed_pairs(positions: list[list[tuple[str, nn.Module]]], layers: list[LayerSignificance],
+                    bits: int) -> list[list[int]] | None:
+    """One ``[weight_bits, act_bits]`` per block position (each position: the ``(prefix, block)``
+    that share its bits): the blocks' current bits, raised to ``bits`` when any quantized conv in
+    them is significant. ``None`` when a block has no quantized layer."""
     raised = set(propose_bits(layers, bits))
     out: list[list[int]] = []
-    for i, block in enumerate(edge):
-        quant = [(f"edge.{i}.{name}", m) for name, m in block.named_modules() if isinstance(m, QuantLayerMixin)]
-        if not quant:
+    for blocks in positions:
+        per_block = [[(f"{prefix}.{name}", m) for name, m in block.named_modules() if isinstance(m, QuantLayerMixin)]
+                     for prefix, block in blocks]
+        if not all(per_block):
             return None
+        quant = [q for block_quant in per_block for q in block_quant]
         current = [max(m.weight_bits for _, m in quant), max(m.act_bits for _, m in quant)]
         out.append([max(bits, current[0]), max(bits, current[1])] if any(n in raised for n, _ in quant)
                    else current)
@@ -169,17 +179,6 @@ def propose_exit_block_bits(model: nn.Module, layers: list[LayerSignificance],
     branches = [(e, h) for e, h in enumerate(heads or []) if isinstance(getattr(h, "blocks", None), nn.Sequential)]
     if not branches or len({len(h.blocks) for _, h in branches}) != 1:
         return None
-    raised = set(propose_bits(layers, bits))
-    out: list[list[int]] = []
-    for m in range(len(branches[0][1].blocks)):
-        current, hit = [1, 1], False
-        for e, head in branches:
-            quant = [(f"heads.{e}.blocks.{m}.{name}", q) for name, q in head.blocks[m].named_modules()
-                     if isinstance(q, QuantLayerMixin)]
-            if not quant:
-                return None
-            current = [max(current[0], *(q.weight_bits for _, q in quant)),
-                       max(current[1], *(q.act_bits for _, q in quant))]
-            hit = hit or any(n in raised for n, _ in quant)
-        out.append([max(bits, current[0]), max(bits, current[1])] if hit else current)
-    return out
+    positions = [[(f"heads.{e}.blocks.{m}", head.blocks[m]) for e, head in branches]
+                 for m in range(len(branches[0][1].blocks))]
+    return _proposed_pairs(positions, layers, bits)

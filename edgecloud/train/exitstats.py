@@ -87,9 +87,8 @@ def choose_threshold(
     """The threshold with the largest edge-exit share whose routed accuracy is within ``max_drop``
     points of the cloud-only accuracy (or of ``reference_accuracy``, e.g. a baseline network's on
     the same data). Call on VALIDATION data only."""
-    cloud_acc = float((probs[-1].argmax(1) == labels).float().mean())
-    if reference_accuracy is not None:
-        cloud_acc = reference_accuracy
+    cloud_acc = (reference_accuracy if reference_accuracy is not None
+                 else float((probs[-1].argmax(1) == labels).float().mean()))
     if kind == "entropy":
         score = softmax_entropy(probs[0]).numpy()
         cands = np.unique(np.round(np.quantile(score, np.linspace(0, 1, 201)) + 1e-4, 4))

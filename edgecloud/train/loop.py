@@ -33,8 +33,9 @@ from edgecloud.nets import create_model
 from edgecloud.train.exitstats import choose_threshold, policy_for, predict_exits, routed_metrics
 from edgecloud.train.recipe import EXPORT_ONLY, OptimSpec, Recipe
 from edgecloud.train.stages import run_stage
-from edgecloud.train.warmstart import CHECKPOINT, Distiller, frozen_modules, init_from_run, load_run_model, run_checkpoint
-
+from edgecloud.train.warmstart import (
+    CHECKPOINT, Distiller, frozen_modules, init_from_run, load_run_model, run_checkpoint,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -299,9 +300,9 @@ def baseline_macs(run: str | Path, model: nn.Module) -> tuple[str, int]:
     from edgecloud.nets.layers import reference_macs
 
     base = load_run_model(run)
-    shape = tuple(input_spec_of(model).shape)
-    if tuple(input_spec_of(base).shape) != shape:
-        raise ValueError(f"baseline {run}: its input shape {input_spec_of(base).shape} differs from {list(shape)}")
+    shape, theirs = tuple(input_spec_of(model).shape), tuple(input_spec_of(base).shape)
+    if theirs != shape:
+        raise ValueError(f"baseline {run}: its input shape {list(theirs)} differs from {list(shape)}")
     return Path(run).name, reference_macs(base, shape)
 
 
