@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 .PHONY: setup demo test bench clean
 
-$(BIN)/edgecloud: pyproject.toml setup.py
+$(BIN)/edgecloud: pyproject.toml setup.py $(wildcard edgecloud/cim/csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
@@ -25,4 +25,4 @@ bench: setup
 	$(BIN)/python benchmarks/cim.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache edgecloud/cim/_kernel_*.so

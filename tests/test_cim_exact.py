@@ -1,4 +1,5 @@
-"""At ideal settings every simulated backend equals the digital reference exactly."""
+"""At ideal settings every simulated backend equals the digital reference exactly, on every kernel
+path this machine can run; with noise on, every compiled path agrees with the torch reference."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ IDEAL = {
         {"rows": 10, "on_off_ratio": 5.0, "adc_bits": 12},  # finite on/off cancels; lossless ADC
         {"rows": 32, "dac_bits": 8},  # whole 8-bit inputs in one cycle (float GEMM)
         {"rows": 16, "fused_kernel": False},
+        {"rows": 128, "cell_bits": 7, "dac_bits": 7},  # 7-bit planes x 7-bit cells: int16 sums widened every 2 rows
+        {"rows": 100, "cell_bits": 4, "dac_bits": 3, "cols": 40},  # 100 rows: a partial 4-row group
     ],
     "sram": [
         {},
@@ -39,8 +42,13 @@ def _layers(weight_bits: int, act_bits: int) -> tuple[nn.Module, nn.Module]:
     return conv, lin
 
 
+PATHS = kernel.available_paths()  # every kernel path this machine can run, torch included
+COMPILED = [p for p in PATHS if p != "torch"]
+
+
 def _cases() -> list[tuple[str, dict, int, int]]:
-    return [(name, opts, wb, ab) for name, all_opts in IDEAL.items() for opts in all_opts for wb, ab in WIDTHS]
+    return [(name, {**opts, "kernel": path}, wb, ab) for name, all_opts in IDEAL.items() for opts in all_opts
+            for path in (PATHS if opts.get("fused_kernel", True) else ["torch"]) for wb, ab in WIDTHS]
 
 
 @pytest.mark.parametrize("backend,options,weight_bits,act_bits", _cases())
@@ -93,40 +101,56 @@ NOISY = [
     ("crossbar", {"preset": "typical", "gemm": "float32"}),  # float GEMM: the C ADC over partial sums
     ("crossbar", {"preset": "typical", "fresh_noise": True}),  # fresh samples: one kernel call per block
     ("crossbar", {"preset": "typical", "block_kib": 16}),  # many blocks, each at its own pool offset
-    ("sram", {"preset": "typical"}),
+    ("sram", {"preset": "typical"}),  # exp bit-line saturation
+    ("sram", {"preset": "typical", "saturation": "tanh"}),
     ("sram", {"preset": "typical", "xnor_binary": False, "dac_bits": 3}),
 ]
 
 
+def _noisy_run(backend: str, opts: dict, path: str, conv: QuantConv2d, xi: torch.Tensor, wi: torch.Tensor
+               ) -> tuple[torch.Tensor, dict]:
+    be = create_backend(backend, {**opts, "kernel": path}, seed=5)
+    log = EventLog(xi.shape[0])
+    with torch.no_grad(), recording(log):
+        out = be.mvm(conv, xi, wi)
+    return out, {key: float(v.sum()) for key, v in log.counts.items()}
+
+
+@pytest.mark.parametrize("path", COMPILED)
 @pytest.mark.parametrize("backend,opts", NOISY)
 @pytest.mark.parametrize("shape", [(16, 8, 1, 8), (12, 7, 2, 8), (20, 9, 1, 1)])  # (in, out, stride, bits)
-def test_noisy_paths_agree_between_fused_kernel_and_torch(backend: str, opts: dict, shape: tuple,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    lib = kernel.load()
-    if lib is None:
-        pytest.skip("no C compiler: only the torch path exists here")
+def test_noisy_kernels_agree_with_torch(path: str, backend: str, opts: dict, shape: tuple) -> None:
     cin, cout, stride, bits = shape  # 7 or 9 outputs: partly filled vectors; 1 bit: one cycle
     torch.manual_seed(0)
     conv = QuantConv2d(cin, cout, 3, stride=stride, padding=1, weight_bits=bits, act_bits=bits).eval()
     x = torch.rand(3, cin, 9, 9) * 0.4 if bits > 1 else torch.randn(3, cin, 9, 9)
     with torch.no_grad():
         xi, (wi, _) = conv.quantize_input(x), conv.quantize_weight()
-
-    def run(fused: bool) -> torch.Tensor:
-        be = create_backend(backend, {**opts, "fused_kernel": fused}, seed=5)
-        with torch.no_grad():
-            return be.mvm(conv, xi, wi)
-
-    outs = [run(True), run(False)]
-    if kernel.fused_available(lib):  # also the C ADC over materialised int8-GEMM partial sums
-        monkeypatch.setattr(kernel, "fused_available", lambda _lib: False)
-        outs.append(run(True))
+    ref, ref_events = _noisy_run(backend, opts, "torch", conv, xi, wi)
+    out, events = _noisy_run(backend, opts, path, conv, xi, wi)
     # same noise samples and arithmetic; only float rounding (summation order, fused multiply-adds,
-    # libm's expm1 for the bit-line saturation) differs, far below one ADC step
-    scale = outs[1].abs().max()
-    for out in outs[::2]:
-        assert torch.allclose(out, outs[1], rtol=0, atol=1e-5 * float(scale)), (backend, opts)
-    assert not torch.equal(outs[0], conv.integer_mvm(xi, wi))
+    # expm1 for the bit-line saturation) differs, far below one ADC step
+    assert torch.allclose(out, ref, rtol=0, atol=1e-5 * float(ref.abs().max())), (path, backend, opts)
+    assert events == ref_events  # the same conversions, reads and products
+    assert not torch.equal(out, conv.integer_mvm(xi, wi))
+
+
+@pytest.mark.parametrize("path", COMPILED)
+def test_kernels_split_rows_over_threads_like_one_thread(path: str) -> None:
+    """OpenMP splits a layer's rows between threads; each row's noise samples stay its own."""
+    torch.manual_seed(2)
+    conv = QuantConv2d(16, 24, 3, padding=1, weight_bits=8, act_bits=8).eval()
+    with torch.no_grad():
+        xi, (wi, _) = conv.quantize_input(torch.rand(5, 16, 10, 10)), conv.quantize_weight()
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(_noisy_run("crossbar", {"preset": "typical", "rows": 64}, path, conv, xi, wi)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("kernel_size,stride,padding,dilation", [
@@ -141,20 +165,23 @@ def test_implicit_conv_patches_are_exact(kernel_size: int, stride: int, padding:
     with torch.no_grad():
         xi, (wi, _) = conv.quantize_input(x), conv.quantize_weight()
         ref = conv.integer_mvm(xi, wi)
-        for opts in ({"rows": 20}, {"rows": 128, "cell_bits": 1}, {"rows": 7, "dac_bits": 3, "fused_kernel": False}):
-            assert torch.equal(create_backend("crossbar", opts, seed=0).mvm(conv, xi, wi), ref), opts
+        for path in PATHS:
+            for opts in ({"rows": 20}, {"rows": 128, "cell_bits": 1}, {"rows": 7, "dac_bits": 3}):
+                out = create_backend("crossbar", {**opts, "kernel": path}, seed=0).mvm(conv, xi, wi)
+                assert torch.equal(out, ref), (path, opts)
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.1, 0.3])
-@pytest.mark.parametrize("options", [{"rows": 16}, {"rows": 16, "fused_kernel": False}, {"dac_bits": 2, "adc_bits": 12}])
-def test_skipped_zero_planes_stay_exact(scale: float, options: dict) -> None:
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("options", [{"rows": 16}, {"dac_bits": 2, "adc_bits": 12}])
+def test_skipped_zero_planes_stay_exact(scale: float, options: dict, path: str) -> None:
     """Inputs below 2^k leave the top bit-planes empty: they are skipped, not mis-converted."""
     torch.manual_seed(1)
     conv = QuantConv2d(8, 6, 3, padding=1, weight_bits=8, act_bits=8).eval()
     x = torch.rand(2, 8, 6, 6) * scale
     with torch.no_grad():
         xi, (wi, _) = conv.quantize_input(x), conv.quantize_weight()
-        out = create_backend("crossbar", options, seed=0).mvm(conv, xi, wi)
+        out = create_backend("crossbar", {**options, "kernel": path}, seed=0).mvm(conv, xi, wi)
         assert torch.equal(out, conv.integer_mvm(xi, wi))
 
 

@@ -18,15 +18,17 @@ per sqrt(sum x^2) of the array's inputs in that cycle) are independent zero-mean
 their sum is drawn as one Gaussian, sigma = sqrt(s1^2 + rn^2 sum x^2 / step^2) LSB, from one
 N(0, 1) sample of :class:`~edgecloud.cim.noise.ReadNoise` (drawn per block of rows).
 
-Where the C kernel is built with AVX-512 VNNI (:mod:`edgecloud.cim.kernel`), integer layers run
-*fused*: one kernel call per layer builds each row's bit-planes in L1, multiplies them with
-``vpdpbusd`` and converts and accumulates every partial sum in registers, reading conv patches
-straight from the padded NHWC input (no patch matrix, no bit-plane or partial-sum tensors).
-Otherwise, per block of rows: bit-planes, ``torch._int_mm`` / float GEMMs into a block of
-partial sums sized ~``block_bytes``, then the C ADC kernel or torch ops. Planes that are zero
-in a whole block (whole input, fused) skip the work when there is no noise. All paths use the
-same noise samples in the same places. With every non-ideality off and an ideal or lossless
-ADC the result equals the integer product exactly.
+With a compiled kernel (:mod:`edgecloud.cim.kernel`: AVX-512 VNNI, AVX2 or portable C, picked
+from the CPU), integer layers run *fused*: one kernel call per layer builds each row's bit-planes
+in L1, multiplies them with the packed int8 weights and converts and accumulates every partial
+sum in registers, reading conv patches straight from the padded NHWC input (no patch matrix, no
+bit-plane or partial-sum tensors). Layers with float weights run, per block of rows, float GEMMs
+into a block of partial sums sized ~``block_bytes`` and the kernel's ADC over them. Without a
+kernel (the ``torch`` path, the reference) the same blocks run as torch ops: exact int8 GEMMs
+(``torch._int_mm``) where the CPU has VNNI, exact fp32 GEMMs elsewhere (``_int_mm`` is a slow
+reference loop without it). Planes that are zero in a whole block (whole input, fused) skip the
+work when there is no noise. All paths use the same noise samples in the same places. With every
+non-ideality off and an ideal or lossless ADC the result equals the integer product exactly.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class MappedLayer:
     calib_samples: list[torch.Tensor] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stacked: torch.Tensor | None = None  # (n_full, rows, J) float32 for the batched GEMM
-    packed: tuple[torch.Tensor, torch.Tensor, int] | None = None  # int8 weights for the fused kernel
+    packed: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)  # per kernel layout
 
     @property
     def n_tiles(self) -> int:
@@ -98,8 +100,14 @@ class MappedLayer:
             self.stacked = torch.stack([w.float() for w in full])
 
     def _loop_tiles(self) -> bool:
-        """One int8 GEMM per array (few, tall arrays) vs. one batched float GEMM (many small ones)."""
-        return self.int_gemm and self.n_tiles <= 16
+        """One int8 GEMM per array (few, tall arrays, and a CPU where ``torch._int_mm`` is fast)
+        vs. one batched float GEMM (many small arrays, or no VNNI)."""
+        return self.int_gemm and self.n_tiles <= 16 and kernel.int8_gemm_is_fast()
+
+    def int16_rows(self) -> int:
+        """Rows whose plane x weight products sum in int16 without overflow (for the kernels)."""
+        peak = max(int(w.abs().max()) if w.numel() else 0 for w in self.weights)
+        return max(2, 32767 // max(1, ((1 << self.bits_per_cycle) - 1) * peak))
 
 
 def _gemm(mapped: MappedLayer, planes: torch.Tensor) -> torch.Tensor:
@@ -130,7 +138,7 @@ def _gemm(mapped: MappedLayer, planes: torch.Tensor) -> torch.Tensor:
 def _row_sq_sums(mapped: MappedLayer, planes: torch.Tensor) -> torch.Tensor:
     """(n_tiles, T' m) float32 sum_i x_i^2 over each array's rows, for read noise."""
     t, m, _ = planes.shape
-    if mapped.bits_per_cycle <= 3:  # x^2 <= 49 fits int8: exact int8 GEMMs against ones
+    if mapped.bits_per_cycle <= 3 and kernel.int8_gemm_is_fast():  # x^2 <= 49 fits int8: exact int8 GEMMs
         src = planes if mapped.bits_per_cycle == 1 else planes * planes
         src = src.view(torch.int8)
         sums = []
@@ -272,11 +280,11 @@ def block_rows_for(mapped: MappedLayer, block_bytes: int) -> int:
     return max(64, block_bytes // max(per_row, 1))
 
 
-def _live_planes(mapped: MappedLayer, chunk: torch.Tensor, lib: object | None) -> torch.Tensor:
+def _live_planes(mapped: MappedLayer, chunk: torch.Tensor, kern: kernel.Kernel | None) -> torch.Tensor:
     """(T,) bool: planes with at least one non-zero input bit in this block."""
     v, n_cycles = mapped.bits_per_cycle, mapped.n_cycles
-    if lib is not None and chunk.stride(1) == 1:
-        present = kernel.or_reduce(lib, chunk)  # type: ignore[arg-type]
+    if kern is not None and chunk.stride(1) == 1:
+        present = kern.or_reduce(chunk)
     else:
         present = 0
         for bit in range(8):
@@ -302,7 +310,7 @@ def _read_noise_args(mapped: MappedLayer, st: _Stage, rn2: float, s1sq: float
 
 
 def _run_fused(mapped: MappedLayer, source: PatchSource, noise: ReadNoise | None, block: int, st: _Stage,
-               lib: object) -> torch.Tensor:
+               kern: kernel.Kernel) -> torch.Tensor:
     """The fused kernel over all rows: one call (one parallel region) per layer where possible.
 
     Noise samples are drawn exactly as the block loop of :func:`run_mapped` would draw them
@@ -310,8 +318,11 @@ def _run_fused(mapped: MappedLayer, source: PatchSource, noise: ReadNoise | None
     """
     v, n_cycles, j, n_tiles = mapped.bits_per_cycle, mapped.n_cycles, mapped.columns, mapped.n_tiles
     m_total, o = source.m, mapped.out_features
-    assert mapped.packed is not None
-    packed, offsets, jv = mapped.packed
+    with mapped.lock:
+        if kern.layout not in mapped.packed:
+            mapped.packed[kern.layout] = kern.pack_weights(mapped.weights)
+    packed = mapped.packed[kern.layout]
+    lim16 = mapped.int16_rows()
     noisy = noise is not None and (mapped.adc_noise_lsb > 0 or mapped.row_noise > 0)
     cycle_w = torch.pow(2.0, v * torch.arange(n_cycles, dtype=torch.float32))
     const = st.const * cycle_w.sum()
@@ -339,8 +350,8 @@ def _run_fused(mapped: MappedLayer, source: PatchSource, noise: ReadNoise | None
     per_row = n_tiles * emitted.numel() * j
 
     def call(row0: int, m: int, samples: tuple[torch.Tensor, torch.Tensor, int] | None) -> None:
-        kernel.fused_block(
-            lib, x, m, source.conv, bounds, packed, offsets, jv, shifts, (1 << v) - 1, j,  # type: ignore[arg-type]
+        kern.fused_block(
+            x, m, source.conv, bounds, packed, lim16, shifts, (1 << v) - 1, j,
             st.scale, st.shift, st.step, st.inv_step, weights, st.top, samples, s1, read_noise,
             mapped.saturation, mapped.weight_unit, st.offset, mapped.v_sat, const, coef,
             out[row0:row0 + m], row0=row0,
@@ -360,11 +371,12 @@ def _run_fused(mapped: MappedLayer, source: PatchSource, noise: ReadNoise | None
 
 
 def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: ReadNoise | None,
-               block_bytes: int = 8 << 20, use_kernel: bool = True) -> torch.Tensor:
+               block_bytes: int = 8 << 20, kern: kernel.Kernel | None = None) -> torch.Tensor:
     """(M, O) float32 integer-unit results of the programmed layer for uint8 patches (M, K).
 
     ``patches`` may be a :class:`PatchSource` (an implicit conv im2col, read in place by the
-    fused kernel and materialised only for the other paths).
+    fused kernel and materialised only for the other paths). ``kern``: the compiled kernel to
+    use (:func:`edgecloud.cim.kernel.resolve`), None for the torch path.
     """
     source = patches if isinstance(patches, PatchSource) else PatchSource(patches.shape[0], patches.shape[1], patches)
     block = block_rows_for(mapped, block_bytes)
@@ -372,12 +384,8 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: 
         if mapped.needs_calibration():
             _calibrate(mapped, source, block)
     st = _stage(mapped)
-    lib = kernel.load() if use_kernel else None
-    if mapped.int_gemm and kernel.fused_available(lib):
-        with mapped.lock:
-            if mapped.packed is None:
-                mapped.packed = kernel.pack_weights(mapped.weights)
-        return _run_fused(mapped, source, noise, block, st, lib)
+    if kern is not None and mapped.int_gemm:
+        return _run_fused(mapped, source, noise, block, st, kern)
     v, n_cycles, j, n_tiles = mapped.bits_per_cycle, mapped.n_cycles, mapped.columns, mapped.n_tiles
     cycle_w = torch.pow(2.0, v * torch.arange(n_cycles, dtype=torch.float32))
     noisy = noise is not None and (mapped.adc_noise_lsb > 0 or mapped.row_noise > 0)
@@ -387,8 +395,6 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: 
     const = (st.const * cycle_w.sum()).contiguous()
     coef = mapped.coef.float().contiguous()
     zero_sum: torch.Tensor | None = None  # (J,) one conversion of an all-zero plane: sum_r step * code(0)
-    int_planes = lib is not None and mapped._loop_tiles()
-    bounds = torch.tensor([a for a, _ in mapped.tiles] + [mapped.tiles[-1][1]], dtype=torch.int64)
     patches = source.rows()
     m_total, o = source.m, mapped.out_features
     out = torch.empty(m_total, o, dtype=torch.float32)
@@ -397,7 +403,7 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: 
         m = chunk.shape[0]
         live = None
         if n_cycles > 1 and not noisy:  # an all-zero plane converts to the fixed code of 0: skip it
-            live = _live_planes(mapped, chunk, lib)
+            live = _live_planes(mapped, chunk, kern)
             if bool(live.all()):
                 live = None
         weights, block_const = cycle_w, const
@@ -411,28 +417,17 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: 
         if weights.numel() == 0:
             dest.copy_((block_const.view(mapped.n_sub, o) * coef.view(-1, 1)).sum(0).expand(m, o))
             continue
-        emitted = torch.arange(n_cycles)[live] if live is not None else torch.arange(n_cycles)
-        t_used = emitted.numel()
-        row_sq = None
-        if int_planes:
-            shifts = (emitted * v).to(torch.int32)
-            flat, row_sq = kernel.planes_tiled(lib, chunk, bounds, shifts, (1 << v) - 1, read_noise)  # type: ignore[arg-type]
-            partial = torch.empty(n_tiles, t_used * m, j, dtype=torch.int32)
-            for r, ((a, b), w) in enumerate(zip(mapped.tiles, mapped.weights)):
-                lhs = flat[t_used * m * a: t_used * m * b].view(t_used * m, b - a)
-                torch._int_mm(lhs, w, out=partial[r])
-        else:
-            planes = bit_planes(chunk, v, n_cycles)
-            if live is not None:
-                planes = planes[live]
-            partial = _gemm(mapped, planes)
-            if read_noise:
-                row_sq = _row_sq_sums(mapped, planes)
+        t_used = weights.numel()
+        planes = bit_planes(chunk, v, n_cycles)
+        if live is not None:
+            planes = planes[live]
+        partial = _gemm(mapped, planes)
+        row_sq = _row_sq_sums(mapped, planes) if read_noise else None
         samples = noise.draw(partial.numel()) if noisy and noise is not None else None
         sigma = _noise_sigma(row_sq, st.inv_step2, rn2, s1 * s1) if row_sq is not None else None
-        if lib is not None:
-            kernel.adc_accumulate(
-                lib, partial, t_used, st.scale, st.shift, st.step, st.inv_step, weights, st.top,  # type: ignore[arg-type]
+        if kern is not None:
+            kern.adc_accumulate(
+                partial, t_used, st.scale, st.shift, st.step, st.inv_step, weights, st.top,
                 samples, s1, sigma, mapped.saturation, mapped.weight_unit,
                 st.offset, mapped.v_sat, block_const, coef, dest,
             )

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from edgecloud.cim import kernel
 from edgecloud.cim.backend import Backend
 from edgecloud.cim.engine import MappedLayer, run_mapped
 from edgecloud.cim.events import record
@@ -43,6 +44,7 @@ class ArrayOptions(BaseModel):
     fresh_noise: bool = False
     block_kib: int = Field(8192, ge=16)
     fused_kernel: bool = True
+    kernel: Literal["auto", "vnni", "avx2", "portable", "torch"] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -66,6 +68,8 @@ class SimulatedBackend(Backend):
         except ValidationError as exc:
             raise ValueError(f"invalid {self.name} backend options: {exc}") from exc
         self.seed = int(seed)
+        # the compiled kernel (None: torch), chosen now so a forced path this machine lacks fails here
+        self.kernel = kernel.resolve("torch" if not self.options.fused_kernel else self.options.kernel)
         self.noise = ReadNoise(self.seed, fresh=self.options.fresh_noise)
         self._names: dict[int, str] = {}
         self._chips: dict[int, tuple[torch.Tensor, MappedLayer]] = {}
@@ -112,7 +116,7 @@ class SimulatedBackend(Backend):
     def mvm(self, layer: QuantLayerMixin, x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
         mapped = self.mapped(layer, w_int)
         source, geo = layer_source(layer, x_int)
-        acc = run_mapped(mapped, source, self.noise, self.options.block_kib * 1024, self.options.fused_kernel)
+        acc = run_mapped(mapped, source, self.noise, self.options.block_kib * 1024, self.kernel)
         for component, event, per_position in self.events(mapped, layer):
             record(component, event, per_position * geo.positions)
         return to_output(acc, geo)

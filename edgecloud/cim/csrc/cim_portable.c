@@ -1,0 +1,89 @@
+/* Array-pass kernels in plain C for any CPU (aarch64 included): built with -O3 and no instruction-set
+ * flags, so they rely on the compiler's auto-vectorisation (SSE2 on x86-64, NEON on aarch64).
+ *
+ * Planes x weights row by row against row-major int8 weights ([R][16 Jv]): a zero plane byte is
+ * skipped (high bit-planes of post-ReLU activations are mostly zero) and a one adds the weight
+ * row; the column loop accumulates in int16 for up to lim16 rows (no overflow: see cim_common.h),
+ * then widens to int32. */
+#include <stdint.h>
+#include <string.h>
+
+#define ISA_NAME "portable"
+#define ISA_WEIGHT_LAYOUT 1
+
+static inline __attribute__((always_inline)) void isa_copy(uint8_t *dst, const uint8_t *src, int64_t n)
+{
+    memcpy(dst, src, (size_t)n);
+}
+
+static inline __attribute__((always_inline)) int32_t isa_cut(const uint8_t *xi, int64_t R, int s, int32_t mask,
+                                                             uint8_t *o, const int want_sq)
+{
+    int32_t sq = 0;
+    for (int64_t k = 0; k < R; k++) {
+        const uint8_t v = (uint8_t)((xi[k] >> s) & mask);
+        o[k] = v;
+        sq += (int32_t)v * v;
+    }
+    return want_sq ? sq : 0;
+}
+
+static void isa_gemm(const uint8_t *pl, int64_t ps, int P, const int8_t *w, int64_t R, int64_t Jv, int64_t lim16,
+                     int32_t *o, int64_t os, void *scratch)
+{
+    const int64_t Jp = 16 * Jv;
+    int16_t *__restrict__ a16 = (int16_t *)scratch;
+    for (int p = 0; p < P; p++) {
+        const uint8_t *__restrict__ x = pl + p * ps;
+        int32_t *__restrict__ op = o + p * os;
+        memset(op, 0, (size_t)Jp * sizeof(int32_t));
+        for (int64_t k0 = 0; k0 < R; k0 += lim16) {
+            const int64_t k1 = R - k0 < lim16 ? R : k0 + lim16;
+            int used = 0;
+            for (int64_t k = k0; k < k1; k++) {
+                const int16_t xv = x[k];
+                if (!xv) continue;
+                const int8_t *__restrict__ wk = w + k * Jp;
+                if (!used) {
+                    memset(a16, 0, (size_t)Jp * sizeof(int16_t));
+                    used = 1;
+                }
+                if (xv == 1) {
+                    for (int64_t j = 0; j < Jp; j++) a16[j] = (int16_t)(a16[j] + wk[j]);
+                } else {
+                    for (int64_t j = 0; j < Jp; j++) a16[j] = (int16_t)(a16[j] + xv * wk[j]);
+                }
+            }
+            if (used)
+                for (int64_t j = 0; j < Jp; j++) op[j] += a16[j];
+        }
+    }
+}
+
+/* forward declarations of the shared helpers defined in cim_common.h */
+static inline __attribute__((always_inline)) float ec_h2f(uint16_t h);
+static inline __attribute__((always_inline)) float ec_quantize(float u, float top);
+
+static inline __attribute__((always_inline)) void isa_adc_linear(
+    const int32_t *part, int64_t os, int64_t T, int64_t J, const float *sc, const float *sh, const float *st,
+    const float *tw, const uint16_t *nrow, const float *const *sgrow, float s1, float top, float *tmp, float *ac,
+    const int HA, const int HB, const int QZ)
+{
+    float *__restrict__ tacc = tmp;
+    memset(tacc, 0, (size_t)J * sizeof(float));
+    for (int64_t t = 0; t < T; t++) {
+        const float w = tw[t];
+        const int32_t *__restrict__ pi = part + t * os;
+        const uint16_t *__restrict__ a = HA ? nrow + t * J : 0;
+        const float *__restrict__ sg = HB ? sgrow[t] : 0;
+        for (int64_t j = 0; j < J; j++) {
+            float u = (float)pi[j] * sc[j] + sh[j];
+            if (HA) u += (HB ? sg[j] : s1) * ec_h2f(a[j]);
+            if (QZ) u = ec_quantize(u, top);
+            tacc[j] += w * u;
+        }
+    }
+    for (int64_t j = 0; j < J; j++) ac[j] += st[j] * tacc[j];
+}
+
+#include "cim_common.h"
