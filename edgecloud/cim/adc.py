@@ -64,7 +64,7 @@ def max_ranges(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> AdcRanges:
 
 def calibrated_ranges(samples: torch.Tensor, bits: int, percentile: float) -> AdcRanges:
     """``calibrated`` mode from analog samples (n_tiles, n, J): [100 - p, p] percentiles."""
-    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=torch.float64)
+    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=torch.float64, device=samples.device)
     lo_list, hi_list = [], []
     for tile in samples.double():  # quantile's size limit: one array at a time
         both = torch.quantile(tile, q, dim=0)

@@ -29,12 +29,17 @@ kernel (the ``torch`` path, the reference) the same blocks run as torch ops: exa
 reference loop without it). Planes that are zero in a whole block (whole input, fused) skip the
 work when there is no noise. All paths use the same noise samples in the same places. With every
 non-ideality off and an ideal or lossless ADC the result equals the integer product exactly.
+
+On an accelerator (a backend's ``device`` option, e.g. ``cuda``) the torch path runs there, with
+the layer's arrays moved once after programming on the CPU (same chip), float GEMMs that are exact
+for integers below 2^24 (never TF32: float64 where TF32 is enabled), the same pooled noise samples
+(a device copy of the pool, same offsets) and the same calibration percentiles (taken on the CPU).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -44,6 +49,34 @@ from edgecloud.cim.noise import ReadNoise, saturate
 from edgecloud.cim.tiling import PatchSource, bit_planes
 
 CALIBRATION_SAMPLES = 4096  # analog samples kept per array and calibration batch
+CPU = torch.device("cpu")
+
+
+def _on_accelerator(device: torch.device) -> bool:
+    """Whether tensors on ``device`` take the accelerator variant of the torch path (float GEMMs,
+    no ``torch._int_mm``, device-side reductions). Tests patch this to run those variants on the CPU."""
+    return device.type != "cpu"
+
+
+def _tf32_matmul(device: torch.device) -> bool:
+    """Whether float32 matmuls on ``device`` may run in TF32 (10-bit mantissa: not exact)."""
+    if device.type != "cuda":
+        return False
+    matmul = torch.backends.cuda.matmul
+    try:  # torch >= 2.9; reading it is safe whichever API set the flag
+        return matmul.fp32_precision == "tf32"
+    except (AttributeError, RuntimeError):
+        return bool(matmul.allow_tf32)
+
+
+def _gemm_dtype(device: torch.device) -> torch.dtype:
+    """float32 (exact for integer sums below 2^24), or float64 where float32 GEMMs may use TF32."""
+    return torch.float64 if _on_accelerator(device) and _tf32_matmul(device) else torch.float32
+
+
+def _int8_gemm(device: torch.device) -> bool:
+    """Whether to use exact int8 GEMMs (``torch._int_mm``): on a CPU where they are fast only."""
+    return not _on_accelerator(device) and kernel.int8_gemm_is_fast()
 
 
 @dataclass
@@ -79,6 +112,7 @@ class MappedLayer:
     lock: threading.Lock = field(default_factory=threading.Lock)
     stacked: torch.Tensor | None = None  # (n_full, rows, J) float32 for the batched GEMM
     packed: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)  # per kernel layout
+    device: torch.device = CPU  # where every tensor above lives (:meth:`to`)
 
     @property
     def n_tiles(self) -> int:
@@ -95,14 +129,39 @@ class MappedLayer:
         """Set ``max`` ranges and the batched-GEMM weights once the arrays are programmed."""
         if self.adc_bits is not None and self.adc_range == "max":
             self.ranges = max_ranges(self.reach_lo, self.reach_hi, self.adc_bits)
+        self._stack()
+
+    def _stack(self) -> None:
         full = [w for (a, b), w in zip(self.tiles, self.weights) if b - a == self.tiles[0][1] - self.tiles[0][0]]
+        self.stacked = None
         if not self._loop_tiles() and len(full) > 1:
             self.stacked = torch.stack([w.float() for w in full])
 
+    def to(self, device: torch.device) -> "MappedLayer":
+        """Move the programmed arrays to ``device`` (in place, once after programming on the CPU, so
+        the chip's random draws are those of the CPU generators). On an accelerator the GEMM
+        weights become float32 (the same values: int8 fits exactly); the C kernels are not used."""
+        if device == self.device:
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        with self.lock:
+            self.weights = [w.to(device, torch.float32 if _on_accelerator(device) else w.dtype)
+                            for w in self.weights]
+            self.coef, self.reach_lo, self.reach_hi = move(self.coef), move(self.reach_lo), move(self.reach_hi)
+            self.offset, self.removed_offset = move(self.offset), move(self.removed_offset)
+            self.fixed_lsb = move(self.fixed_lsb)
+            if self.ranges is not None:
+                self.ranges = replace(self.ranges, lo=self.ranges.lo.to(device), step=self.ranges.step.to(device))
+            self.calib_samples = [s.to(device) for s in self.calib_samples]
+            self.packed = {}
+            self.device = device
+            self._stack()
+        return self
+
     def _loop_tiles(self) -> bool:
         """One int8 GEMM per array (few, tall arrays, and a CPU where ``torch._int_mm`` is fast)
-        vs. one batched float GEMM (many small arrays, or no VNNI)."""
-        return self.int_gemm and self.n_tiles <= 16 and kernel.int8_gemm_is_fast()
+        vs. one batched float GEMM (many small arrays, no VNNI, or an accelerator)."""
+        return self.int_gemm and self.n_tiles <= 16 and _int8_gemm(self.device)
 
     def int16_rows(self) -> int:
         """Rows whose plane x weight products sum in int16 without overflow (for the kernels)."""
@@ -121,24 +180,25 @@ def _gemm(mapped: MappedLayer, planes: torch.Tensor) -> torch.Tensor:
         for r, ((a, b), w) in enumerate(zip(mapped.tiles, mapped.weights)):
             torch._int_mm(src[:, :, a:b].reshape(rows_total, b - a), w, out=out[r])
         return out
-    src = planes.float() if planes.dtype != torch.float32 else planes
-    out = torch.empty(mapped.n_tiles, rows_total, j, dtype=torch.float32)
+    dtype = _gemm_dtype(planes.device)
+    src = planes.to(dtype) if planes.dtype != dtype else planes
+    out = torch.empty(mapped.n_tiles, rows_total, j, dtype=dtype, device=planes.device)
     n_full = 0
     if mapped.stacked is not None:
         n_full, rows = mapped.stacked.shape[0], mapped.stacked.shape[1]
         lhs = src[:, :, : n_full * rows].reshape(rows_total, n_full, rows).transpose(0, 1)
-        torch.bmm(lhs, mapped.stacked, out=out[:n_full])
+        torch.bmm(lhs, mapped.stacked.to(dtype), out=out[:n_full])
     for r in range(n_full, mapped.n_tiles):
         a, b = mapped.tiles[r]
         w = mapped.weights[r]
-        torch.mm(src[:, :, a:b].reshape(rows_total, b - a), w if w.dtype == torch.float32 else w.float(), out=out[r])
-    return out
+        torch.mm(src[:, :, a:b].reshape(rows_total, b - a), w if w.dtype == dtype else w.to(dtype), out=out[r])
+    return out if dtype == torch.float32 else out.float()  # float64 (no TF32): integers, exact in float32
 
 
 def _row_sq_sums(mapped: MappedLayer, planes: torch.Tensor) -> torch.Tensor:
     """(n_tiles, T' m) float32 sum_i x_i^2 over each array's rows, for read noise."""
     t, m, _ = planes.shape
-    if mapped.bits_per_cycle <= 3 and kernel.int8_gemm_is_fast():  # x^2 <= 49 fits int8: exact int8 GEMMs
+    if mapped.bits_per_cycle <= 3 and _int8_gemm(planes.device):  # x^2 <= 49 fits int8: exact int8 GEMMs
         src = planes if mapped.bits_per_cycle == 1 else planes * planes
         src = src.view(torch.int8)
         sums = []
@@ -178,7 +238,7 @@ class _Stage:
 
 def _stage(mapped: MappedLayer) -> _Stage:
     n_tiles, j = mapped.n_tiles, mapped.columns
-    zeros = torch.zeros(n_tiles, j, dtype=torch.float64)
+    zeros = torch.zeros(n_tiles, j, dtype=torch.float64, device=mapped.device)
     quantize = mapped.adc_bits is not None
     if quantize:
         assert mapped.ranges is not None
@@ -242,7 +302,9 @@ def _convert_torch(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, weigh
     codes = _adc_torch(mapped, st, partial, noise, sigma, t)
     n_tiles, rows, j = codes.shape
     m = rows // t
-    if t > 1:
+    if t > 1 and _on_accelerator(codes.device):  # no matmul: TF32 could round the codes
+        codes = (codes.view(n_tiles, t, m * j) * weights.view(1, t, 1)).sum(1).view(n_tiles, m, j)
+    elif t > 1:
         codes = torch.matmul(weights.view(1, 1, -1), codes.view(n_tiles, t, m * j)).view(n_tiles, m, j)
     else:
         codes = codes.view(n_tiles, m, j)
@@ -256,6 +318,8 @@ def _calibrate(mapped: MappedLayer, source: PatchSource, block_rows: int) -> Non
 
     Per block of rows, a random subset of its (cycle, row) conversions is kept; only those
     plane-rows are built and multiplied (the values are those of the full block's partial sums).
+    The subsets are drawn on the CPU and the percentiles taken there, so every device gets the
+    same ranges from the same samples.
     """
     gen = torch.Generator()
     gen.manual_seed(len(mapped.calib_samples) + 1)
@@ -267,11 +331,16 @@ def _calibrate(mapped: MappedLayer, source: PatchSource, block_rows: int) -> Non
         if pick.numel() > per_block:
             pick = torch.randperm(pick.numel(), generator=gen)[:per_block]
         t, i = pick // m, pick % m  # plane-row t m + i of bit_planes(block)
+        if mapped.device != CPU:
+            t, i = t.to(mapped.device), i.to(mapped.device)
         rows = source.take(start + i).long()
         planes = ((rows >> (v * t).unsqueeze(1)) & ((1 << v) - 1)).to(torch.uint8)
         mapped.calib_samples.append(_analog(mapped, _gemm(mapped, planes.unsqueeze(0))))
     assert mapped.adc_bits is not None
-    mapped.ranges = calibrated_ranges(torch.cat(mapped.calib_samples, dim=1), mapped.adc_bits, mapped.adc_percentile)
+    ranges = calibrated_ranges(torch.cat(mapped.calib_samples, dim=1).cpu(), mapped.adc_bits, mapped.adc_percentile)
+    if mapped.device != CPU:
+        ranges = replace(ranges, lo=ranges.lo.to(mapped.device), step=ranges.step.to(mapped.device))
+    mapped.ranges = ranges
     mapped.calib_seen += 1
 
 
@@ -285,6 +354,9 @@ def _live_planes(mapped: MappedLayer, chunk: torch.Tensor, kern: kernel.Kernel |
     v, n_cycles = mapped.bits_per_cycle, mapped.n_cycles
     if kern is not None and chunk.stride(1) == 1:
         present = kern.or_reduce(chunk)
+    elif _on_accelerator(chunk.device):  # one device sync per block, not one per bit
+        hits = torch.stack([(chunk & (1 << bit)).any() for bit in range(8)]).tolist()
+        present = sum(1 << bit for bit, hit in enumerate(hits) if hit)
     else:
         present = 0
         for bit in range(8):
@@ -376,9 +448,14 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: 
 
     ``patches`` may be a :class:`PatchSource` (an implicit conv im2col, read in place by the
     fused kernel and materialised only for the other paths). ``kern``: the compiled kernel to
-    use (:func:`edgecloud.cim.kernel.resolve`), None for the torch path.
+    use (:func:`edgecloud.cim.kernel.resolve`), None for the torch path. The result lives on
+    ``mapped.device``; the patches are moved there if they are elsewhere.
     """
     source = patches if isinstance(patches, PatchSource) else PatchSource(patches.shape[0], patches.shape[1], patches)
+    dev = mapped.device
+    source = source.to(dev)
+    if _on_accelerator(dev):
+        kern = None  # the C kernels read host memory: the torch path runs on the device
     block = block_rows_for(mapped, block_bytes)
     with mapped.lock:
         if mapped.needs_calibration():
@@ -387,7 +464,7 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: 
     if kern is not None and mapped.int_gemm:
         return _run_fused(mapped, source, noise, block, st, kern)
     v, n_cycles, j, n_tiles = mapped.bits_per_cycle, mapped.n_cycles, mapped.columns, mapped.n_tiles
-    cycle_w = torch.pow(2.0, v * torch.arange(n_cycles, dtype=torch.float32))
+    cycle_w = torch.pow(2.0, v * torch.arange(n_cycles, dtype=torch.float32)).to(dev)  # powers of 2 made on the CPU
     noisy = noise is not None and (mapped.adc_noise_lsb > 0 or mapped.row_noise > 0)
     # one N(0, 1) sample per conversion, scaled by sigma = sqrt(s1^2 + rn^2 sum x^2 inv^2) (LSB)
     s1, rn2 = mapped.adc_noise_lsb, mapped.row_noise ** 2
@@ -397,7 +474,7 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: 
     zero_sum: torch.Tensor | None = None  # (J,) one conversion of an all-zero plane: sum_r step * code(0)
     patches = source.rows()
     m_total, o = source.m, mapped.out_features
-    out = torch.empty(m_total, o, dtype=torch.float32)
+    out = torch.empty(m_total, o, dtype=torch.float32, device=dev)
     for start in range(0, m_total, block):
         chunk = patches[start:start + block]
         m = chunk.shape[0]
@@ -406,11 +483,13 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: 
             live = _live_planes(mapped, chunk, kern)
             if bool(live.all()):
                 live = None
+            else:
+                live = live.to(dev)  # a CPU mask: decisions above need no device sync
         weights, block_const = cycle_w, const
         if live is not None:
             if zero_sum is None:
-                zeros = torch.zeros(n_tiles, 1, j, dtype=torch.float32)
-                zero_sum = _convert_torch(mapped, st, zeros, torch.ones(1), None, None)[0]
+                zeros = torch.zeros(n_tiles, 1, j, dtype=torch.float32, device=dev)
+                zero_sum = _convert_torch(mapped, st, zeros, torch.ones(1, device=dev), None, None)[0]
             weights = cycle_w[live].contiguous()
             block_const = (const + zero_sum * cycle_w[~live].sum()).contiguous()
         dest = out[start:start + m]
@@ -423,7 +502,7 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: 
             planes = planes[live]
         partial = _gemm(mapped, planes)
         row_sq = _row_sq_sums(mapped, planes) if read_noise else None
-        samples = noise.draw(partial.numel()) if noisy and noise is not None else None
+        samples = noise.draw(partial.numel(), dev) if noisy and noise is not None else None
         sigma = _noise_sigma(row_sq, st.inv_step2, rn2, s1 * s1) if row_sq is not None else None
         if kern is not None:
             kern.adc_accumulate(

@@ -13,7 +13,9 @@ Two kinds of randomness, kept apart:
   kept at half precision (N(0, 1) rounded to float16: 11 significant bits, far finer than any
   noise level they scale) so that streaming them costs 2 bytes per conversion. A conversion
   draws one sample: its ADC noise and read noise are independent Gaussians, so their sum is
-  one Gaussian with the summed variance (see :mod:`edgecloud.cim.engine`).
+  one Gaussian with the summed variance (see :mod:`edgecloud.cim.engine`). A draw for another
+  device (CUDA) reads a copy of the same pool there at an offset from the same CPU generator
+  (fresh samples are drawn on the CPU and moved), so every device sees the same samples.
 
 Device and circuit models (conductances normalised to G_max = 1):
 
@@ -67,31 +69,38 @@ class ReadNoise:
         self._gen.manual_seed(int(np.random.SeedSequence([seed & 0xFFFFFFFF, 0x5EAD]).generate_state(1)[0]))
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 0x0FF5])))
         self._pool: torch.Tensor | None = None
+        self._device_pools: dict[torch.device, torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def pool(self) -> torch.Tensor:
-        """The float16 sample pool."""
+    def pool(self, device: torch.device | None = None) -> torch.Tensor:
+        """The float16 sample pool (on the CPU, or its copy on ``device``)."""
         with self._lock:
             if self._pool is None:
                 self._pool = torch.randn(self.pool_size, generator=self._gen).half()
-            return self._pool
+            if device is None or device.type == "cpu":
+                return self._pool
+            if device not in self._device_pools:
+                self._device_pools[device] = self._pool.to(device)
+            return self._device_pools[device]
 
     def pooled(self, n: int) -> bool:
         """Whether a draw of n samples is a view of the pool (at a fresh :meth:`offset`)."""
         return not self.fresh and n <= self.pool_size // 2
 
-    def draw_half(self, n: int) -> torch.Tensor:
-        """n N(0, 1) samples as float16 (a read-only view when pooled: do not modify in place)."""
+    def draw_half(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        """n N(0, 1) samples as float16 on ``device`` (default: CPU); the same samples on every
+        device (a read-only view when pooled: do not modify in place)."""
         if not self.pooled(n):
             with self._lock:
-                return torch.randn(n, generator=self._gen).half()
-        pool = self.pool()
+                fresh = torch.randn(n, generator=self._gen).half()
+            return fresh if device is None else fresh.to(device)
+        pool = self.pool(device)
         start = self.offset(n)
         return pool[start:start + n]
 
-    def draw(self, n: int) -> torch.Tensor:
+    def draw(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         """The same n samples as :meth:`draw_half` would give, as float32."""
-        return self.draw_half(n).float()
+        return self.draw_half(n, device).float()
 
     def offset(self, n: int) -> int:
         """A random start into :meth:`pool` for a block of n samples: the start a pooled

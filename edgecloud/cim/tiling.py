@@ -103,6 +103,23 @@ class PatchSource:
             self.patches = self._view.reshape(self.m, self.k)
         return self.patches
 
+    @property
+    def device(self) -> torch.device:
+        held = self.patches if self.patches is not None else self.nhwc
+        assert held is not None
+        return held.device
+
+    def to(self, device: torch.device) -> "PatchSource":
+        """The same rows on ``device`` (self when already there); moves the uint8 input, not patches."""
+        if self.device == device:
+            return self
+        if self.patches is None and self.nhwc is not None and self._view is not None:
+            nhwc = self.nhwc.to(device)  # dense: the strides (and the view's) are kept
+            offset = self._view.storage_offset() - self.nhwc.storage_offset()
+            view = nhwc.as_strided(self._view.shape, self._view.stride(), nhwc.storage_offset() + offset)
+            return PatchSource(self.m, self.k, nhwc=nhwc, conv=self.conv, _view=view)
+        return PatchSource(self.m, self.k, patches=self.rows().to(device))
+
     def take(self, index: torch.Tensor) -> torch.Tensor:
         """Patch rows ``index`` (int64) as a (len, K) uint8 tensor, without materialising the rest."""
         if self.patches is not None or self._view is None:
@@ -185,6 +202,6 @@ def bit_planes(chunk: torch.Tensor, bits_per_cycle: int, n_cycles: int) -> torch
     """(T, m, K) planes of a uint8 chunk (m, K); plane t holds bits [v t, v t + v) as integers."""
     if n_cycles == 1:
         return chunk.unsqueeze(0)
-    shifts = torch.arange(0, bits_per_cycle * n_cycles, bits_per_cycle, dtype=torch.uint8)
+    shifts = torch.arange(0, bits_per_cycle * n_cycles, bits_per_cycle, dtype=torch.uint8, device=chunk.device)
     mask = (1 << bits_per_cycle) - 1
     return torch.bitwise_and(torch.bitwise_right_shift(chunk.unsqueeze(0), shifts.view(-1, 1, 1)), mask)
