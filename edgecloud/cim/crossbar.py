@@ -37,6 +37,9 @@ Options (``BackendConfig.options``; default in brackets):
   1/100 of the cell range) or "float32". ``fresh_noise`` [False]: fresh Gaussian per read
   instead of the seeded pool (slower). ``block_kib`` [8192]: rows per block of partial sums
   (and per noise draw). ``fused_kernel`` [True]: the C kernels of :mod:`edgecloud.cim.kernel`.
+- ``device`` ["cpu"]: where the array pass runs, "cpu", "cuda" or "cuda:N" (the torch path on
+  the GPU, no C kernels: equal to the CPU at ideal settings, the same noise samples otherwise;
+  results return to the input's device). "cuda" without CUDA is an error.
 
 Each conversion's read noise and ADC noise are independent Gaussians and are drawn as one
 (:mod:`edgecloud.cim.engine`).

@@ -6,16 +6,21 @@ simulated chip: same seed, same chip), replaces only the layer's integer MVM, ru
 array engine (:mod:`edgecloud.cim.engine`) and records per-sample events. A layer whose weights
 change after programming (e.g. further training) is programmed again, with the same seed.
 Layers that cannot run on arrays (full-precision inputs, more than 8 bits) stay digital.
+
+``device`` ("cpu", "cuda", "cuda:N") is where the array pass runs: the chip is programmed on the
+CPU (same seed, same chip) and moved there once; inputs are moved to it and results come back on
+the input's device, so a CPU model can run its arrays on a GPU.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from edgecloud.cim import kernel
@@ -45,6 +50,32 @@ class ArrayOptions(BaseModel):
     block_kib: int = Field(8192, ge=16)
     fused_kernel: bool = True
     kernel: Literal["auto", "vnni", "avx2", "portable", "torch"] | None = None
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        """Fail at construction, naming the option, when the device cannot be used here."""
+        name = value.strip().lower()
+        found = re.fullmatch(r"cpu|cuda(?::(\d+))?", name)
+        if found is None:
+            raise ValueError(f"device={value!r}: choose 'cpu', 'cuda' or 'cuda:N'")
+        if name != "cpu":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={value!r} needs CUDA, but torch.cuda.is_available() is False here "
+                                 f"(no GPU or driver, or a CPU-only torch {torch.__version__}); use device='cpu'")
+            count = torch.cuda.device_count()
+            if found.group(1) is not None and int(found.group(1)) >= count:
+                raise ValueError(f"device={value!r}: this machine has {count} CUDA device(s) "
+                                 f"(cuda:0..cuda:{count - 1})")
+        return name
+
+    @model_validator(mode="after")
+    def _check_device_kernel(self) -> "ArrayOptions":
+        if self.device != "cpu" and self.kernel not in (None, "auto", "torch"):
+            raise ValueError(f"kernel={self.kernel!r} is a CPU kernel; with device={self.device!r} the torch path "
+                             "runs on the device (leave kernel unset, or use 'auto' or 'torch')")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -68,8 +99,11 @@ class SimulatedBackend(Backend):
         except ValidationError as exc:
             raise ValueError(f"invalid {self.name} backend options: {exc}") from exc
         self.seed = int(seed)
-        # the compiled kernel (None: torch), chosen now so a forced path this machine lacks fails here
-        self.kernel = kernel.resolve("torch" if not self.options.fused_kernel else self.options.kernel)
+        self.device = torch_device(self.options.device)
+        # the compiled kernel (None: torch), chosen now so a forced path this machine lacks fails here;
+        # on a CUDA device the torch path runs there (EDGECLOUD_CIM_KERNEL does not apply)
+        self.kernel = None if self.device.type != "cpu" else \
+            kernel.resolve("torch" if not self.options.fused_kernel else self.options.kernel)
         self.noise = ReadNoise(self.seed, fresh=self.options.fresh_noise)
         self._names: dict[int, str] = {}
         self._chips: dict[int, tuple[torch.Tensor, MappedLayer]] = {}
@@ -106,17 +140,27 @@ class SimulatedBackend(Backend):
         key = id(layer)
         with self._lock:
             held = self._chips.get(key)
-            if held is not None and held[0].shape == w_int.shape and torch.equal(held[0], w_int):
+            if held is not None and held[0].shape == w_int.shape and torch.equal(held[0], w_int.to(held[0].device)):
                 return held[1]
             name = self._names.setdefault(key, f"layer{len(self._names)}")
-            mapped = self.program(layer, w_int.detach(), name)
+            # programmed on the CPU with the CPU generators (the same chip on every device), then moved
+            mapped = self.program(layer, w_int.detach().cpu(), name).to(self.device)
             self._chips[key] = (w_int.detach().clone(), mapped)
             return mapped
 
     def mvm(self, layer: QuantLayerMixin, x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
         mapped = self.mapped(layer, w_int)
-        source, geo = layer_source(layer, x_int)
-        acc = run_mapped(mapped, source, self.noise, self.options.block_kib * 1024, self.kernel)
+        source, geo = layer_source(layer, x_int)  # uint8 on the input's device, moved as uint8
+        acc = run_mapped(mapped, source.to(self.device), self.noise, self.options.block_kib * 1024, self.kernel)
         for component, event, per_position in self.events(mapped, layer):
             record(component, event, per_position * geo.positions)
-        return to_output(acc, geo)
+        return to_output(acc, geo).to(x_int.device)
+
+
+def torch_device(name: str) -> torch.device:
+    """The torch device of a validated ``device`` option, with an explicit CUDA index (so that
+    device comparisons with tensors' devices hold)."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device

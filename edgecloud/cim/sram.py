@@ -50,7 +50,9 @@ Options (``BackendConfig.options``; default in brackets):
 - ``vt_sigma_mv`` [0.0], ``overdrive_mv`` [300.0]; ``vt_sigma_lsb`` [0.0].
 - ``read_noise_lsb`` [0.0]; ``adc_bits`` [None = ideal ADC]; ``adc_range`` ["max"];
   ``adc_percentile`` [99.9]; ``calib_batches`` [1]; ``adc_noise_lsb`` [0.0];
-  ``fresh_noise`` [False]; ``block_kib`` [8192]; ``fused_kernel`` [True] (as for the crossbar).
+  ``fresh_noise`` [False]; ``block_kib`` [8192]; ``fused_kernel`` [True]; ``device`` ["cpu"]:
+  "cpu", "cuda" or "cuda:N" (as for the crossbar; the "imac" accuracy model stays digital on
+  the input's device).
 
 Events per sample: ``sram/sram_cim_4b_op`` (one per product per cycle and slice) or
 ``sram/sram_cim_binary_op`` (XNOR), ``adc/adc_conversion_<B>b`` (one per group, column and
@@ -145,7 +147,7 @@ class SramBackend(SimulatedBackend):
             top, error = state["max"], state["error"]
         if top <= 0:
             return y
-        magnitude = torch.round(y.abs() * (levels / top)) + error
+        magnitude = torch.round(y.abs() * (levels / top)) + error.to(y.device)
         return torch.sign(y) * magnitude.clamp_(0.0, levels) * (top / levels)
 
     def is_xnor(self, layer: QuantLayerMixin) -> bool:
