@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -293,6 +294,54 @@ def test_queue_overflow_is_resource_exhausted_and_nothing_accepted_is_lost(cloud
         assert counts[("edgecloud_requests_total",
                        frozenset({"model": "rawnet", "status": "RESOURCE_EXHAUSTED"}.items()))] == 1
     finally:
+        server.stop(1.0)
+
+
+def test_idle_server_computes_in_the_rpc_thread_and_batches_under_load(cloud_repo):
+    server = build_cloud_server(settings_for(cloud_repo, max_queue_delay_ms=0.0)).start()
+    batcher = server.servicer.batchers["rawnet"]
+    real_fn = batcher.fn
+    threads: list[str] = []
+    sizes: list[int] = []
+    entered, hold = threading.Event(), threading.Event()
+    hold.set()
+
+    def spy(x):
+        threads.append(threading.current_thread().name)
+        sizes.append(int(x.shape[0]))
+        entered.set()
+        hold.wait(TIMEOUT)
+        return real_fn(x)
+
+    batcher.fn = spy
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            x = sample(cloud_repo, "rawnet", 2)
+            out = decode_response(stub.ModelInfer(encode_request("rawnet", {"INPUT": x}), timeout=TIMEOUT))
+            np.testing.assert_allclose(out["LOGITS"], reference(cloud_repo, "rawnet", x), rtol=1e-5, atol=1e-5)
+            assert threads[0].startswith("cloud-grpc")  # idle: no hand-off to the batch worker
+
+            # Busy: requests arriving while a batch computes queue and share the next batch.
+            hold.clear()
+            entered.clear()
+            xs = [sample(cloud_repo, "rawnet", n, seed=s) for n, s in ((1, 2), (2, 3), (2, 4))]
+            futures = [stub.ModelInfer.future(encode_request("rawnet", {"INPUT": xs[0]}), timeout=TIMEOUT)]
+            assert entered.wait(TIMEOUT)
+            futures += [stub.ModelInfer.future(encode_request("rawnet", {"INPUT": v}), timeout=TIMEOUT)
+                        for v in xs[1:]]
+            deadline = time.monotonic() + TIMEOUT
+            while batcher.depth < 4 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            assert batcher.depth == 4
+            hold.set()
+            for future, v in zip(futures, xs):
+                got = decode_response(future.result())["LOGITS"]
+                np.testing.assert_allclose(got, reference(cloud_repo, "rawnet", v), rtol=1e-5, atol=1e-5)
+        assert sizes == [2, 1, 4]
+        assert threads[2].startswith("batcher-")
+    finally:
+        hold.set()
         server.stop(1.0)
 
 

@@ -50,6 +50,8 @@ class ScriptedCloud(pb_grpc.GRPCInferenceServiceServicer):
         self.fail_code = grpc.StatusCode.UNAVAILABLE
         self.delay_s = 0.0
         self.seen_models: list[str] = []
+        self.hold: threading.Event | None = None  # when set: calls wait for it (after `entered`)
+        self.entered = threading.Event()
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
         with self.lock:
@@ -60,6 +62,9 @@ class ScriptedCloud(pb_grpc.GRPCInferenceServiceServicer):
                 self.fail_next -= 1
         if fail:
             context.abort(self.fail_code, "scripted failure")
+        if self.hold is not None:
+            self.entered.set()
+            self.hold.wait(10.0)
         if self.delay_s:
             time.sleep(self.delay_s)
         x = codec.decode_inputs(request)["FEATURES"]
@@ -264,6 +269,55 @@ def test_concurrent_offloads_share_cloud_calls_and_get_their_own_rows(cloud):
         assert sum(servicer.rows_per_call) == sum(range(1, 7))
         assert servicer.calls < 6  # batched into fewer cloud calls than callers
     finally:
+        client.close()
+
+
+def test_idle_link_calls_from_the_callers_thread_and_a_busy_one_batches(cloud):
+    server, servicer = cloud
+    client, _ = client_for(link(server.address, batching={
+        "max_batch_size": 64, "max_queue_delay_ms": 0.0, "max_queue_size": 256}))
+    callers: list[threading.Thread] = []
+    real_call = client._call
+
+    def spy(model, batch):
+        callers.append(threading.current_thread())
+        return real_call(model, batch)
+
+    client._call = spy  # the batcher's fn looks it up on every batch
+    try:
+        # Idle link: the caller's own thread makes the call (no hand-off to the worker).
+        probs = client.infer("m", features(3.0), time_remaining=5.0).probs
+        assert (probs.argmax(axis=1) == 3).all()
+        assert callers == [threading.current_thread()]
+
+        # Busy link: offloads arriving during a call queue and go out together afterwards.
+        servicer.hold = threading.Event()
+        results: dict[int, np.ndarray] = {}
+
+        def offload(i: int) -> None:
+            results[i] = client.infer("m", features(float(i), k=1), time_remaining=5.0).probs
+
+        first = threading.Thread(target=offload, args=(1,))
+        first.start()
+        assert servicer.entered.wait(5.0)
+        later = [threading.Thread(target=offload, args=(i,)) for i in (2, 3, 4)]
+        for t in later:
+            t.start()
+        batcher = client._batchers["m"]
+        deadline = time.monotonic() + 5.0
+        while batcher.depth < 3 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert batcher.depth == 3
+        servicer.hold.set()
+        for t in [first, *later]:
+            t.join(10)
+        assert sorted(results) == [1, 2, 3, 4]
+        for i, p in results.items():
+            assert p.shape == (1, CLASSES) and p.argmax() == i
+        assert servicer.rows_per_call == [2, 1, 3]  # the three queued offloads in one call
+        assert callers[1] is not callers[2] and callers[2].name.startswith("batcher-")
+    finally:
+        servicer.hold = None
         client.close()
 
 

@@ -195,7 +195,10 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument(
                 f"model {model.name!r} has no output(s) {unknown}; outputs: {known}"
             )
-        future = self.batchers[model.name].submit(array)  # may raise ResourceExhausted
+        # May raise ResourceExhausted. inline: an idle batcher runs ORT in this handler thread
+        # (no hand-off to the worker and back); a busy one queues the request, so concurrent
+        # requests still share batches.
+        future = self.batchers[model.name].submit(array, inline=True)
         context.add_callback(future.cancel)  # client gone / deadline: drop it if still queued
         remaining = context.time_remaining()
         timeout = None if remaining is None or remaining > _NO_DEADLINE_S else max(0.0, remaining)

@@ -11,6 +11,8 @@ Why each part:
 * a circuit breaker: after N consecutive failed calls no call is attempted for a while, so a
   dead cloud costs nothing per request.
 * a :class:`DynamicBatcher` per model: concurrent requests' offloads become one cloud call.
+  An offload that finds the link idle is sent from the caller's own thread (``inline``), so
+  a lone request pays no thread hand-offs; under load offloads queue and batch as before.
 
 Any failure raises :class:`CloudUnavailable`; the caller answers with its best edge exit,
 marked degraded. Nothing here ever fails a client request.
@@ -198,7 +200,10 @@ class CloudClient:
         k = int(features.shape[0])
         deadline = time.monotonic() + budget
         try:
-            future = batcher.submit({"x": features, "deadline": np.full(k, deadline, np.float64)})
+            # inline: on an idle link this thread makes the call itself (no hand-off to the
+            # batch worker and back); a busy link queues it, so concurrent offloads batch.
+            future = batcher.submit({"x": features, "deadline": np.full(k, deadline, np.float64)},
+                                    inline=True)
         except InferenceError as exc:  # queue full / shutting down
             code = exc.code.name
             self._failed(model, code)
