@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -662,3 +663,40 @@ def test_serve_flags_become_settings(tiny_repo, tmp_path):
             edge.batching.max_queue_size) == (16, 3.0, 99)
     assert edge.server.token == "t"
     assert parse_threshold_pins(args.threshold) == {"tiny": {0: 0.4}, "other": {1: None}}
+
+
+# ---- process-wide compute settings ---------------------------------------------------------
+def test_compute_settings_set_torch_threads_and_the_allocator_as_configured(monkeypatch):
+    import torch
+
+    from edgecloud.config import EdgeConfig
+    from edgecloud.edge import server as edge_server
+
+    calls: list[object] = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("threads", n)))
+    monkeypatch.setattr(edge_server, "keep_freed_memory", lambda: calls.append("malloc") or True)
+    edge_server.apply_compute_settings(EdgeConfig(torch_threads=3))
+    assert calls == [("threads", 3), "malloc"]
+    calls.clear()
+    edge_server.apply_compute_settings(EdgeConfig(torch_threads=0, keep_freed_memory=False))
+    assert calls == []
+
+
+def test_keep_freed_memory_sets_glibc_options_and_is_a_no_op_without_glibc(monkeypatch):
+    from edgecloud.edge import server as edge_server
+
+    seen: list[tuple[int, int]] = []
+
+    def mallopt(param: int, value: int) -> int:  # stands in for libc's (argtypes are set on it)
+        seen.append((param, value))
+        return 1
+
+    monkeypatch.setattr(edge_server.ctypes, "CDLL", lambda _name: SimpleNamespace(mallopt=mallopt))
+    assert edge_server.keep_freed_memory() is True
+    assert seen == list(edge_server._MALLOPT_SETTINGS)  # trim threshold, top pad, mmap threshold
+
+    def no_libc(_name):
+        raise OSError("no libc here")
+
+    monkeypatch.setattr(edge_server.ctypes, "CDLL", no_libc)
+    assert edge_server.keep_freed_memory() is False
