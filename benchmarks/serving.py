@@ -7,7 +7,10 @@ One run, same bundle, same batch, same data:
     closed-loop client in this process.
 In-process is measured before and after the served run and averaged, so drift on a shared
 machine hits both sides. Targets (issue #2): served throughput >= 90 % of in-process at
-concurrency 16; added p50 latency at batch 1 <= 2 ms.
+concurrency 16; added p50 latency at batch 1 <= 2 ms. Both sides run under the edge daemon's
+compute settings (``apply_compute_settings``: torch threads, allocator). The summary names the
+CPU (model, SIMD flags, usable cores, torch's SIMD level): results differ a lot between
+AVX2-only and AVX-512 machines.
 
     python benchmarks/serving.py [--model fmnist-hybrid] [--batch 32] [--concurrency 16] [--duration 8]
 
@@ -84,6 +87,42 @@ class InProcess:
         return np.asarray(times) * 1e3, np.asarray(offloaded)
 
 
+# SIMD extensions worth naming, in order (the /proc/cpuinfo flag names)
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+              "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The CPU this ran on: results differ a lot between AVX2-only and AVX-512 machines."""
+    import os
+    import platform
+
+    import torch
+
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not model:
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux: no flags, the platform's processor name
+        pass
+    model = model or platform.processor() or platform.machine()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    return {
+        "model": model,
+        "cores": usable,
+        "simd": [f for f in SIMD_FLAGS if f in flags],
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
 def _rounded(value: float, digits: int) -> float | None:
     """For the JSON line: None instead of NaN (e.g. no sample went to the cloud)."""
     return None if value != value else round(value, digits)
@@ -112,18 +151,22 @@ def main() -> int:
     from edgecloud.loadgen import run_load
     from edgecloud.procs import start_server
 
-    import torch
-
     from edgecloud.config import EdgeConfig
+    from edgecloud.edge.server import apply_compute_settings
 
-    # The same compute settings as the edge daemon's defaults, so only the serving path differs.
-    torch.set_num_threads(EdgeConfig().torch_threads or torch.get_num_threads())
+    # The same compute settings as the edge daemon's defaults (torch threads, allocator), so
+    # only the serving path differs.
+    edge_defaults = EdgeConfig()
+    apply_compute_settings(edge_defaults)
+    cpu = cpu_info()
     bundle = ModelRepository(args.repository).get(args.model)
     manifest = bundle.manifest
     data = _data(manifest)
     inproc = InProcess(bundle)
 
     print(f"model {manifest.name}, batch {args.batch}, concurrency {args.concurrency}", file=sys.stderr)
+    print(f"cpu: {cpu['model']}, {cpu['cores']} cores, {' '.join(cpu['simd']) or 'no SIMD flags'}, "
+          f"torch {cpu['torch_capability']}", file=sys.stderr)
     tp_in = [inproc.throughput(data, args.batch, args.duration)]
     lat_in = [inproc.latency_ms(data, args.latency_requests)]
 
@@ -183,6 +226,9 @@ def main() -> int:
         "target_throughput_ratio": 0.9, "target_added_p50_ms": 2.0,
         "meets_targets": bool(ratio >= 0.9 and added <= 2.0),
         "served_errors": dict(served.errors), "server_exit_codes": codes,
+        "edge_compute_settings": {"torch_threads": edge_defaults.torch_threads,
+                                  "keep_freed_memory": edge_defaults.keep_freed_memory},
+        "cpu": cpu,
     }
     print(json.dumps(summary))
     return 0
