@@ -1,7 +1,8 @@
 """What CPU this is: model name and SIMD features, for kernel dispatch and for benchmark reports.
 
 Read from ``/proc/cpuinfo`` on Linux (x86 ``flags``, aarch64 ``Features``); elsewhere only the
-machine type is known and no SIMD feature is assumed.
+machine type is known and no SIMD feature is assumed. ``EDGECLOUD_CPU_FLAGS_OFF`` (a comma list,
+e.g. ``avx512f,avx512_vnni``) hides features, to see what dispatch does on a lesser CPU.
 """
 
 from __future__ import annotations
@@ -49,5 +50,7 @@ def cpu_info() -> CpuInfo:
             model = value.strip()
         elif key in ("flags", "features") and not flags:
             flags = set(value.split())
+    hidden = {f.strip() for f in os.environ.get("EDGECLOUD_CPU_FLAGS_OFF", "").split(",") if f.strip()}
+    flags -= hidden
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return CpuInfo(model or platform.machine(), platform.machine(), frozenset(flags), cores)

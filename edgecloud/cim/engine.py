@@ -390,10 +390,11 @@ def _run_fused(mapped: MappedLayer, source: PatchSource, noise: ReadNoise | None
     """
     v, n_cycles, j, n_tiles = mapped.bits_per_cycle, mapped.n_cycles, mapped.columns, mapped.n_tiles
     m_total, o = source.m, mapped.out_features
+    layout = kern.layout(v)
     with mapped.lock:
-        if kern.layout not in mapped.packed:
-            mapped.packed[kern.layout] = kern.pack_weights(mapped.weights)
-    packed = mapped.packed[kern.layout]
+        if layout not in mapped.packed:
+            mapped.packed[layout] = kern.pack_weights(mapped.weights, layout)
+    packed = mapped.packed[layout]
     lim16 = mapped.int16_rows()
     noisy = noise is not None and (mapped.adc_noise_lsb > 0 or mapped.row_noise > 0)
     cycle_w = torch.pow(2.0, v * torch.arange(n_cycles, dtype=torch.float32))

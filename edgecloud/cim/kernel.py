@@ -99,14 +99,14 @@ def int8_gemm_is_fast(info: CpuInfo | None = None) -> bool:
     return "avx512_vnni" in (info or cpu_info()).flags or "amx_int8" in (info or cpu_info()).flags
 
 
-def source_hash() -> str | None:
-    """Digest of the C sources beside this module (as setup.py computes it), if they are here."""
-    files = sorted(CSRC.glob("*.[ch]"))
-    if not files:
+def source_hash(path: str) -> str | None:
+    """Digest of one path's C sources beside this module (as setup.py computes it), if they are here."""
+    files = [CSRC / "cim_common.h", CSRC / f"cim_{path}.c"]
+    if not all(f.is_file() for f in files):
         return None
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + path.read_bytes())
+    for file in files:
+        digest.update(file.name.encode() + file.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -119,7 +119,6 @@ class Kernel:
 
     path: str
     lib: ctypes.CDLL
-    layout: int  # weight packing of fused_block: 0 = [ceil(R/4)][Jv][16][4], 1 = [R][16 Jv]
 
     @classmethod
     def load(cls, path: str) -> "Kernel":
@@ -137,34 +136,51 @@ class Kernel:
         lib.fused_block.restype = None
         for name in ("kernel_isa", "kernel_source_hash"):
             getattr(lib, name).restype = ctypes.c_char_p
+        lib.weight_layout.argtypes = [ctypes.c_int32]
         lib.weight_layout.restype = _i32
         isa = lib.kernel_isa().decode()
         if isa != path:
             raise KernelUnavailable(f"{file} holds the {isa} kernel, not {path}")
-        built, here = lib.kernel_source_hash().decode(), source_hash()
+        built, here = lib.kernel_source_hash().decode(), source_hash(path)
         if here is not None and built != here:
             log.warning("the compiled %s CiM kernel was built from older sources than %s; rebuild: "
                         "`python setup.py build_ext --inplace` (or `pip install -e .`)", path, CSRC)
-        return cls(path, lib, int(lib.weight_layout()))
+        return cls(path, lib)
 
     def or_reduce(self, x: torch.Tensor) -> int:
         """Bitwise OR of every byte of a uint8 (m, K) matrix with unit column stride."""
         assert x.dtype == torch.uint8 and x.dim() == 2 and x.stride(1) == 1
         return int(self.lib.or_reduce(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), _threads()))
 
-    def pack_weights(self, weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(packed, offsets, Jv): int8 (R, J) array weights in this kernel's layout."""
+    def layout(self, bits_per_cycle: int) -> int:
+        """How :meth:`pack_weights` lays out the weights for planes of this many bits (cim_common.h)."""
+        return int(self.lib.weight_layout((1 << bits_per_cycle) - 1))
+
+    @staticmethod
+    def pack_weights(weights: list[torch.Tensor], layout: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(packed bytes, byte offset of each array, Jv): int8 (R, J) array weights in a kernel layout.
+
+        0: int8 [ceil(R/4)][Jv][16][4] (vpdpbusd / vpmaddubsw); 1: int16 [R][16 Jv] (row-major);
+        2: int16 [ceil(R/4)][16][16 Jv], the 16 subset sums of each group of 4 rows (one-bit planes).
+        """
         j = weights[0].shape[1]
         jv = -(-j // 16)
         parts, offsets, at = [], [], 0
         for w in weights:
             r = w.shape[0]
-            rows = -(-r // 4) * 4 if self.layout == 0 else r
+            rows = -(-r // 4) * 4 if layout in (0, 2) else r
             pad = torch.zeros(rows, jv * 16, dtype=torch.int8)
             pad[:r, :j] = w
-            if self.layout == 0:
-                pad = pad.view(rows // 4, 4, jv, 16).permute(0, 2, 3, 1)
-            parts.append(pad.reshape(-1))
+            if layout == 0:
+                flat = pad.view(rows // 4, 4, jv, 16).permute(0, 2, 3, 1).reshape(-1)
+            elif layout == 1:
+                flat = pad.to(torch.int16).reshape(-1)
+            else:
+                pattern = torch.arange(16).view(16, 1)
+                bits = ((pattern >> (3 - torch.arange(4).view(1, 4))) & 1).to(torch.int32)  # (16, 4), MSB = row 0
+                sums = torch.einsum("pb,gbj->gpj", bits, pad.view(rows // 4, 4, jv * 16).to(torch.int32))
+                flat = sums.to(torch.int16).reshape(-1)
+            parts.append(flat.contiguous().view(torch.int8))
             offsets.append(at)
             at += parts[-1].numel()
         return torch.cat(parts).contiguous(), torch.tensor(offsets, dtype=torch.int64), jv

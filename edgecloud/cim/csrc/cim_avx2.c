@@ -1,6 +1,9 @@
 /* Array-pass kernels for AVX2 CPUs without AVX-512 VNNI (built with -mavx2 -mfma -mf16c).
  *
- * Planes x weights by vpmaddubsw: u8 planes x s8 weights, adjacent pairs summed into int16 (32
+ * One-bit planes (bit-serial inputs, binary activations) x weights by table lookup: per group of 4
+ * rows the 16 subset sums of the weights are precomputed (int16, layout 2), so 4 rows x 16 columns
+ * cost one vpaddw with a memory operand; groups whose 4 plane bits are all zero are skipped.
+ * Wider planes x weights by vpmaddubsw: u8 planes x s8 weights, adjacent pairs summed into int16 (32
  * products per instruction); the int16 sums are accumulated while they provably stay below 2^15
  * (lim16 rows per lane, from the layer's largest plane and weight) and then widened to int32 by
  * vpmaddwd against ones, which also adds each lane's two halves: a column's exact partial sum.
@@ -12,7 +15,7 @@
 #include <string.h>
 
 #define ISA_NAME "avx2"
-#define ISA_WEIGHT_LAYOUT 0
+#define ISA_WEIGHT_LAYOUT(mask) ((mask) == 1 ? 2 : 0)
 
 static inline __attribute__((always_inline)) void isa_copy(uint8_t *dst, const uint8_t *src, int64_t n)
 {
@@ -98,12 +101,68 @@ static inline __attribute__((always_inline)) void mk(const uint8_t *pl, int64_t 
     default: mk(pl + p0 * ps, ps, w, n4, Jv, h, glim, o + p0 * os, os, 4, C_); break;       \
     }
 
+/* One plane-row of one-bit planes x C vectors of 16 columns (from vector c0) by lookup of the
+   4-row subset sums L[g][pat] (layout 2); int16 sums over chunks of glim groups (lim16 rows),
+   widened into o. */
+static inline __attribute__((always_inline)) void lut_row(const uint8_t *x, const int16_t *L, int64_t n4, int64_t Jp,
+                                                          int64_t glim, int64_t c0, int32_t *o, const int C)
+{
+  for (int64_t g0 = 0; g0 < n4; g0 += glim) {
+    const int64_t g1 = n4 - g0 < glim ? n4 : g0 + glim;
+    __m256i acc[12];
+    #pragma GCC unroll 12
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_si256();
+    const int16_t *Lc = L + c0 * 16;
+    for (int64_t g = g0; g < g1; g++) {
+        uint32_t v;
+        memcpy(&v, x + 4 * g, 4);
+        if (!v) continue;
+        const uint32_t pat = (v * 0x08040201u) >> 24 & 15;  /* bytes b0..b3 in {0, 1} -> b0 b1 b2 b3 (MSB first) */
+        const __m256i *row = (const __m256i *)(Lc + (g * 16 + pat) * Jp);
+        #pragma GCC unroll 12
+        for (int c = 0; c < C; c++) acc[c] = _mm256_add_epi16(acc[c], _mm256_loadu_si256(row + c));
+    }
+    #pragma GCC unroll 12
+    for (int c = 0; c < C; c++) {
+        __m256i *dst = (__m256i *)(o + (c0 + c) * 16);
+        __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[c]));
+        __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[c], 1));
+        if (g0) {
+            lo = _mm256_add_epi32(lo, _mm256_loadu_si256(dst));
+            hi = _mm256_add_epi32(hi, _mm256_loadu_si256(dst + 1));
+        }
+        _mm256_storeu_si256(dst, lo);
+        _mm256_storeu_si256(dst + 1, hi);
+    }
+  }
+}
+
+#define LUT_CASE(C_) case C_: lut_row(pl + p * ps, L, n4, Jp, glim4, c, o + p * os, C_); break;
+
 /* partial sums o[p, 0:16 Jv] (row stride os) of Pn <= 8 plane-rows against one packed array */
 static void isa_gemm(const uint8_t *pl, int64_t ps, int Pn, const int8_t *w, int64_t R, int64_t Jv, int64_t lim16,
-                     int32_t *o, int64_t os, void *scratch)
+                     int32_t mask, int32_t *o, int64_t os, void *scratch)
 {
     (void)scratch;
     const int64_t n4 = (R + 3) / 4, nh = 2 * Jv;
+#ifdef EC_PROFILE_NOGEMM
+    return;
+#endif
+    if (mask == 1) {  /* layout 2 */
+        const int16_t *L = (const int16_t *)w;
+        const int64_t glim4 = lim16 / 4 > 0 ? lim16 / 4 : 1;  /* each int16 lane takes four rows per group */
+        const int64_t Jp = 16 * Jv, passes = (Jv + 7) / 8;
+        for (int64_t k = 0, c = 0; k < passes; k++) {  /* column vectors in passes of at most 8, as even as possible */
+            const int C = (int)((Jv - c) / (passes - k));
+            for (int p = 0; p < Pn; p++) {
+                switch (C) {
+                LUT_CASE(1) LUT_CASE(2) LUT_CASE(3) LUT_CASE(4) LUT_CASE(5) LUT_CASE(6) LUT_CASE(7) default: LUT_CASE(8)
+                }
+            }
+            c += C;
+        }
+        return;
+    }
     const int64_t glim = lim16 / 2;  /* each int16 lane takes two rows per group */
     for (int p0 = 0; p0 < Pn; p0 += 4) {
         const int P = Pn - p0 < 4 ? Pn - p0 : 4;

@@ -17,11 +17,15 @@
  *   isa_cut(xi, R, s, mask, out, want_sq)      plane (xi[k] >> s) & mask for k < R into out, zero
  *                                              up to a multiple of 4 (more is fine); returns
  *                                              sum_k plane^2 when want_sq (read noise), else 0
- *   isa_gemm(pl, ps, P, w, R, Jv, lim16, o, os, scratch)
+ *   isa_gemm(pl, ps, P, w, R, Jv, lim16, mask, o, os, scratch)
  *                                              o[p, 0:16 Jv] = plane-row p (of P) x array weights
  *   isa_adc_linear(...)                        the ADC of one row on one array without saturation
- *   ISA_WEIGHT_LAYOUT                          0: [ceil(R/4)][Jv][16][4] (byte b of lane l of vector
- *                                              q in group g = W[4 g + b, 16 q + l]); 1: [R][16 Jv]
+ *   ISA_WEIGHT_LAYOUT(mask)                    how the caller packs each array's weights for planes
+ *                                              of `mask` (J columns padded to 16 Jv, rows to 4 n4):
+ *     0  int8 [n4][Jv][16][4]: byte b of lane l of vector q in group g = W[4 g + b, 16 q + l]
+ *     1  int16 [R][16 Jv]: row-major
+ *     2  int16 [n4][16][16 Jv]: per group of 4 rows, the 16 subset sums of one-bit planes,
+ *        entry [g][pat][j] = sum_b W[4 g + b, j] ((pat >> (3 - b)) & 1)  (lookup instead of multiply)
  * lim16: rows whose |plane x weight| products may be summed in int16 without overflow
  * (32767 / (max plane * max |w|), at least 2), for kernels that accumulate in int16.
  *
@@ -217,7 +221,7 @@ void adc_accumulate(const void *P, int p_is_float, int64_t n_tiles, int64_t T, i
    built by the caller with the formula above) when sq < tab_rows, else by the formula. */
 typedef struct {
     const uint8_t *x; int64_t m, row0, stride; const int64_t *conv; const int64_t *seg;
-    int64_t n_tiles; const int64_t *bounds; const int8_t *wp; const int64_t *wp_off; int64_t Jv, lim16;
+    int64_t n_tiles; const int64_t *bounds; const int8_t *wp; const int64_t *wp_off; /* byte offsets */ int64_t Jv, lim16;
     int64_t T; const int32_t *shifts; int32_t mask; int64_t J;
     const float *scale, *shift, *step, *inv, *tw; float top;
     const uint16_t *noise; const int64_t *noff; int64_t nblock; float sigma1; const float *sig_tab; int64_t tab_rows; float rn2, s1sq; const float *iv2;
@@ -316,7 +320,7 @@ EC_INLINE void fused_rows(
             for (int64_t g = 0; g < gn; g++)
                 for (int64_t t = 0; t < T; t++)
                     sqs[g * T + t] = isa_cut(xr[g] + k0, R, A->shifts[t], A->mask, pl + (g * T + t) * ps, HB);
-            isa_gemm(pl, ps, (int)(gn * T), A->wp + A->wp_off[r], R, A->Jv, A->lim16, part, os, scratch);
+            isa_gemm(pl, ps, (int)(gn * T), A->wp + A->wp_off[r], R, A->Jv, A->lim16, A->mask, part, os, scratch);
             const float *sc = A->scale + r * J, *sh = A->shift + r * J, *st = A->step + r * J;
             for (int64_t g = 0; g < gn; g++) {
                 float *ac = acc + g * J;
@@ -368,7 +372,7 @@ static size_t up64(size_t n) { return (n + 63) / 64 * 64; }
         int32_t *part_ = aligned_alloc(64, up64(8 * os_ * sizeof(int32_t)));                     \
         float *acc_ = aligned_alloc(64, up64(8 * A_->J * sizeof(float)));                        \
         float *sg_ = aligned_alloc(64, up64(9 * A_->J * sizeof(float)));                         \
-        void *scr_ = aligned_alloc(64, up64(8 * os_ * sizeof(int32_t)));                         \
+        void *scr_ = aligned_alloc(64, up64((8 * os_ + ps_) * sizeof(int32_t)));                 \
         if (b_ < e_) fused_rows(A_, b_, e_, xbuf_, xs_, pl_, ps_, part_, os_, acc_, sg_, scr_, HA, HB, QZ, SAT); \
         free(xbuf_); free(pl_); free(part_); free(acc_); free(sg_); free(scr_);                   \
     } }
@@ -381,7 +385,7 @@ EC_FUSED_DRIVERS(0) EC_FUSED_DRIVERS(1) EC_FUSED_DRIVERS(2)
 #define EC_FUSED_TABLE(SAT) {f_000##SAT, f_001##SAT, 0, 0, f_100##SAT, f_101##SAT, f_110##SAT, f_111##SAT}
 static void (*const fused_drivers[3][8])(const fargs_t *) = {EC_FUSED_TABLE(0), EC_FUSED_TABLE(1), EC_FUSED_TABLE(2)};
 
-int weight_layout(void) { return ISA_WEIGHT_LAYOUT; }
+int weight_layout(int32_t mask) { return ISA_WEIGHT_LAYOUT(mask); }
 
 void fused_block(const uint8_t *x, int64_t m, int64_t row0, int64_t stride, const int64_t *conv,
                  int64_t n_tiles, const int64_t *bounds, const int8_t *wp, const int64_t *wp_off, int64_t Jv,

@@ -6,7 +6,7 @@
 #include <string.h>
 
 #define ISA_NAME "vnni"
-#define ISA_WEIGHT_LAYOUT 0
+#define ISA_WEIGHT_LAYOUT(mask) 0
 
 static inline __attribute__((always_inline)) void isa_copy(uint8_t *dst, const uint8_t *src, int64_t n)
 {
@@ -86,9 +86,9 @@ static inline __attribute__((always_inline)) void mk(const uint8_t *pl, int64_t 
 
 /* partial sums o[p, 0:16 Jv] (row stride os) of P <= 8 plane-rows against one packed array */
 static void isa_gemm(const uint8_t *pl, int64_t ps, int P, const int8_t *w, int64_t R, int64_t Jv, int64_t lim16,
-                     int32_t *o, int64_t os, void *scratch)
+                     int32_t mask, int32_t *o, int64_t os, void *scratch)
 {
-    (void)lim16; (void)scratch;
+    (void)lim16; (void)scratch; (void)mask;
     const int64_t n4 = (R + 3) / 4;
     int64_t q = 0;  /* column vectors in passes of 3 (24 accumulators), ending 2 + 2 rather than 3 + 1 */
     for (; Jv - q > 4 || Jv - q == 3; q += 3) MK_CASES(3)
