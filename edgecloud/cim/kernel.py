@@ -50,7 +50,7 @@ HOW_TO_BUILD = ("build them with a C compiler and OpenMP present: `pip install -
                 "(or `python setup.py build_ext --inplace`), or reinstall the package")
 
 
-class KernelUnavailable(RuntimeError):
+class KernelUnavailable(ValueError):
     """A kernel path was asked for that this machine or this installation cannot run."""
 
 
@@ -75,18 +75,19 @@ def unavailable_reason(path: str, info: CpuInfo | None = None, built: bool | Non
     return None
 
 
-def choose(requested: str = "auto", info: CpuInfo | None = None, built: set[str] | None = None) -> str:
+def choose(requested: str = "auto", info: CpuInfo | None = None, built: set[str] | None = None,
+           source: str = ENV) -> str:
     """The path a request resolves to on a CPU; raises :class:`KernelUnavailable` for a forced one
-    that cannot run. ``built`` (the compiled paths) defaults to what is installed."""
+    that cannot run. ``built`` (the compiled paths) defaults to what is installed; ``source``
+    names where the request came from, for the error."""
     requested = (requested or "auto").strip().lower()
     if requested not in CHOICES:
-        raise KernelUnavailable(f"unknown CiM kernel {requested!r} (from {ENV} or the backend's kernel "
-                                f"option); choose one of {', '.join(CHOICES)}")
+        raise KernelUnavailable(f"{source}={requested}: unknown CiM kernel; choose one of {', '.join(CHOICES)}")
     has = None if built is None else (lambda p: p in built)
     if requested != "auto":
         reason = unavailable_reason(requested, info, None if has is None else has(requested))
         if reason:
-            raise KernelUnavailable(f"{ENV}={requested}: {reason}")
+            raise KernelUnavailable(f"{source}={requested}: {reason}")
         return requested
     for path in COMPILED:
         if unavailable_reason(path, info, None if has is None else has(path)) is None:
@@ -297,7 +298,7 @@ def resolve(request: str | None = None) -> Kernel | None:
     with no compiled kernel says so once and falls back to torch.
     """
     global _warned
-    path = choose(request or requested())
+    path = choose(request or requested(), source=ENV if request is None else "kernel")
     if path == "torch":
         if (request or requested()) == "auto" and not _warned:
             _warned = True
