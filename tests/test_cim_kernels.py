@@ -137,3 +137,16 @@ def test_subset_sum_layout_holds_every_subset_of_four_rows() -> None:
             chosen = [b for b in range(4) if (pattern >> (3 - b)) & 1]
             expected = rows[[4 * g + b for b in chosen]].sum(0) if chosen else torch.zeros(16 * jv, dtype=torch.int32)
             assert torch.equal(table[g, pattern].int(), expected)
+
+
+def test_the_kernels_command_reports_the_path_and_fails_clearly(capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgecloud.cli import main
+
+    monkeypatch.delenv(kernel.ENV, raising=False)
+    assert main(["kernels", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["chosen"] == kernel.choose("auto") and info["cpu"]["model"] == cpu_info().model
+    monkeypatch.setenv(kernel.ENV, "avx9")
+    assert main(["kernels"]) == 2
+    assert "EDGECLOUD_CIM_KERNEL=avx9: unknown CiM kernel" in capsys.readouterr().err
