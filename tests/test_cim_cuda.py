@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from edgecloud.cim import engine
+from cim_nets import mixed_precision_net
 from edgecloud.cim.backend import create_backend
 from edgecloud.cim.crossbar import CrossbarOptions
 from edgecloud.cim.events import EventLog, recording
@@ -272,12 +273,7 @@ def test_cuda_noise_matches_the_cpu(backend: str, opts: dict, shape: tuple) -> N
 @needs_cuda
 def test_cuda_whole_network_on_cpu_and_on_gpu() -> None:
     """A CPU model with its arrays on the GPU equals the CPU run; a GPU model keeps GPU tensors."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        QuantConv2d(3, 8, 3, padding=1, weight_bits=8, act_bits=8), nn.BatchNorm2d(8), nn.ReLU(),
-        QuantConv2d(8, 8, 3, stride=2, padding=1, weight_bits=1, act_bits=1), nn.BatchNorm2d(8),
-        nn.Flatten(), QuantLinear(8 * 4 * 4, 10, weight_bits=4, act_bits=4),
-    ).eval()
+    net = mixed_precision_net()
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         ref = net(x)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from edgecloud.cim import kernel
+from cim_nets import mixed_precision_net
 from edgecloud.cim.backend import create_backend
 from edgecloud.cim.events import EventLog, recording
 from edgecloud.nn.quant import QuantConv2d, QuantLinear
@@ -74,12 +75,7 @@ def test_ideal_backend_equals_digital_exactly(backend: str, options: dict, weigh
 
 
 def test_exact_on_a_small_network_with_residuals_and_events() -> None:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        QuantConv2d(3, 8, 3, padding=1, weight_bits=8, act_bits=8), nn.BatchNorm2d(8), nn.ReLU(),
-        QuantConv2d(8, 8, 3, stride=2, padding=1, weight_bits=1, act_bits=1), nn.BatchNorm2d(8),
-        nn.Flatten(), QuantLinear(8 * 4 * 4, 10, weight_bits=4, act_bits=4),
-    ).eval()
+    net = mixed_precision_net()
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         ref = net(x)
