@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 import grpc
 import numpy as np
@@ -57,6 +58,7 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
         table = energy_table or EnergyTable.load()
         self.joules_per_mac = table.per_event("mac_fp32")
         self._closing = False
+        self._children: dict[tuple[str, str, str], Any] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         for name, model in models.items():
             max_batch = batching.max_batch_size
@@ -70,6 +72,15 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
                 name=name,
                 metrics=metrics,
             )
+
+    def _metric(self, metric: str, model: str, label: str) -> Any:
+        """``metrics.<metric>.labels(model, label)``, cached: prometheus_client's labels()
+        validates and locks on every call, six times per request otherwise."""
+        key = (metric, model, label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = getattr(self.metrics, metric).labels(model, label)
+        return child
 
     def close(self) -> None:
         """Drain every batcher (called by GrpcServer after the gRPC server stopped)."""
@@ -177,10 +188,9 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:  # a bug or an ORT failure: INTERNAL, still counted
             self.metrics.requests.labels(model=label, status="INTERNAL").inc()
             context.abort(grpc.StatusCode.INTERNAL, f"cloud inference failed: {exc}")
-        m = self.metrics
-        m.requests.labels(model=label, status="OK").inc()
-        m.samples.labels(model=label, exit="cloud").inc(n)
-        m.latency.labels(model=label, stage="total").observe(time.perf_counter() - t0)
+        self._metric("requests", label, "OK").inc()
+        self._metric("samples", label, "cloud").inc(n)
+        self._metric("latency", label, "total").observe(time.perf_counter() - t0)
         return response
 
     def _infer(self, request, context, t0: float) -> tuple[pb.ModelInferResponse, int]:
@@ -199,21 +209,22 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
         # (no hand-off to the worker and back); a busy one queues the request, so concurrent
         # requests still share batches.
         future = self.batchers[model.name].submit(array, inline=True)
-        context.add_callback(future.cancel)  # client gone / deadline: drop it if still queued
-        remaining = context.time_remaining()
-        timeout = None if remaining is None or remaining > _NO_DEADLINE_S else max(0.0, remaining)
-        try:
-            outputs = future.result(timeout=timeout)
-        except FutureTimeout:
-            future.cancel()
-            raise DeadlineExceeded(f"deadline exceeded while model {model.name!r} was queued/computing")
-        except CancelledError:
-            raise DeadlineExceeded("request cancelled before it was computed") from None
+        if not future.done():  # queued behind a running batch
+            context.add_callback(future.cancel)  # client gone / deadline: drop it if still queued
+            remaining = context.time_remaining()
+            timeout = None if remaining is None or remaining > _NO_DEADLINE_S else max(0.0, remaining)
+            try:
+                future.result(timeout=timeout)
+            except FutureTimeout:
+                future.cancel()
+                raise DeadlineExceeded(f"deadline exceeded while model {model.name!r} was queued/computing")
+            except CancelledError:
+                raise DeadlineExceeded("request cancelled before it was computed") from None
+        outputs = future.result()  # raises what the batch raised
         n = int(array.shape[0])
-        m = self.metrics
-        m.latency.labels(model=model.name, stage="queue").observe(future.queue_s)
-        m.latency.labels(model=model.name, stage="cloud_compute").observe(future.compute_s)
-        m.energy.labels(model=model.name, component="cloud").inc(model.macs * n * self.joules_per_mac)
+        self._metric("latency", model.name, "queue").observe(future.queue_s)
+        self._metric("latency", model.name, "cloud_compute").observe(future.compute_s)
+        self._metric("energy", model.name, "cloud").inc(model.macs * n * self.joules_per_mac)
         response = encode_response(
             model.name,
             outputs,
