@@ -145,9 +145,6 @@ static void isa_gemm(const uint8_t *pl, int64_t ps, int Pn, const int8_t *w, int
 {
     (void)scratch;
     const int64_t n4 = (R + 3) / 4, nh = 2 * Jv;
-#ifdef EC_PROFILE_NOGEMM
-    return;
-#endif
     if (mask == 1) {  /* layout 2 */
         const int16_t *L = (const int16_t *)w;
         const int64_t glim4 = lim16 / 4 > 0 ? lim16 / 4 : 1;  /* each int16 lane takes four rows per group */

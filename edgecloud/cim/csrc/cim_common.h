@@ -361,19 +361,21 @@ static size_t up64(size_t n) { return (n + 63) / 64 * 64; }
     const int64_t ps_ = (kmax_ + 64 + 63) / 64 * 64, os_ = A_->Jv * 16;                         \
     const int64_t xs_ = A_->conv ? (int64_t)up64(A_->conv[2] * A_->conv[3] * A_->conv[4] + 64) : 0; \
     const int64_t G_ = A_->T >= 8 ? 1 : 8 / A_->T;                                               \
+    const int64_t chunk_ = 16 * G_, nchunks_ = (A_->m + chunk_ - 1) / chunk_;                   \
     _Pragma("omp parallel num_threads(nthr_)")                                                  \
     {                                                                                            \
-        const int nt_ = omp_get_num_threads(), id_ = omp_get_thread_num();                       \
-        const int64_t groups_ = (A_->m + G_ - 1) / G_, per_ = (groups_ + nt_ - 1) / nt_;           \
-        const int64_t b_ = id_ * per_ * G_, e0_ = (id_ + 1) * per_ * G_;                          \
-        const int64_t e_ = e0_ < A_->m ? e0_ : A_->m;                                            \
         uint8_t *xbuf_ = aligned_alloc(64, xs_ ? 8 * xs_ : 64);                                  \
         uint8_t *pl_ = aligned_alloc(64, 8 * ps_);                                               \
         int32_t *part_ = aligned_alloc(64, up64(8 * os_ * sizeof(int32_t)));                     \
         float *acc_ = aligned_alloc(64, up64(8 * A_->J * sizeof(float)));                        \
         float *sg_ = aligned_alloc(64, up64(9 * A_->J * sizeof(float)));                         \
         void *scr_ = aligned_alloc(64, up64((8 * os_ + ps_) * sizeof(int32_t)));                 \
-        if (b_ < e_) fused_rows(A_, b_, e_, xbuf_, xs_, pl_, ps_, part_, os_, acc_, sg_, scr_, HA, HB, QZ, SAT); \
+        /* dynamic chunks: a thread slowed by another process on its core does not hold up the rest */ \
+        _Pragma("omp for schedule(dynamic, 1)")                                                  \
+        for (int64_t c_ = 0; c_ < nchunks_; c_++) {                                              \
+            const int64_t b_ = c_ * chunk_, e_ = b_ + chunk_ < A_->m ? b_ + chunk_ : A_->m;       \
+            fused_rows(A_, b_, e_, xbuf_, xs_, pl_, ps_, part_, os_, acc_, sg_, scr_, HA, HB, QZ, SAT); \
+        }                                                                                        \
         free(xbuf_); free(pl_); free(part_); free(acc_); free(sg_); free(scr_);                   \
     } }
 #define EC_FUSED_DRIVER(HA, HB, QZ, SAT) \
