@@ -15,6 +15,7 @@
 #include <string.h>
 
 #define ISA_NAME "avx2"
+#define ISA_HAS_ADC_LINEAR 1
 #define ISA_WEIGHT_LAYOUT(mask) ((mask) == 1 ? 2 : 0)
 
 static inline __attribute__((always_inline)) void isa_copy(uint8_t *dst, const uint8_t *src, int64_t n)

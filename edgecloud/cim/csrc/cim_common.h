@@ -20,6 +20,7 @@
  *   isa_gemm(pl, ps, P, w, R, Jv, lim16, mask, o, os, scratch)
  *                                              o[p, 0:16 Jv] = plane-row p (of P) x array weights
  *   isa_adc_linear(...)                        the ADC of one row on one array without saturation
+ *                                              (with ISA_HAS_ADC_LINEAR; else the plain-C adc_plain)
  *   ISA_WEIGHT_LAYOUT(mask)                    how the caller packs each array's weights for planes
  *                                              of `mask` (J columns padded to 16 Jv, rows to 4 n4):
  *     0  int8 [n4][Jv][16][4]: byte b of lane l of vector q in group g = W[4 g + b, 16 q + l]
@@ -230,11 +231,12 @@ typedef struct {
     float *out; int n_threads;
 } fargs_t;
 
-/* one row's ADC on array r with saturation, in plain C (ec_saturate vectorises) */
-EC_INLINE void adc_sat(const int32_t *part, int64_t os, int64_t T, int64_t J, const float *sh, const float *st,
-                       const float *iv, const float *of, float unit, float vsat, const float *tw,
-                       const uint16_t *nrow, const float *const *sgrow, float s1, float top, float *__restrict__ tacc,
-                       float *__restrict__ ac, const int HA, const int HB, const int QZ, const int SAT)
+/* one row's ADC on array r in plain C (ec_saturate vectorises): every ISA's path with bit-line
+   saturation, and the portable one's without (SAT == 0: u = P scale + shift) */
+EC_INLINE void adc_plain(const int32_t *part, int64_t os, int64_t T, int64_t J, const float *sc, const float *sh,
+                         const float *st, const float *iv, const float *of, float unit, float vsat, const float *tw,
+                         const uint16_t *nrow, const float *const *sgrow, float s1, float top, float *__restrict__ tacc,
+                         float *__restrict__ ac, const int HA, const int HB, const int QZ, const int SAT)
 {
     memset(tacc, 0, J * sizeof(float));
     for (int64_t t = 0; t < T; t++) {
@@ -243,7 +245,8 @@ EC_INLINE void adc_sat(const int32_t *part, int64_t os, int64_t T, int64_t J, co
         const uint16_t *__restrict__ a = HA ? nrow + t * J : 0;
         const float *__restrict__ sg = HB ? sgrow[t] : 0;
         for (int64_t j = 0; j < J; j++) {
-            float u = ec_saturate((float)pi[j] * unit + of[j], vsat, SAT) * iv[j] + sh[j];
+            float u = SAT ? ec_saturate((float)pi[j] * unit + of[j], vsat, SAT) * iv[j] + sh[j]
+                          : (float)pi[j] * sc[j] + sh[j];
             if (HA) u += (HB ? sg[j] : s1) * ec_h2f(a[j]);
             if (QZ) u = ec_quantize(u, top);
             tacc[j] += w * u;
@@ -251,6 +254,11 @@ EC_INLINE void adc_sat(const int32_t *part, int64_t os, int64_t T, int64_t J, co
     }
     for (int64_t j = 0; j < J; j++) ac[j] += st[j] * tacc[j];
 }
+
+#ifndef ISA_HAS_ADC_LINEAR  /* no hand-written ADC: the plain-C one, vectorised by the compiler */
+#define isa_adc_linear(part, os, T, J, sc, sh, st, tw, nrow, sgrow, s1, top, tmp, ac, HA, HB, QZ) \
+    adc_plain(part, os, T, J, sc, sh, st, 0, 0, 0.0f, 0.0f, tw, nrow, sgrow, s1, top, tmp, ac, HA, HB, QZ, 0)
+#endif
 
 /* read-noise sigma (LSB) for a sum of squares q: sqrt(q rn2 inv^2 + s1^2), as the torch path rounds it */
 EC_INLINE void sigma_row(float q_rn2, const float *__restrict__ iv2, float s1sq, int64_t J, float *__restrict__ out)
@@ -342,8 +350,8 @@ EC_INLINE void fused_rows(
                     isa_adc_linear(part + g * T * os, os, T, J, sc, sh, st, A->tw, nrow, sgrow, A->sigma1, A->top,
                                    sgbuf + 8 * J, ac, HA, HB, QZ);
                 else
-                    adc_sat(part + g * T * os, os, T, J, sh, st, A->inv + r * J, A->off + r * J, A->unit, A->vsat,
-                            A->tw, nrow, sgrow, A->sigma1, A->top, sgbuf + 8 * J, ac, HA, HB, QZ, SAT);
+                    adc_plain(part + g * T * os, os, T, J, sc, sh, st, A->inv + r * J, A->off + r * J, A->unit, A->vsat,
+                              A->tw, nrow, sgrow, A->sigma1, A->top, sgbuf + 8 * J, ac, HA, HB, QZ, SAT);
             }
         }
         for (int64_t g = 0; g < gn; g++) shift_add_out(acc + g * J, A->coef, A->n_sub, A->O, A->out + (i0 + g) * A->O);

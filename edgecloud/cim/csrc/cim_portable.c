@@ -75,30 +75,4 @@ static void isa_gemm(const uint8_t *pl, int64_t ps, int P, const int8_t *w, int6
     }
 }
 
-/* forward declarations of the shared helpers defined in cim_common.h */
-static inline __attribute__((always_inline)) float ec_h2f(uint16_t h);
-static inline __attribute__((always_inline)) float ec_quantize(float u, float top);
-
-static inline __attribute__((always_inline)) void isa_adc_linear(
-    const int32_t *part, int64_t os, int64_t T, int64_t J, const float *sc, const float *sh, const float *st,
-    const float *tw, const uint16_t *nrow, const float *const *sgrow, float s1, float top, float *tmp, float *ac,
-    const int HA, const int HB, const int QZ)
-{
-    float *__restrict__ tacc = tmp;
-    memset(tacc, 0, (size_t)J * sizeof(float));
-    for (int64_t t = 0; t < T; t++) {
-        const float w = tw[t];
-        const int32_t *__restrict__ pi = part + t * os;
-        const uint16_t *__restrict__ a = HA ? nrow + t * J : 0;
-        const float *__restrict__ sg = HB ? sgrow[t] : 0;
-        for (int64_t j = 0; j < J; j++) {
-            float u = (float)pi[j] * sc[j] + sh[j];
-            if (HA) u += (HB ? sg[j] : s1) * ec_h2f(a[j]);
-            if (QZ) u = ec_quantize(u, top);
-            tacc[j] += w * u;
-        }
-    }
-    for (int64_t j = 0; j < J; j++) ac[j] += st[j] * tacc[j];
-}
-
 #include "cim_common.h"

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #define ISA_NAME "vnni"
+#define ISA_HAS_ADC_LINEAR 1
 #define ISA_WEIGHT_LAYOUT(mask) 0
 
 static inline __attribute__((always_inline)) void isa_copy(uint8_t *dst, const uint8_t *src, int64_t n)
