@@ -7,6 +7,8 @@ power is ``rate()`` of it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from edgecloud import __version__
@@ -23,6 +25,7 @@ class Metrics:
     def __init__(self, role: str, registry: CollectorRegistry | None = None) -> None:
         self.role = role
         self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple[str, ...], Any] = {}
         r = self.registry
         self.build_info = Info("edgecloud_build", "edgecloud build information", registry=r)
         self.build_info.info({"version": __version__, "role": role})
@@ -71,6 +74,15 @@ class Metrics:
             "edgecloud_exit_threshold", "Current exit threshold per exit", ["model", "exit"],
             registry=r,
         )
+
+    def child(self, family: str, *labels: str) -> Any:
+        """``getattr(self, family).labels(*labels)``, looked up once: prometheus_client's
+        ``labels()`` validates and takes a lock on every call, several times per request."""
+        key = (family, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = getattr(self, family).labels(*labels)
+        return found
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the ``/metrics`` HTTP endpoint; returns the bound port (0 picks a free one)."""

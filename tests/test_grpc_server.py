@@ -72,3 +72,13 @@ def test_live_server_counts_rpcs_and_reuses_one_thread_for_sequential_calls():
     assert len(servicer.threads) == 10
     assert isinstance(server._pool, LifoThreadPool)
     assert len(set(servicer.threads)) == 1  # sequential calls: one warm thread
+
+
+def test_metric_children_are_looked_up_once_and_count_like_labels():
+    metrics = Metrics("cloud")
+    first = metrics.child("requests", "m", "OK")
+    assert metrics.child("requests", "m", "OK") is first
+    first.inc()
+    metrics.requests.labels(model="m", status="OK").inc()
+    assert metrics.registry.get_sample_value("edgecloud_requests_total", {"model": "m", "status": "OK"}) == 2.0
+    assert metrics.child("requests", "m", "INTERNAL") is not first

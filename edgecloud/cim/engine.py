@@ -113,6 +113,7 @@ class MappedLayer:
     stacked: torch.Tensor | None = None  # (n_full, rows, J) float32 for the batched GEMM
     packed: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)  # per kernel layout
     device: torch.device = CPU  # where every tensor above lives (:meth:`to`)
+    _int16_rows: int | None = None  # cache of :meth:`int16_rows`
 
     @property
     def n_tiles(self) -> int:
@@ -164,9 +165,12 @@ class MappedLayer:
         return self.int_gemm and self.n_tiles <= 16 and _int8_gemm(self.device)
 
     def int16_rows(self) -> int:
-        """Rows whose plane x weight products sum in int16 without overflow (for the kernels)."""
-        peak = max(int(w.abs().max()) if w.numel() else 0 for w in self.weights)
-        return max(2, 32767 // max(1, ((1 << self.bits_per_cycle) - 1) * peak))
+        """Rows whose plane x weight products sum in int16 without overflow (for the kernels);
+        computed once per programmed layer, not per call."""
+        if self._int16_rows is None:
+            peak = max(int(w.abs().max()) if w.numel() else 0 for w in self.weights)
+            self._int16_rows = max(2, 32767 // max(1, ((1 << self.bits_per_cycle) - 1) * peak))
+        return self._int16_rows
 
 
 def _gemm(mapped: MappedLayer, planes: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,8 @@ def choose(requested: str = "auto", info: CpuInfo | None = None, built: set[str]
 
 def int8_gemm_is_fast(info: CpuInfo | None = None) -> bool:
     """Whether ``torch._int_mm`` is a real int8 GEMM here; without VNNI it is a slow reference loop."""
-    return "avx512_vnni" in (info or cpu_info()).flags or "amx_int8" in (info or cpu_info()).flags
+    flags = (info or cpu_info()).flags
+    return "avx512_vnni" in flags or "amx_int8" in flags
 
 
 def source_hash(path: str) -> str | None:
@@ -321,11 +322,11 @@ def available_paths() -> list[str]:
 
 def describe() -> dict:
     """Which path runs here and why: for benchmark reports and ``edgecloud`` diagnostics."""
-    info = cpu_info()
+    reasons = {p: unavailable_reason(p) for p in PATHS}
     return {
         "requested": requested(),
         "auto": choose("auto"),
-        "available": available_paths(),
-        "unavailable": {p: unavailable_reason(p) for p in COMPILED if unavailable_reason(p)},
-        "cpu": info.as_dict(),
+        "available": [p for p in PATHS if reasons[p] is None],
+        "unavailable": {p: why for p, why in reasons.items() if why},
+        "cpu": cpu_info().as_dict(),
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
 
 import grpc
 import numpy as np
@@ -58,7 +57,6 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
         table = energy_table or EnergyTable.load()
         self.joules_per_mac = table.per_event("mac_fp32")
         self._closing = False
-        self._children: dict[tuple[str, str, str], Any] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         for name, model in models.items():
             max_batch = batching.max_batch_size
@@ -72,15 +70,6 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
                 name=name,
                 metrics=metrics,
             )
-
-    def _metric(self, metric: str, model: str, label: str) -> Any:
-        """``metrics.<metric>.labels(model, label)``, cached: prometheus_client's labels()
-        validates and locks on every call, six times per request otherwise."""
-        key = (metric, model, label)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = getattr(self.metrics, metric).labels(model, label)
-        return child
 
     def close(self) -> None:
         """Drain every batcher (called by GrpcServer after the gRPC server stopped)."""
@@ -188,9 +177,9 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:  # a bug or an ORT failure: INTERNAL, still counted
             self.metrics.requests.labels(model=label, status="INTERNAL").inc()
             context.abort(grpc.StatusCode.INTERNAL, f"cloud inference failed: {exc}")
-        self._metric("requests", label, "OK").inc()
-        self._metric("samples", label, "cloud").inc(n)
-        self._metric("latency", label, "total").observe(time.perf_counter() - t0)
+        self.metrics.child("requests", label, "OK").inc()
+        self.metrics.child("samples", label, "cloud").inc(n)
+        self.metrics.child("latency", label, "total").observe(time.perf_counter() - t0)
         return response
 
     def _infer(self, request, context, t0: float) -> tuple[pb.ModelInferResponse, int]:
@@ -222,9 +211,9 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise DeadlineExceeded("request cancelled before it was computed") from None
         outputs = future.result()  # raises what the batch raised
         n = int(array.shape[0])
-        self._metric("latency", model.name, "queue").observe(future.queue_s)
-        self._metric("latency", model.name, "cloud_compute").observe(future.compute_s)
-        self._metric("energy", model.name, "cloud").inc(model.macs * n * self.joules_per_mac)
+        self.metrics.child("latency", model.name, "queue").observe(future.queue_s)
+        self.metrics.child("latency", model.name, "cloud_compute").observe(future.compute_s)
+        self.metrics.child("energy", model.name, "cloud").inc(model.macs * n * self.joules_per_mac)
         response = encode_response(
             model.name,
             outputs,

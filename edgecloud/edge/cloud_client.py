@@ -138,7 +138,6 @@ class CloudClient:
         self._models: dict[str, CloudModel] = {}
         self._batchers: dict[str, DynamicBatcher] = {}
         self._ids = itertools.count()
-        self._bytes_children: dict[str, Any] = {}
 
     # ---- set-up --------------------------------------------------------------------------
     def add_model(self, model: CloudModel) -> None:
@@ -274,7 +273,4 @@ class CloudClient:
 
     def _count_bytes(self, model: str, features: np.ndarray) -> None:
         if self.metrics is not None:
-            child = self._bytes_children.get(model)
-            if child is None:  # labels() validates and locks on every call: look it up once
-                child = self._bytes_children[model] = self.metrics.offload_bytes.labels(model=model)
-            child.inc(features.nbytes)
+            self.metrics.child("offload_bytes", model).inc(features.nbytes)
