@@ -13,8 +13,11 @@ straight-through estimators, so what is trained is exactly what the backends run
 Activation encodings:
 - ``act_bits == 1``: x = sign(BN(x)) in {-1, +1}; x_int = (x + 1) / 2 in {0, 1}, x_scale 2,
   x_zero -1 (one bit-plane: a single crossbar cycle).
-- ``act_bits == k > 1``: x clipped to [0, 1], x_int = round(x (2^k - 1)) in [0, 2^k - 1],
-  x_scale 1 / (2^k - 1), x_zero 0.
+- ``act_bits == k > 1``: x clipped to [0, r], x_int = round(x / r (2^k - 1)) in [0, 2^k - 1],
+  x_scale r / (2^k - 1), x_zero 0. The range r is 1 (a BN in front sets the scale), or with
+  ``learn_range`` a learned per-layer clip (PACT, Choi et al. 2018), set on the first training
+  batch from the inputs' 99.9th percentile: what lets a plain ResNet, whose activations are
+  unbounded ReLU outputs, run every layer at k bits.
 - ``act_bits == 0``: no input quantization (full precision input; digital only).
 Weight encodings:
 - ``weight_bits == 1``: w_int = sign(W - mean) in {-1, +1}, w_scale = mean |W| per filter.
@@ -24,6 +27,8 @@ Weight encodings:
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -34,6 +39,26 @@ from edgecloud.cim.events import record
 
 # An MVM implementation: (layer, x_int, w_int) -> integer-valued output before scaling.
 MvmFn = Callable[["QuantLayerMixin", torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+_HARDWARE_GRAD = threading.local()
+
+
+@contextlib.contextmanager
+def hardware_gradients(enabled: bool = True) -> Iterator[None]:
+    """Within this block, layers with a backend run it even when gradients are on: the forward is
+    the backend's (every non-ideality), the backward the ideal integer product's (straight-through,
+    i.e. BPDA, Athalye et al. 2018). Hardware-in-loop attacks and hardware-aware studies use it."""
+    before = getattr(_HARDWARE_GRAD, "on", False)
+    _HARDWARE_GRAD.on = enabled
+    try:
+        yield
+    finally:
+        _HARDWARE_GRAD.on = before
+
+
+def hardware_gradients_enabled() -> bool:
+    return getattr(_HARDWARE_GRAD, "on", False)
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -76,6 +101,7 @@ class QuantLayerMixin:
     weight_bits: int
     act_bits: int
     mvm_fn: MvmFn | None  # set by a backend; None = digital reference
+    act_range: nn.Parameter | None  # learned clip of k-bit inputs (``learn_range``); None: 1
 
     # ---- weights -------------------------------------------------------------------------
     def weight_levels(self) -> int:
@@ -99,12 +125,21 @@ class QuantLayerMixin:
         return w_int, scale
 
     # ---- activations ---------------------------------------------------------------------
-    def input_encoding(self) -> tuple[float, float]:
-        """(x_scale, x_zero) of the activation encoding."""
+    def _init_range(self, act_bits: int, learn_range: bool) -> None:
+        self.act_range = None
+        if learn_range:
+            if act_bits < 2:
+                raise ValueError(f"learn_range needs k-bit inputs (act_bits >= 2), got act_bits={act_bits}")
+            self.act_range = nn.Parameter(torch.ones(()))
+            self.register_buffer("range_ready", torch.zeros((), dtype=torch.bool))
+
+    def input_encoding(self) -> tuple[float | torch.Tensor, float]:
+        """(x_scale, x_zero) of the activation encoding (x_scale a tensor with a learned range)."""
         if self.act_bits == 1:
             return 2.0, -1.0
         if self.act_bits > 1:
-            return 1.0 / (2**self.act_bits - 1), 0.0
+            top = 2**self.act_bits - 1
+            return (1.0 / top if self.act_range is None else self.act_range / top), 0.0
         return 1.0, 0.0
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,8 +148,23 @@ class QuantLayerMixin:
             return (sign_ste(x) + 1.0) * 0.5
         if self.act_bits > 1:
             top = 2**self.act_bits - 1
-            return round_ste(x.clamp(0.0, 1.0) * top)
+            if self.act_range is None:
+                return round_ste(x.clamp(0.0, 1.0) * top)
+            if self.training and not bool(self.range_ready):
+                self._calibrate_range(x)
+            r = self.act_range.abs().clamp_min(1e-4)
+            # PACT: clip(x, 0, r) = x - relu(x - r) for x >= 0, so r gets the gradient of the clipped part
+            clipped = x.clamp_min(0.0) - F.relu(x - r)
+            return round_ste(clipped / r * top)
         return x
+
+    @torch.no_grad()
+    def _calibrate_range(self, x: torch.Tensor) -> None:
+        flat = x.detach().float().flatten()
+        if flat.numel() > 1 << 20:
+            flat = flat[torch.linspace(0, flat.numel() - 1, 1 << 20, device=flat.device).long()]
+        self.act_range.fill_(float(torch.quantile(flat.clamp_min(0.0), 0.999)) or 1.0)
+        self.range_ready.fill_(True)
 
     # ---- the integer product -------------------------------------------------------------
     def integer_mvm(self, x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
@@ -131,6 +181,9 @@ class QuantLayerMixin:
         w_int, w_scale = self.quantize_weight()
         if self.mvm_fn is not None and not torch.is_grad_enabled():
             acc = self.mvm_fn(self, x_int.detach(), w_int.detach())
+        elif self.mvm_fn is not None and hardware_gradients_enabled():
+            ideal = self.integer_mvm(x_int, w_int)
+            acc = ideal + (self.mvm_fn(self, x_int.detach(), w_int.detach()) - ideal).detach()
         else:
             acc = self.integer_mvm(x_int, w_int)
             record("digital", self.digital_event(), self.macs_per_sample(x_int))
@@ -165,6 +218,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         bias: bool = False,
         weight_bits: int = 1,
         act_bits: int = 1,
+        learn_range: bool = False,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
         if weight_bits < 1 or act_bits < 0:
@@ -172,6 +226,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.mvm_fn = None
+        self._init_range(act_bits, learn_range)
 
     def integer_mvm(self, x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x_int, w_int, None, self.stride, self.padding, self.dilation, self.groups)
@@ -217,7 +272,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True,
-        weight_bits: int = 1, act_bits: int = 1,
+        weight_bits: int = 1, act_bits: int = 1, learn_range: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias)
         if weight_bits < 1 or act_bits < 0:
@@ -225,6 +280,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.mvm_fn = None
+        self._init_range(act_bits, learn_range)
 
     def integer_mvm(self, x_int: torch.Tensor, w_int: torch.Tensor) -> torch.Tensor:
         return F.linear(x_int, w_int)

@@ -206,6 +206,11 @@ def run_training(
             tqdm.write(f"init from {recipe.init.checkpoint}: fresh weights in {', '.join(left)}")
     frozen = frozen_modules(model, recipe.freeze)
     distiller = Distiller(recipe.distill, channels_last=o.channels_last) if recipe.distill else None
+    adversary = None
+    if recipe.adversarial:
+        from edgecloud.train.adversarial import Adversary
+
+        adversary = Adversary(recipe.adversarial, seed=recipe.seed, bf16=o.precision == "bf16")
     opt = make_optimizer(model, o)
     sched = make_scheduler(opt, o, o.epochs * len(loader))
     history: list[dict[str, Any]] = []
@@ -220,6 +225,8 @@ def run_training(
         sched.load_state_dict(ckpt["scheduler"])
         start_epoch, history, wall = ckpt["epoch"], ckpt["history"], ckpt["wall_time_s"]
         torch.set_rng_state(ckpt["torch_rng"])
+        if adversary is not None and "adversary_rng" in ckpt:
+            adversary.generator.set_state(ckpt["adversary_rng"])
     weights = exit_weights(o, len(getattr(model, "exit_names", [])) + 1)
     last = o.epochs if stop_after is None else min(o.epochs, stop_after)
     for epoch in range(start_epoch, last):
@@ -232,6 +239,8 @@ def run_training(
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{o.epochs}", disable=not progress, leave=False,
                    mininterval=1.0, dynamic_ncols=True)
         for x, y in bar:
+            if adversary is not None:
+                x = adversary.perturb(model, x, y, frozen)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.precision == "bf16"):
                 outputs = [out.float() for out in model(x)]
                 teacher = distiller.logits(x) if distiller else None
@@ -262,6 +271,7 @@ def run_training(
             "recipe": recipe.model_dump(mode="json"), "epoch": epoch + 1, "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
             "wall_time_s": wall, "torch_rng": torch.get_rng_state(),
+            **({"adversary_rng": adversary.generator.get_state()} if adversary is not None else {}),
         })
         (out / "history.json").write_text(json.dumps(history, indent=1))
     if last == o.epochs and recipe.stages:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgecloud.offload import DEFAULT_PERCENTILE
 
@@ -96,6 +96,35 @@ class DistillSpec(BaseModel):
     temperature: float = Field(4.0, gt=0.0)
 
 
+def _pixels(value: Any) -> Any:
+    """``"2/255"`` -> 2/255: perturbation budgets are written in grey levels."""
+    if isinstance(value, str) and "/" in value:
+        num, _, den = value.partition("/")
+        try:
+            return float(num) / float(den)
+        except ValueError as exc:
+            raise ValueError(f"not a number or a fraction: {value!r}") from exc
+    return value
+
+
+class AdversarialSpec(BaseModel):
+    """PGD adversarial training (Madry et al. 2018): each batch is replaced by (or, with
+    ``fraction`` < 1, partly mixed with) L-inf PGD examples crafted against the current weights,
+    in eval mode (BN statistics stay those of clean data), with a seeded random start.
+    ``steps: 1`` with a random start is "fast" FGSM-RS training (Wong et al. 2020)."""
+
+    model_config = ConfigDict(extra="forbid")
+    eps: float = Field(gt=0.0, le=1.0)       # pixels in [0, 1]; "8/255" accepted
+    steps: int = Field(3, ge=1)
+    step_size: float | None = Field(None, gt=0.0)  # default 2.5 eps / steps
+    fraction: float = Field(1.0, gt=0.0, le=1.0)   # share of each batch replaced by its adversarial copy
+
+    @field_validator("eps", "step_size", mode="before")
+    @classmethod
+    def _fraction(cls, value: Any) -> Any:
+        return _pixels(value)
+
+
 EXPORT_ONLY = ("offload", "baseline")  # recipe sections that change the bundle, not the training
 
 
@@ -113,6 +142,7 @@ class Recipe(BaseModel):
     init: InitSpec | None = None          # start from another run's weights
     distill: DistillSpec | None = None    # learn from a teacher run's outputs
     freeze: list[str] = Field(default_factory=list)  # submodules kept fixed (eval mode, no gradient)
+    adversarial: AdversarialSpec | None = None  # PGD adversarial training
     offload: OffloadSpec = Field(default_factory=OffloadSpec)  # wire encoding of the cloud input
     # The run whose network, at full precision, is the energy baseline of the bundle (default: this
     # network at full precision). Set it when the edge is wider than the network it replaces.

@@ -32,8 +32,14 @@ def run_checkpoint(path: str | Path) -> Path:
 
 
 def load_run_model(path: str | Path) -> nn.Module:
+    """A trained run's network: a run folder, its ``checkpoint.pt``, or a bundle folder (a shipped
+    model, whose training run is not kept: ``models/cifar10-resnet20``)."""
+    from edgecloud.bundle import MANIFEST, Bundle
     from edgecloud.train.loop import load_checkpoint  # the loop imports this module
 
+    p = Path(path)
+    if p.is_dir() and (p / MANIFEST).is_file() and not (p / CHECKPOINT).is_file():
+        return Bundle(p).build_model().eval()
     _, model, _ = load_checkpoint(run_checkpoint(path))
     return model.eval()
 

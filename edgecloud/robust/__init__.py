@@ -1,0 +1,1 @@
+"""Adversarial robustness on simulated CiM hardware: attacks, threat models, discretisation."""

@@ -1,0 +1,266 @@
+"""The robustness grid: bundle x backend x threat x attack x eps x chip -> accuracy.
+
+Phase 1 (this process): images crafted on the digital model (``white-box`` rows and every
+``non-adaptive`` attack) are crafted once, since they do not depend on the chip. Phase 2: one
+job per (backend, chip) in a pool of local processes (``workers``), each programming its
+chip once, calibrating its ADCs on clean validation images (never on test or adversarial
+images), then crafting what depends on the chip and evaluating everything on it.
+
+Every random choice is seeded: the images (a class-balanced subset), the chips (seed = chip
+index), the attacks' random starts (from ``seed``, the attack, eps and chip), read noise (the
+backend's seeded stream), so a run repeats exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from edgecloud.robust import attacks
+from edgecloud.robust.hardware import HardwareModel
+from edgecloud.robust.threats import check_threats, crafted_digitally, surrogate_seeds
+
+ATTACKS = ("fgsm", "pgd", "pgd-l2", "square", "transfer")
+
+
+@dataclass
+class RobustConfig:
+    """What to attack and how (the options of ``edgecloud robust``)."""
+
+    bundle: str
+    repository: str | None = None
+    dataset: str | None = None        # default: the bundle's data set (from its training section)
+    data_root: str | None = None
+    limit: int = 1000                 # class-balanced subset of the test split
+    attacks: list[str] = field(default_factory=lambda: ["pgd"])
+    eps: list[float] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
+    steps: int = 30
+    step_size: float | None = None    # default 2.5 eps / steps
+    queries: int = 1000               # Square: iterations (queries per image)
+    backends: list[str] = field(default_factory=lambda: ["digital", "crossbar"])
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per backend name
+    threats: list[str] = field(default_factory=lambda: ["non-adaptive", "hardware-in-loop"])
+    chips: int = 3
+    eot_reads: int = 1                # hardware-in-loop: forward passes averaged per step
+    eot_chips: int = 1                # chip-transfer: surrogate chips averaged per step
+    output: str | None = None         # which output to attack (an exit name; default the final one)
+    input_bits: int | None = None     # input discretisation (a defence), attacked with BPDA
+    transfer_from: str | None = None  # attack "transfer": the bundle the images are crafted on
+    calib_samples: int = 256          # clean validation images through each chip first (ADC ranges)
+    stop_on_success: bool = True      # PGD: images already misclassified leave the batch
+    batch_size: int = 250
+    seed: int = 0
+    workers: int | None = None        # processes for the chip jobs (default: one per core, <= jobs)
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.attacks if a not in ATTACKS]
+        if bad:
+            raise ValueError(f"--attack: unknown {', '.join(bad)}; choose from {', '.join(ATTACKS)}")
+        if "transfer" in self.attacks and not self.transfer_from:
+            raise ValueError("--attack transfer needs --transfer-from BUNDLE (the model the images are crafted on)")
+        if any(e < 0 or e > 1 for e in self.eps):
+            raise ValueError(f"--eps: every value must lie in [0, 1] (pixels), got {self.eps}")
+        if self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.chips < 1:
+            raise ValueError(f"--chips must be >= 1, got {self.chips}")
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        for backend in self.backends:
+            check_threats(backend, self.threats)
+
+
+@dataclass
+class Row:
+    """One measured accuracy (the ``results`` rows of ``--json``; eps 0 is the clean accuracy)."""
+
+    backend: str
+    threat: str
+    attack: str
+    eps: float
+    chip: int | None
+    samples: int
+    accuracy: float
+
+
+# ---- data and models ------------------------------------------------------------------------------
+
+def load_model(bundle: str, repository: str | None) -> tuple[torch.nn.Module, Any]:
+    from edgecloud.evaluate.source import resolve_bundle
+
+    b = resolve_bundle(bundle, repository)
+    return b.build_model(), b.manifest
+
+
+def load_images(config: RobustConfig, manifest: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(test images, labels, calibration images from the validation split, data description)."""
+    from edgecloud.evaluate.source import load_eval_data
+
+    dataset = config.dataset or ((manifest.training or {}).get("data") or {}).get("dataset") or "cifar10"
+    test, info = load_eval_data(dataset, "test", manifest, config.data_root, sample=config.limit)
+    val, _ = load_eval_data(dataset, "val", manifest, config.data_root, sample=config.calib_samples)
+    return test.images.float() / 255.0, test.labels, val.images.float() / 255.0, info
+
+
+def _generator(config: RobustConfig, *parts: Any) -> torch.Generator:
+    key = zlib.crc32(repr((config.seed, *parts)).encode())
+    gen = torch.Generator()
+    gen.manual_seed(key)
+    return gen
+
+
+def craft(model: Callable[[torch.Tensor], torch.Tensor], attack: str, x: torch.Tensor, y: torch.Tensor, eps: float,
+          config: RobustConfig, key: tuple[Any, ...]) -> torch.Tensor:
+    """Adversarial copies of ``x`` (batch by batch) by ``attack`` on ``model``."""
+    out = []
+    gen = _generator(config, attack, eps, *key)
+    for start in range(0, len(x), config.batch_size):
+        xb, yb = x[start:start + config.batch_size], y[start:start + config.batch_size]
+        if attack == "fgsm":
+            out.append(attacks.fgsm(model, xb, yb, eps))
+        elif attack in ("pgd", "transfer"):
+            out.append(attacks.pgd(model, xb, yb, eps, steps=config.steps, step_size=config.step_size,
+                                   generator=gen, stop_on_success=config.stop_on_success and attack == "pgd"))
+        elif attack == "pgd-l2":
+            out.append(attacks.pgd(model, xb, yb, eps, steps=config.steps, step_size=config.step_size, norm="l2",
+                                   generator=gen, stop_on_success=config.stop_on_success))
+        elif attack == "square":
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+            out.append(attacks.square(model, xb, yb, eps, queries=config.queries, seed=seed,
+                                      batch_size=config.batch_size))
+        else:
+            raise ValueError(f"unknown attack {attack!r}")
+    return torch.cat(out) if out else x.clone()
+
+
+@torch.no_grad()
+def accuracy(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        correct += int((model(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).sum())
+    return correct / max(len(x), 1)
+
+
+# ---- phase 1: digital --------------------------------------------------------------------------
+
+def digital_phase(config: RobustConfig, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  progress: bool) -> tuple[list[Row], dict[tuple[str, float], torch.Tensor]]:
+    """Rows of the digital model and the images crafted on it (keyed by attack and eps)."""
+    needed = "digital" in config.backends or any(
+        crafted_digitally(t) for b in config.backends if b != "digital" for t in check_threats(b, config.threats))
+    crafted: dict[tuple[str, float], torch.Tensor] = {}
+    rows: list[Row] = []
+    if not needed:
+        return rows, crafted
+    digital = HardwareModel(net, "digital", output=config.output, input_bits=config.input_bits)
+    source = digital
+    if "transfer" in config.attacks:
+        src_net, _ = load_model(config.transfer_from, config.repository)  # type: ignore[arg-type]
+        source = HardwareModel(src_net, "digital", input_bits=config.input_bits)
+    clean = accuracy(digital, x, y, config.batch_size)
+    rows.append(Row("digital", "clean", "none", 0.0, None, len(x), clean))
+    todo = [(a, e) for a in config.attacks for e in config.eps if e > 0]
+    for attack, eps in tqdm(todo, desc="digital: crafting", disable=not progress, leave=False):
+        crafter = source if attack == "transfer" else digital
+        crafted[(attack, eps)] = craft(crafter, attack, x, y, eps, config, ("digital",))
+        threat = "transfer" if attack == "transfer" else "white-box"
+        rows.append(Row("digital", threat, attack, eps, None, len(x),
+                        accuracy(digital, crafted[(attack, eps)], y, config.batch_size)))
+    return rows, crafted
+
+
+# ---- phase 2: one chip -------------------------------------------------------------------------
+
+@dataclass
+class ChipJob:
+    config: RobustConfig
+    backend: str
+    chip: int
+    data_path: str      # torch.save'd {"x", "y", "calib", "crafted"}
+    threads: int
+    progress_position: int = 0
+    progress: bool = True
+
+
+def run_chip(job: ChipJob) -> list[Row]:
+    """Evaluate every threat, attack and eps on one chip (runs in a worker process)."""
+    torch.set_num_threads(max(1, job.threads))
+    config = job.config
+    data = torch.load(job.data_path, weights_only=False)
+    x, y, calib, crafted = data["x"], data["y"], data["calib"], data["crafted"]
+    net, _ = load_model(config.bundle, config.repository)
+    options = config.backend_options.get(job.backend, {})
+    victim = HardwareModel(net, job.backend, options, [job.chip], output=config.output,
+                           input_bits=config.input_bits)
+    victim.calibrate(calib, config.batch_size)
+    rows = [Row(job.backend, "clean", "none", 0.0, job.chip, len(x), accuracy(victim, x, y, config.batch_size))]
+    threats = check_threats(job.backend, config.threats)
+    units = [(t, a, e) for t in threats for a in config.attacks for e in config.eps if e > 0]
+    surrogate: HardwareModel | None = None
+    crafter_eot: HardwareModel | None = None
+    bar = tqdm(units, desc=f"{job.backend} chip {job.chip}", disable=not job.progress, leave=False,
+               position=job.progress_position)
+    for threat, attack, eps in bar:
+        if attack == "transfer" or crafted_digitally(threat):
+            adv = crafted[(attack, eps)]
+            label = "transfer" if attack == "transfer" else threat
+        elif threat == "hardware-in-loop":
+            if config.eot_reads > 1 and crafter_eot is None:
+                crafter_eot = HardwareModel(net, job.backend, options, [job.chip], output=config.output,
+                                            eot_reads=config.eot_reads, input_bits=config.input_bits)
+                crafter_eot.calibrate(calib, config.batch_size)
+            adv = craft(crafter_eot or victim, attack, x, y, eps, config, (job.backend, job.chip, threat))
+            label = threat
+        else:  # chip-transfer
+            if surrogate is None:
+                surrogate = HardwareModel(net, job.backend, options, surrogate_seeds(job.chip, config.eot_chips),
+                                          output=config.output, input_bits=config.input_bits)
+                surrogate.calibrate(calib, config.batch_size)
+            adv = craft(surrogate, attack, x, y, eps, config, (job.backend, job.chip, threat))
+            label = threat
+        rows.append(Row(job.backend, label, attack, eps, job.chip, len(x), accuracy(victim, adv, y, config.batch_size)))
+    return rows
+
+
+# ---- the whole grid ----------------------------------------------------------------------------
+
+def run_robustness(config: RobustConfig, progress: bool = True) -> tuple[list[Row], dict[str, Any]]:
+    """Every row of the grid, and a description of the run (data, settings)."""
+    torch.manual_seed(config.seed)
+    net, manifest = load_model(config.bundle, config.repository)
+    x, y, calib, info = load_images(config, manifest)
+    rows, crafted = digital_phase(config, net, x, y, progress)
+    chip_backends = [b for b in config.backends if b != "digital"]
+    jobs_spec = [(b, c) for b in chip_backends for c in range(config.chips)]
+    if jobs_spec:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = max(1, min(config.workers or cores, len(jobs_spec)))
+        threads = max(1, cores // workers)
+        with tempfile.TemporaryDirectory(prefix="edgecloud-robust-") as tmp:
+            path = str(Path(tmp) / "data.pt")
+            torch.save({"x": x, "y": y, "calib": calib, "crafted": crafted}, path)
+            jobs = [ChipJob(config, b, c, path, threads, i % workers + 1, progress) for i, (b, c) in enumerate(jobs_spec)]
+            if workers == 1:
+                for job in tqdm(jobs, desc="chips", disable=not progress):
+                    rows += run_chip(job)
+            else:
+                import multiprocessing
+
+                ctx = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                    futures = [pool.submit(run_chip, job) for job in jobs]
+                    for fut in tqdm(as_completed(futures), total=len(futures), desc="chips", disable=not progress):
+                        rows += fut.result()
+    order = {b: i for i, b in enumerate(config.backends)}
+    rows.sort(key=lambda r: (order.get(r.backend, 99), r.threat, r.attack, r.eps, -1 if r.chip is None else r.chip))
+    settings = {k: v for k, v in asdict(config).items() if k not in ("workers",)}
+    return rows, {"data": info, "settings": settings, "bundle": manifest.name}
