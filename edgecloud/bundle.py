@@ -40,6 +40,9 @@ class InputSpec(BaseModel):
     datatype: Literal["FP32"] = "FP32"  # pixels in [0, 1]; the daemon also accepts UINT8 0..255
     mean: list[float] = Field(default_factory=list)  # normalisation applied inside the model
     std: list[float] = Field(default_factory=list)
+    # Input discretisation (a defence, Panda et al. 2019): the edge rounds every request's pixels
+    # to 2^bits levels before the model; None = off. 8 is the identity on 8-bit images.
+    bits: int | None = Field(None, ge=1, le=16)
 
 
 class ExitSpec(BaseModel):

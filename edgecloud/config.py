@@ -100,6 +100,12 @@ class EdgeConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     cloud: CloudLinkConfig = CloudLinkConfig()
     backend: BackendConfig = BackendConfig()
+    input_bits: int | None = Field(
+        None, ge=1, le=16,
+        description="discretise every request's pixels to 2^bits levels before the edge model, for "
+        "every loaded model (a defence against small adversarial perturbations, Panda et al. 2019; "
+        "see the README section 'Adversarial robustness on CiM'); default: each bundle's input.bits",
+    )
     thresholds: dict[str, list[float | None]] = Field(
         default_factory=dict, description="per-model exit thresholds overriding the manifest"
     )

@@ -65,12 +65,26 @@ class ReadNoise:
     def __init__(self, seed: int, fresh: bool = False, pool_size: int = POOL_SIZE) -> None:
         self.fresh = fresh
         self.pool_size = pool_size
+        self.seed = int(seed)
         self._gen = torch.Generator()
         self._gen.manual_seed(int(np.random.SeedSequence([seed & 0xFFFFFFFF, 0x5EAD]).generate_state(1)[0]))
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed & 0xFFFFFFFF, 0x0FF5])))
         self._pool: torch.Tensor | None = None
         self._device_pools: dict[torch.device, torch.Tensor] = {}
         self._lock = threading.Lock()
+
+    def restart(self, stream: int) -> None:
+        """Continue with the draws of sub-stream ``stream`` of this seed (the pool stays): a job
+        that restarts each unit of work on its own stream gets the same draws whether or not
+        earlier units ran (e.g. resumed from a cache)."""
+        with self._lock:
+            self._rng = np.random.Generator(np.random.PCG64(
+                np.random.SeedSequence([self.seed & 0xFFFFFFFF, 0x0FF5, stream & 0xFFFFFFFF])))
+            if self.fresh:
+                self._gen.manual_seed(int(np.random.SeedSequence(
+                    [self.seed & 0xFFFFFFFF, 0x5EAD, stream & 0xFFFFFFFF]).generate_state(1)[0]))
+        if not self.fresh:
+            self.pool()  # the pool comes from the seed alone, whatever the stream
 
     def pool(self, device: torch.device | None = None) -> torch.Tensor:
         """The float16 sample pool (on the CPU, or its copy on ``device``)."""

@@ -41,6 +41,7 @@ _OVERRIDES = {
     "max_queue_size": "edge.batching.max_queue_size",
     "max_request_batch": "edge.batching.max_request_batch",
     "torch_threads": "edge.torch_threads",
+    "input_bits": "edge.input_bits",
 }
 
 
@@ -209,6 +210,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--backend-option", action="append", metavar="KEY=VALUE",
                        help="backend option (repeatable), e.g. adc_bits=6")
     serve.add_argument("--seed", type=int, help="backend seed (noise, variation)")
+    serve.add_argument("--input-bits", type=int, metavar="B",
+                       help="discretise request pixels to 2^B levels before the edge model (a defence "
+                            "against small adversarial perturbations; default: each bundle's input.bits)")
     serve.add_argument("--threshold", action="append", metavar="MODEL:EXIT=VALUE",
                        help="pin an exit threshold (repeatable; VALUE none = no gate)")
     serve.add_argument("--token", help="bearer token required on every RPC except health")

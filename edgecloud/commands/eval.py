@@ -35,6 +35,9 @@ def add_common_args(p: argparse.ArgumentParser, split_default: str) -> None:
     p.add_argument("--backend-option", action="append", metavar="K=V", default=[],
                    help="backend option (repeatable), value parsed as YAML, e.g. noise_sigma=0.02")
     p.add_argument("--seed", type=int, default=0, help="chip seed (first chip with --chips)")
+    p.add_argument("--input-bits", type=int, metavar="B",
+                   help="discretise input pixels to 2^B levels first (the defence the edge daemon's "
+                        "--input-bits applies; default: the bundle's input.bits, usually off)")
     p.add_argument("--energy-table", help="energy table YAML (default: the packaged one)")
     p.add_argument("--repository", help="model repository folder (for a bundle given by name)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
@@ -85,7 +88,7 @@ def prepare(args: argparse.Namespace, thresholds: list[float | None] | None = No
         backend=args.backend, backend_options=parse_backend_options(args.backend_option),
         seed=args.seed, chips=getattr(args, "chips", 1), thresholds=thresholds,
         energy_table=args.energy_table, cloud=args.cloud, batch_size=args.batch_size,
-        progress=not args.json,
+        progress=not args.json, input_bits=getattr(args, "input_bits", None),
     )
     return bundle, data, info, config
 

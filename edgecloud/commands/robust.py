@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--workers", type=int, help="processes for the chip jobs (default: one per core)")
     p.add_argument("--out", help="folder for robust.csv and robust.png (default: runs/robust/<bundle>)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="measure everything anew (default: finished rows are kept under OUT/cache and a "
+                        "rerun of the same command resumes where it stopped)")
     p.add_argument("--json", action="store_true", help="no progress bars; print one JSON object last")
     p.set_defaults(func=run)
 
@@ -101,7 +104,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
         threats=_split(args.threat), chips=args.chips, eot_reads=args.eot_reads, eot_chips=args.eot_chips,
         output=args.output, input_bits=args.input_bits, transfer_from=args.transfer_from,
         stop_on_success=not args.no_early_stop, batch_size=args.batch_size, seed=args.seed, workers=args.workers,
+        cache=None if args.no_cache else str(out_dir(args) / "cache"),
     )
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else Path("runs") / "robust" / Path(args.bundle).name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     rows, info = run_robustness(config, progress=not args.json)
-    out = Path(args.out) if args.out else Path("runs") / "robust" / Path(config.bundle).name
+    out = out_dir(args)
     csv_path = write_csv(rows, out / "robust.csv")
     title = f"{info['bundle']} ({len(rows) and rows[0].samples} images; " + \
         ", ".join(f"{b} {o.get('preset', '')}" for b, o in config.backend_options.items()) + ")"

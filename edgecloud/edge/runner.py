@@ -24,6 +24,7 @@ from edgecloud.cim.backend import Backend, create_backend
 from edgecloud.cim.energy import EnergyMeter
 from edgecloud.cim.events import EventLog, recording
 from edgecloud.exits import ExitPolicy
+from edgecloud.nn.discretize import discretize
 
 RADIO = "radio"
 CLOUD = "cloud"
@@ -101,6 +102,7 @@ class EdgeRunner:
         *,
         backend_options: dict[str, Any] | None = None,
         seed: int = 0,
+        input_bits: int | None = None,
     ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
@@ -108,6 +110,10 @@ class EdgeRunner:
         self.exit_names = [e.name for e in self.manifest.exits]
         self.cloud_exit = len(self.exit_names)
         self.sample_shape = tuple(int(d) for d in self.manifest.input.shape)
+        # Input discretisation: this runner's override, else the bundle's input.bits (None: off).
+        self.input_bits = input_bits if input_bits is not None else self.manifest.input.bits
+        if self.input_bits is not None and not 1 <= self.input_bits <= 16:
+            raise ValueError(f"input bits must lie in 1..16, got {self.input_bits}")
         self.num_classes = len(self.manifest.classes)
         self.policy = policy or policy_from_manifest(bundle)
         if len(self.policy.thresholds) != len(self.exit_names):
@@ -133,10 +139,15 @@ class EdgeRunner:
 
     # ---- inputs --------------------------------------------------------------------------
     def to_tensor(self, x: np.ndarray) -> torch.Tensor:
-        """FP32 pixels in [0, 1] or UINT8 0..255 -> float32 tensor in [0, 1]."""
+        """FP32 pixels in [0, 1] or UINT8 0..255 -> float32 tensor in [0, 1], discretised to
+        ``input_bits`` when set (the defence runs on every request, before the model)."""
         if x.dtype == np.uint8:
-            return torch.from_numpy(x.astype(np.float32) / 255.0)
-        return torch.from_numpy(np.array(x, dtype=np.float32))  # a writable copy
+            tensor = torch.from_numpy(x.astype(np.float32) / 255.0)
+        else:
+            tensor = torch.from_numpy(np.array(x, dtype=np.float32))  # a writable copy
+        if self.input_bits is not None:
+            tensor = discretize(tensor, self.input_bits)
+        return tensor
 
     # ---- step 1: the edge ----------------------------------------------------------------
     def run(self, x: np.ndarray, exit0_threshold: float | None = None) -> EdgeResult:

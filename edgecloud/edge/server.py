@@ -132,7 +132,7 @@ def build_edge_server(
         policy = policy_from_manifest(bundle, thresholds)
         runners[name] = EdgeRunner(
             bundle, edge.backend.name, policy, meter,
-            backend_options=options, seed=edge.backend.seed,
+            backend_options=options, seed=edge.backend.seed, input_bits=edge.input_bits,
         )
 
     cloud: CloudClient | None = None

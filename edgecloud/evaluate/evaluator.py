@@ -39,12 +39,15 @@ class EvalConfig:
     cloud: CloudKind | None = None                # None: ONNX when the bundle has one, else torch
     batch_size: int = DEFAULT_BATCH
     progress: bool = True
+    input_bits: int | None = None                 # None: the manifest's input.bits (usually off)
 
     def __post_init__(self) -> None:
         if self.chips < 1:
             raise ValueError(f"--chips must be >= 1, got {self.chips}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.input_bits is not None and not 1 <= self.input_bits <= 16:
+            raise ValueError(f"--input-bits must lie in 1..16, got {self.input_bits}")
 
     def meter(self) -> EnergyMeter:
         return EnergyMeter(EnergyTable.load(self.energy_table))
@@ -87,7 +90,7 @@ def make_runner(source: ModelSource, config: EvalConfig, seed: int, policy: Exit
                 meter: EnergyMeter) -> EdgeRunner:
     """A fresh chip: a new backend instance with ``seed`` programmed onto a fresh model."""
     return EdgeRunner(source, config.backend, policy, meter,  # type: ignore[arg-type]
-                      backend_options=dict(config.backend_options), seed=seed)
+                      backend_options=dict(config.backend_options), seed=seed, input_bits=config.input_bits)
 
 
 def run_chip(runner: EdgeRunner, cloud: CloudPart, data: ImageDataset, batch_size: int,

@@ -116,6 +116,7 @@ class QuantResNet(nn.Module):
 
 
 @register_model("resnet_q")
-def resnet_q(depth: int = 20, num_classes: int = 10, weight_bits: int = 8, act_bits: int = 8) -> QuantResNet:
+def resnet_q(depth: int = 20, num_classes: int = 10, weight_bits: int = 8, act_bits: int = 8,
+             widths: Sequence[int] = (16, 32, 64)) -> QuantResNet:
     """CIFAR ResNet with every layer quantized (edge-only; see module docstring)."""
-    return QuantResNet(depth, num_classes, weight_bits, act_bits)
+    return QuantResNet(depth, num_classes, weight_bits, act_bits, widths=tuple(widths))

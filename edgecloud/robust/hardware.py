@@ -10,13 +10,14 @@ Expectation over transformation (EOT): ``eot_reads`` forward passes per call (fr
 noise each) and/or several chips (``seeds``), logits averaged: an attacker who knows the noise
 model but not the draw (or not which chip of a batch) averages over them.
 
-Optionally an input discretiser (``input_bits``, :mod:`edgecloud.robust.discretize`) runs first,
+Optionally an input discretiser (``input_bits``, :mod:`edgecloud.nn.discretize`) runs first,
 with an identity gradient (BPDA through the defence).
 """
 
 from __future__ import annotations
 
 import copy
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from edgecloud.cim.backend import create_backend
 from edgecloud.nn.quant import hardware_gradients
-from edgecloud.robust.discretize import Discretize
+from edgecloud.nn.discretize import Discretize
 
 
 def output_index(model: nn.Module, output: str | None) -> int:
@@ -59,11 +60,12 @@ class HardwareModel(nn.Module):
         self.index = output_index(net, output)
         self.eot_reads = int(eot_reads)
         self.discretize = Discretize(input_bits) if input_bits is not None else nn.Identity()
-        chips = []
+        chips, self.backends = [], []
         for seed in self.seeds:
             chip = copy.deepcopy(net).eval()
             chip.requires_grad_(False)
-            create_backend(backend, self.options, seed=seed).prepare(chip)
+            self.backends.append(create_backend(backend, self.options, seed=seed))
+            self.backends[-1].prepare(chip)
             chips.append(chip)
         self.chips = nn.ModuleList(chips)
 
@@ -81,6 +83,14 @@ class HardwareModel(nn.Module):
                     total = logits if total is None else total + logits
         assert total is not None
         return total / self.draws
+
+    def restart_reads(self, key: str) -> None:
+        """Put every chip's read noise on the sub-stream named ``key`` (see ReadNoise.restart)."""
+        stream = zlib.crc32(key.encode())
+        for backend in self.backends:
+            noise = getattr(backend, "noise", None)
+            if noise is not None:
+                noise.restart(stream)
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, batch_size: int = 256) -> None:

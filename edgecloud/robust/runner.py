@@ -6,6 +6,11 @@ job per (backend, chip) in a pool of local processes (``workers``), each program
 chip once, calibrating its ADCs on clean validation images (never on test or adversarial
 images), then crafting what depends on the chip and evaluating everything on it.
 
+Resuming: with a ``cache`` folder every finished row (and the digitally crafted images) is
+written as it is measured, under a key of the settings that change results; a rerun of the same
+command skips what is there. Hardware-in-loop attacks take hours on a CPU; a stopped run loses
+at most the unit (threat, attack, eps on one chip) it was in.
+
 Every random choice is seeded: the images (a class-balanced subset), the chips (seed = chip
 index), the attacks' random starts (from ``seed``, the attack, eps and chip), read noise (the
 backend's seeded stream), so a run repeats exactly.
@@ -13,6 +18,8 @@ backend's seeded stream), so a run repeats exactly.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import zlib
@@ -60,6 +67,15 @@ class RobustConfig:
     batch_size: int = 250
     seed: int = 0
     workers: int | None = None        # processes for the chip jobs (default: one per core, <= jobs)
+    cache: str | None = None          # folder of finished rows (resume); None: no cache
+
+    def key(self) -> str:
+        """A digest of every setting that changes a result (not workers, cache or progress)."""
+        settings = {k: v for k, v in asdict(self).items() if k not in ("workers", "cache")}
+        bundle = Path(self.bundle)
+        if (bundle / "edge.pt").is_file():  # a bundle folder: its weights are part of the key
+            settings["weights"] = hashlib.sha256((bundle / "edge.pt").read_bytes()).hexdigest()
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def __post_init__(self) -> None:
         bad = [a for a in self.attacks if a not in ATTACKS]
@@ -90,6 +106,34 @@ class Row:
     chip: int | None
     samples: int
     accuracy: float
+
+
+class RowCache:
+    """Finished rows of one job in a JSON-lines file (None path: remembers nothing)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.rows: dict[tuple[str, str, float], Row] = {}
+        if path is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = Row(**json.loads(line))
+                    self.rows[(row.threat, row.attack, row.eps)] = row
+
+    def get(self, threat: str, attack: str, eps: float) -> Row | None:
+        return self.rows.get((threat, attack, eps))
+
+    def add(self, row: Row) -> Row:
+        self.rows[(row.threat, row.attack, row.eps)] = row
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(asdict(row)) + "\n")
+        return row
+
+
+def _cache_file(config: RobustConfig, name: str) -> Path | None:
+    return Path(config.cache) / config.key() / name if config.cache else None
 
 
 # ---- data and models ------------------------------------------------------------------------------
@@ -166,15 +210,27 @@ def digital_phase(config: RobustConfig, net: torch.nn.Module, x: torch.Tensor, y
     if "transfer" in config.attacks:
         src_net, _ = load_model(config.transfer_from, config.repository)  # type: ignore[arg-type]
         source = HardwareModel(src_net, "digital", input_bits=config.input_bits)
-    clean = accuracy(digital, x, y, config.batch_size)
-    rows.append(Row("digital", "clean", "none", 0.0, None, len(x), clean))
+    cache = RowCache(_cache_file(config, "digital.jsonl"))
+    images = _cache_file(config, "digital-crafted")
+    clean = cache.get("clean", "none", 0.0) or cache.add(
+        Row("digital", "clean", "none", 0.0, None, len(x), accuracy(digital, x, y, config.batch_size)))
+    rows.append(clean)
     todo = [(a, e) for a in config.attacks for e in config.eps if e > 0]
     for attack, eps in tqdm(todo, desc="digital: crafting", disable=not progress, leave=False):
+        threat = "transfer" if attack == "transfer" else "white-box"
+        saved = images / f"{attack}-{eps!r}.pt" if images is not None else None
+        row = cache.get(threat, attack, eps)
+        if row is not None and saved is not None and saved.is_file():
+            crafted[(attack, eps)] = torch.load(saved)
+            rows.append(row)
+            continue
         crafter = source if attack == "transfer" else digital
         crafted[(attack, eps)] = craft(crafter, attack, x, y, eps, config, ("digital",))
-        threat = "transfer" if attack == "transfer" else "white-box"
-        rows.append(Row("digital", threat, attack, eps, None, len(x),
-                        accuracy(digital, crafted[(attack, eps)], y, config.batch_size)))
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(crafted[(attack, eps)], saved)
+        rows.append(cache.add(Row("digital", threat, attack, eps, None, len(x),
+                                  accuracy(digital, crafted[(attack, eps)], y, config.batch_size))))
     return rows, crafted
 
 
@@ -202,7 +258,14 @@ def run_chip(job: ChipJob) -> list[Row]:
     victim = HardwareModel(net, job.backend, options, [job.chip], output=config.output,
                            input_bits=config.input_bits)
     victim.calibrate(calib, config.batch_size)
-    rows = [Row(job.backend, "clean", "none", 0.0, job.chip, len(x), accuracy(victim, x, y, config.batch_size))]
+    cache = RowCache(_cache_file(config, f"{job.backend}-chip{job.chip}.jsonl"))
+    # Each unit of work reads noise from its own sub-stream: a resumed run repeats an uninterrupted one.
+    clean = cache.get("clean", "none", 0.0)
+    if clean is None:
+        victim.restart_reads("clean")
+        clean = cache.add(Row(job.backend, "clean", "none", 0.0, job.chip, len(x),
+                              accuracy(victim, x, y, config.batch_size)))
+    rows = [clean]
     threats = check_threats(job.backend, config.threats)
     units = [(t, a, e) for t in threats for a in config.attacks for e in config.eps if e > 0]
     surrogate: HardwareModel | None = None
@@ -210,24 +273,31 @@ def run_chip(job: ChipJob) -> list[Row]:
     bar = tqdm(units, desc=f"{job.backend} chip {job.chip}", disable=not job.progress, leave=False,
                position=job.progress_position)
     for threat, attack, eps in bar:
+        label = "transfer" if attack == "transfer" else threat
+        done = cache.get(label, attack, eps)
+        if done is not None:
+            rows.append(done)
+            continue
+        if threat == "hardware-in-loop" and config.eot_reads > 1 and crafter_eot is None:
+            crafter_eot = HardwareModel(net, job.backend, options, [job.chip], output=config.output,
+                                        eot_reads=config.eot_reads, input_bits=config.input_bits)
+            crafter_eot.calibrate(calib, config.batch_size)
+        if threat == "chip-transfer" and surrogate is None:
+            surrogate = HardwareModel(net, job.backend, options, surrogate_seeds(job.chip, config.eot_chips),
+                                      output=config.output, input_bits=config.input_bits)
+            surrogate.calibrate(calib, config.batch_size)
+        for model in (victim, crafter_eot, surrogate):
+            if model is not None:
+                model.restart_reads(f"{label}/{attack}/{eps!r}")
         if attack == "transfer" or crafted_digitally(threat):
             adv = crafted[(attack, eps)]
-            label = "transfer" if attack == "transfer" else threat
         elif threat == "hardware-in-loop":
-            if config.eot_reads > 1 and crafter_eot is None:
-                crafter_eot = HardwareModel(net, job.backend, options, [job.chip], output=config.output,
-                                            eot_reads=config.eot_reads, input_bits=config.input_bits)
-                crafter_eot.calibrate(calib, config.batch_size)
             adv = craft(crafter_eot or victim, attack, x, y, eps, config, (job.backend, job.chip, threat))
-            label = threat
         else:  # chip-transfer
-            if surrogate is None:
-                surrogate = HardwareModel(net, job.backend, options, surrogate_seeds(job.chip, config.eot_chips),
-                                          output=config.output, input_bits=config.input_bits)
-                surrogate.calibrate(calib, config.batch_size)
+            assert surrogate is not None
             adv = craft(surrogate, attack, x, y, eps, config, (job.backend, job.chip, threat))
-            label = threat
-        rows.append(Row(job.backend, label, attack, eps, job.chip, len(x), accuracy(victim, adv, y, config.batch_size)))
+        rows.append(cache.add(Row(job.backend, label, attack, eps, job.chip, len(x),
+                                  accuracy(victim, adv, y, config.batch_size))))
     return rows
 
 
@@ -262,5 +332,5 @@ def run_robustness(config: RobustConfig, progress: bool = True) -> tuple[list[Ro
                         rows += fut.result()
     order = {b: i for i, b in enumerate(config.backends)}
     rows.sort(key=lambda r: (order.get(r.backend, 99), r.threat, r.attack, r.eps, -1 if r.chip is None else r.chip))
-    settings = {k: v for k, v in asdict(config).items() if k not in ("workers",)}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("workers", "cache")}
     return rows, {"data": info, "settings": settings, "bundle": manifest.name}
