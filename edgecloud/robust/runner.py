@@ -151,7 +151,10 @@ def load_images(config: RobustConfig, manifest: Any) -> tuple[torch.Tensor, torc
 
     dataset = config.dataset or ((manifest.training or {}).get("data") or {}).get("dataset") or "cifar10"
     test, info = load_eval_data(dataset, "test", manifest, config.data_root, sample=config.limit)
-    val, _ = load_eval_data(dataset, "val", manifest, config.data_root, sample=config.calib_samples)
+    try:
+        val, _ = load_eval_data(dataset, "val", manifest, config.data_root, sample=config.calib_samples)
+    except ValueError:  # a validation split smaller than calib_samples: calibrate on all of it
+        val, _ = load_eval_data(dataset, "val", manifest, config.data_root)
     return test.images.float() / 255.0, test.labels, val.images.float() / 255.0, info
 
 
