@@ -1,1 +1,1 @@
-"""Model analyses that guide design choices (Hybrid-Net PCA layer significance)."""
+"""Model analyses that guide design choices: Hybrid-Net PCA layer significance (pca) and activation SNR under a backend's noise (snr)."""
