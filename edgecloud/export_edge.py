@@ -99,8 +99,9 @@ def edge_model_card(manifest: Manifest, macs: Mapping[str, int]) -> str:
         "",
         f"Family `{m.family}` — an **edge-only** classifier (no cloud part, no early exit): every "
         f"sample is answered on the edge by exit `{m.exits[-1].name}`. Input: {m.input.datatype} "
-        f"{list(m.input.shape)} pixels in [0, 1] (tensor `{m.input.name}`); normalisation (mean "
-        f"{m.input.mean}, std {m.input.std}) happens inside the model.",
+        f"{list(m.input.shape)} pixels in [0, 1] (tensor `{m.input.name}`); "
+        + (f"normalisation (mean {m.input.mean}, std {m.input.std}) happens inside the model."
+           if m.input.mean else "any normalisation is folded into the model's first layer."),
         "",
         "## Where it runs",
         "",
