@@ -70,6 +70,11 @@ class HardwareModel(nn.Module):
         self.chips = nn.ModuleList(chips)
 
     @property
+    def deterministic(self) -> bool:
+        """Whether two calls on the same input agree (the digital model; simulated chips read noise)."""
+        return self.backend_name == "digital"
+
+    @property
     def draws(self) -> int:
         return len(self.chips) * self.eot_reads
 
