@@ -18,17 +18,17 @@ from typing import Any
 
 def parse_eps(text: str) -> list[float]:
     """``"0,1/255,2/255"`` -> [0.0, 0.0039.., 0.0078..] (fractions or plain numbers)."""
+    from edgecloud.train.recipe import pixels
+
     out = []
     for item in text.split(","):
         item = item.strip()
         if not item:
             continue
-        num, sep, den = item.partition("/")
         try:
-            value = float(num) / float(den) if sep else float(num)
+            out.append(float(pixels(item)))
         except (ValueError, ZeroDivisionError) as exc:
             raise ValueError(f"--eps: {item!r} is not a number or a fraction such as 2/255") from exc
-        out.append(value)
     if not out:
         raise ValueError("--eps: give at least one value, e.g. 1/255,2/255,4/255,8/255")
     return out

@@ -96,13 +96,13 @@ class DistillSpec(BaseModel):
     temperature: float = Field(4.0, gt=0.0)
 
 
-def _pixels(value: Any) -> Any:
+def pixels(value: Any) -> Any:
     """``"2/255"`` -> 2/255: perturbation budgets are written in grey levels."""
     if isinstance(value, str) and "/" in value:
         num, _, den = value.partition("/")
         try:
             return float(num) / float(den)
-        except ValueError as exc:
+        except (ValueError, ZeroDivisionError) as exc:
             raise ValueError(f"not a number or a fraction: {value!r}") from exc
     return value
 
@@ -122,7 +122,7 @@ class AdversarialSpec(BaseModel):
     @field_validator("eps", "step_size", mode="before")
     @classmethod
     def _fraction(cls, value: Any) -> Any:
-        return _pixels(value)
+        return pixels(value)
 
 
 EXPORT_ONLY = ("offload", "baseline")  # recipe sections that change the bundle, not the training
