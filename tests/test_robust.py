@@ -269,6 +269,16 @@ def test_grid_rows_repeat_exactly_and_resume_from_the_cache(bundle, cifar_root, 
     (next(cache.glob("*/digital.jsonl"))).unlink()
     resumed, _ = run_robustness(_config(bundle, cifar_root, cache=str(cache)), progress=False)
     assert [r.__dict__ for r in resumed] == [r.__dict__ for r in rows]
+    # a narrower grid (one threat, one eps, one chip) measures the same rows, and a later wider run
+    # reuses them from the cache: rows do not depend on the grid around them
+    narrow_cache = tmp_path / "narrow"
+    narrow, _ = run_robustness(_config(bundle, cifar_root, cache=str(narrow_cache), threats=["hardware-in-loop"],
+                                       eps=[16 / 255], chips=1), progress=False)
+    full = {(r.backend, r.threat, r.attack, r.eps, r.chip): r.accuracy for r in rows}
+    assert all(full[(r.backend, r.threat, r.attack, r.eps, r.chip)] == r.accuracy for r in narrow)
+    widened, _ = run_robustness(_config(bundle, cifar_root, cache=str(narrow_cache)), progress=False)
+    assert [r.__dict__ for r in widened] == [r.__dict__ for r in rows]
+    assert len(list(narrow_cache.iterdir())) == 1  # one key: the grid's axes are not part of it
 
 
 def test_cli_json_and_errors(bundle, cifar_root, tmp_path, capsys) -> None:

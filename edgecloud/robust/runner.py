@@ -37,6 +37,7 @@ from edgecloud.robust.hardware import HardwareModel
 from edgecloud.robust.threats import check_threats, crafted_digitally, surrogate_seeds
 
 ATTACKS = ("fgsm", "pgd", "pgd-l2", "square", "transfer")
+GRID_AXES = ("attacks", "eps", "backends", "threats", "chips")
 
 
 @dataclass
@@ -70,8 +71,13 @@ class RobustConfig:
     cache: str | None = None          # folder of finished rows (resume); None: no cache
 
     def key(self) -> str:
-        """A digest of every setting that changes a result (not workers, cache or progress)."""
-        settings = {k: v for k, v in asdict(self).items() if k not in ("workers", "cache")}
+        """A digest of every setting that changes a row's result.
+
+        Not the grid's axes (attacks, eps, backends, threats, chips): each row is measured on its
+        own seeded sub-streams, so a run that widens the grid (adds a threat, an eps, a chip)
+        reuses every row an earlier run measured. Not workers, cache or progress either.
+        """
+        settings = {k: v for k, v in asdict(self).items() if k not in GRID_AXES + ("workers", "cache")}
         bundle = Path(self.bundle)
         if (bundle / "edge.pt").is_file():  # a bundle folder: its weights are part of the key
             settings["weights"] = hashlib.sha256((bundle / "edge.pt").read_bytes()).hexdigest()
