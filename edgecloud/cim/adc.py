@@ -43,27 +43,56 @@ def bits_to_cover(span: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class AdcRanges:
-    """Per-(array, column) ranges: ``lo`` and ``step`` are (n_tiles, J) float64 tensors."""
+    """Per-(array, column) ranges: ``lo`` and ``step`` are (n_tiles, J) float64 tensors.
+
+    ``site_bits`` (n_tiles, J), when given, is the resolution of each column's ADC (arrays with
+    different ADC resolutions, e.g. after D.U.B. pruning); ``bits`` is then the highest of them.
+    """
 
     bits: int
     lo: torch.Tensor
     step: torch.Tensor
+    site_bits: torch.Tensor | None = None
 
     @property
     def top_code(self) -> int:
         return 2**self.bits - 1
 
+    def top_codes(self) -> torch.Tensor | None:
+        """(n_tiles, J) highest code per column where resolutions differ; None when uniform."""
+        if self.site_bits is None:
+            return None
+        return torch.pow(2.0, self.site_bits.double()) - 1.0
 
-def max_ranges(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> AdcRanges:
+    def to(self, device: torch.device) -> "AdcRanges":
+        move = None if self.site_bits is None else self.site_bits.to(device)
+        return AdcRanges(self.bits, self.lo.to(device), self.step.to(device), move)
+
+
+Bits = int | torch.Tensor  # one resolution, or one per (array, column)
+
+
+def _split_bits(bits: Bits) -> tuple[int, torch.Tensor | None]:
+    """(highest bits, per-site bits or None when every site has the same resolution)."""
+    if isinstance(bits, torch.Tensor):
+        top = int(bits.max())
+        return top, (None if bool((bits == top).all()) else bits.to(torch.int64))
+    return int(bits), None
+
+
+def max_ranges(lo: torch.Tensor, hi: torch.Tensor, bits: Bits) -> AdcRanges:
     """``max`` mode: cover [lo, hi]; power-of-two steps once the span needs more than ``bits``."""
+    top, site = _split_bits(bits)
     lo = torch.floor(lo.double() + 1e-9)
     span = torch.ceil(hi.double() - 1e-9) - lo
-    drop = (bits_to_cover(span) - bits).clamp_min(0.0)
-    return AdcRanges(bits, lo, torch.pow(2.0, drop))
+    have = float(top) if site is None else site.double().to(span.device)
+    drop = (bits_to_cover(span) - have).clamp_min(0.0)
+    return AdcRanges(top, lo, torch.pow(2.0, drop), site)
 
 
-def calibrated_ranges(samples: torch.Tensor, bits: int, percentile: float) -> AdcRanges:
+def calibrated_ranges(samples: torch.Tensor, bits: Bits, percentile: float) -> AdcRanges:
     """``calibrated`` mode from analog samples (n_tiles, n, J): [100 - p, p] percentiles."""
+    top, site = _split_bits(bits)
     q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=torch.float64, device=samples.device)
     lo_list, hi_list = [], []
     for tile in samples.double():  # quantile's size limit: one array at a time
@@ -71,7 +100,8 @@ def calibrated_ranges(samples: torch.Tensor, bits: int, percentile: float) -> Ad
         lo_list.append(both[0])
         hi_list.append(both[1])
     lo, hi = torch.stack(lo_list), torch.stack(hi_list)
-    step = (hi - lo) / (2**bits - 1)
+    codes = float(2**top - 1) if site is None else torch.pow(2.0, site.double().to(lo.device)) - 1.0
+    step = (hi - lo) / codes
     # a range narrower than 2^B units gets unit steps from an integer start: integers stay exact
     narrow = step <= 1.0
-    return AdcRanges(bits, torch.where(narrow, torch.floor(lo), lo), torch.where(narrow, 1.0, step))
+    return AdcRanges(top, torch.where(narrow, torch.floor(lo), lo), torch.where(narrow, 1.0, step), site)

@@ -33,6 +33,18 @@ Options (``BackendConfig.options``; default in brackets):
   [25e-6]: physical G_max for IR drop; ``ir_drop_activity`` [1.0]: fraction of rows driven.
 - ``adc_bits`` [None = ideal ADC]: 1..16; ``adc_range`` ["max"]: "max" | "calibrated";
   ``adc_percentile`` [99.9]; ``calib_batches`` [1]; ``adc_noise_lsb`` [0.0].
+- ``adc_reduce`` ["none"]: per-array ADC resolution (one ADC setting per physical array of
+  ``rows`` x ``cols`` cells). "sparsity" (D.U.B., Ibrayev et al.): an array whose densest column
+  has n non-zero cells of R rows needs k = floor(log2(R / n)) fewer bits than the full
+  resolution (``adc_bits``, or the lossless bits of R rows for an ideal ADC): sparsity pays only
+  in discrete steps 1 - 2^-k. "reach": the fewest bits that cover the widest column range of
+  the array as programmed (``max`` range; never more than the full resolution). Cells are
+  counted per slice column (a zero high slice of a small weight is a zero cell).
+- ``layers`` [{}]: per-layer overrides by layer name (as in the model's ``named_modules``):
+  ``rows``, ``cols``, ``adc_reduce`` and ``adc_bits`` (one number, or a list per row tile of a
+  list per column tile: the bits of each array). A bundle stores these in its manifest
+  (``hardware: {crossbar: {layers: ...}}``): NAX picks the crossbar size per layer, D.U.B. the
+  bits per array.
 - ``gemm`` ["int8"]: "int8" (exact int8 GEMM; non-integer conductances on a 2^-f grid of about
   1/100 of the cell range) or "float32". ``fresh_noise`` [False]: fresh Gaussian per read
   instead of the seeded pool (slower). ``block_kib`` [8192]: rows per block of partial sums
@@ -44,8 +56,12 @@ Options (``BackendConfig.options``; default in brackets):
 Each conversion's read noise and ADC noise are independent Gaussians and are drawn as one
 (:mod:`edgecloud.cim.engine`).
 
-Events per sample: ``adc/adc_conversion_<B>b`` (one per pair, cycle and row tile; B = the
-lossless formula per tile for an ideal ADC), ``adc/sample_hold`` (one per conversion),
+With an ideal ADC (``adc_bits`` None) per-array resolutions only price the conversions (the
+reduced ADC is lossless by construction, so the values are those of the ideal ADC); with
+``adc_bits`` set every column converts at its array's resolution and clips at its own top code.
+
+Events per sample: ``adc/adc_conversion_<B>b`` (one per pair, cycle and row tile at its array's
+resolution; B = the lossless formula per tile for an ideal ADC), ``adc/sample_hold`` (one per conversion),
 ``dac/dac_row_cycle_<v>b`` (rows x cycles x column tiles), ``crossbar/crossbar_cell_read``
 (programmed cells of driven rows per cycle), ``digital/shift_add`` (one per conversion) and
 ``digital/mac_fp32`` (output scaling, one per output).
@@ -57,15 +73,15 @@ import math
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edgecloud.cim.adc import lossless_adc_bits
+from edgecloud.cim.adc import bits_to_cover, lossless_adc_bits
 from edgecloud.cim.backend import register_backend
 from edgecloud.cim.engine import MappedLayer
 from edgecloud.cim.noise import chip_generator, ir_drop_factors, program_conductances
 from edgecloud.cim.simulated import ArrayOptions, SimulatedBackend
 from edgecloud.cim.tiling import cycles, magnitude_bits, magnitude_slices, row_tiles, weight_matrix
-from edgecloud.nn.quant import QuantLayerMixin
+from edgecloud.nn.quant import QuantLayerMixin, quant_layers
 
 TYPICAL: dict[str, Any] = {
     "on_off_ratio": 10.0,
@@ -79,6 +95,27 @@ TYPICAL: dict[str, Any] = {
     "adc_range": "calibrated",
     "adc_noise_lsb": 0.5,
 }
+
+
+class LayerHardware(BaseModel):
+    """One layer's own crossbar configuration (overrides the backend-wide option)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rows: int | None = Field(None, ge=1, le=4096)
+    cols: int | None = Field(None, ge=2, le=4096)
+    adc_reduce: Literal["none", "sparsity", "reach"] | None = None
+    adc_bits: int | list[list[int]] | None = None  # one resolution, or [row tile][column tile]
+
+    @model_validator(mode="after")
+    def _check(self) -> "LayerHardware":
+        if self.cols is not None and self.cols % 2:
+            raise ValueError(f"cols must be even (differential pairs), got {self.cols}")
+        bits = self.adc_bits
+        flat = [bits] if isinstance(bits, int) else [b for row in bits or [] for b in row]
+        if any(not 1 <= b <= 16 for b in flat):
+            raise ValueError(f"adc_bits must lie in 1..16, got {bits}")
+        return self
 
 
 class CrossbarOptions(ArrayOptions):
@@ -98,6 +135,18 @@ class CrossbarOptions(ArrayOptions):
     g_max_siemens: float = Field(25e-6, gt=0.0)
     ir_drop_activity: float = Field(1.0, gt=0.0, le=1.0)
     gemm: Literal["int8", "float32"] = "int8"
+    adc_reduce: Literal["none", "sparsity", "reach"] = "none"
+    layers: dict[str, LayerHardware] = Field(default_factory=dict)
+
+    def for_layer(self, name: str) -> "CrossbarOptions":
+        """These options with the layer's own overrides applied (explicit per-array bits aside)."""
+        own = self.layers.get(name)
+        if own is None:
+            return self
+        update = own.model_dump(exclude_none=True, exclude={"adc_bits"})
+        if isinstance(own.adc_bits, int):
+            update["adc_bits"] = own.adc_bits
+        return self.model_copy(update=update)
 
     @model_validator(mode="after")
     def _check(self) -> "CrossbarOptions":
@@ -116,8 +165,21 @@ class CrossbarBackend(SimulatedBackend):
     Options = CrossbarOptions
     options: CrossbarOptions
 
+    @property
+    def array_bits(self) -> dict[str, torch.Tensor]:
+        """Layer name -> (row tiles, column tiles) ADC bits of each programmed array."""
+        return {m.name: m.array_bits for _, m in self._chips.values() if m.array_bits is not None}
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        names = {n for n, _ in quant_layers(model)}
+        unknown = sorted(set(self.options.layers) - names)
+        if unknown:
+            raise ValueError(f"crossbar option layers: no quantized layer named {', '.join(unknown)}; "
+                             f"the model's are {', '.join(sorted(names)) or '(none)'}")
+        return super().prepare(model)
+
     def program(self, layer: QuantLayerMixin, w_int: torch.Tensor, name: str) -> MappedLayer:
-        opt = self.options
+        opt = self.options.for_layer(name)
         w = weight_matrix(layer, w_int)  # (K, O)
         k_rows, n_out = w.shape
         k, v = opt.cell_bits, opt.dac_bits
@@ -140,30 +202,69 @@ class CrossbarBackend(SimulatedBackend):
             args = (g_min, opt.programming_noise, opt.programming_sigma, opt.p_stuck_on, opt.p_stuck_off, gen)
             g_p, g_n = program_conductances(target_p, *args), program_conductances(target_n, *args)
             if opt.wire_resistance > 0:
-                g_p, g_n = self._ir_drop(g_p, g_n, tiles)
+                g_p, g_n = self._ir_drop(g_p, g_n, tiles, opt)
             d_eff = d_nom + ((g_p - target_p) - (g_n - target_n)) / g_unit
         weights, unit, int_gemm = _gemm_weights(d_eff, tiles, integral=not deviates,
                                                  want_int=opt.gemm == "int8" and v <= 7)
         top_x = 2**v - 1
         reach_lo = torch.stack([d_nom[a:b].clamp(max=0).sum(0) for a, b in tiles]) * top_x
         reach_hi = torch.stack([d_nom[a:b].clamp(min=0).sum(0) for a, b in tiles]) * top_x
+        array_bits = self._array_bits(name, opt, d_nom, tiles, reach_hi - reach_lo)
+        adc_bits, site_bits = opt.adc_bits, None
+        explicit = isinstance(self.options.layers.get(name, LayerHardware()).adc_bits, list)
+        if explicit and adc_bits is None:
+            adc_bits = int(array_bits.max())  # bits given per array: the arrays quantize at them
+        if adc_bits is not None and bool((array_bits != adc_bits).any()):
+            pairs = opt.cols // 2
+            site_bits = array_bits.repeat_interleave(pairs, dim=1)[:, :n_slices * n_out].contiguous()
         mapped = MappedLayer(
             name=name, tiles=tiles, weights=weights, weight_unit=unit, int_gemm=int_gemm,
             n_sub=n_slices, out_features=n_out,
             coef=torch.pow(2.0, k * torch.arange(n_slices, dtype=torch.float64)),
             bits_per_cycle=v, n_cycles=cycles(layer.act_bits, v),
             reach_lo=reach_lo, reach_hi=reach_hi,
-            adc_bits=opt.adc_bits, adc_range=opt.adc_range, adc_percentile=opt.adc_percentile,
+            adc_bits=adc_bits, site_bits=site_bits, array_bits=array_bits, adc_range=opt.adc_range, adc_percentile=opt.adc_percentile,
             calib_batches=opt.calib_batches, adc_noise_lsb=opt.adc_noise_lsb,
             row_noise=math.sqrt(2.0) * opt.read_noise / g_unit,
         )
         mapped.finalize()
         return mapped
 
-    def _ir_drop(self, g_p: torch.Tensor, g_n: torch.Tensor, tiles: list[tuple[int, int]]
+    def _array_bits(self, name: str, opt: CrossbarOptions, d_nom: torch.Tensor, tiles: list[tuple[int, int]],
+                    span: torch.Tensor) -> torch.Tensor:
+        """(row tiles, column tiles) int64: the ADC resolution of each physical array."""
+        pairs = opt.cols // 2
+        j = d_nom.shape[1]
+        col_tiles = -(-j // pairs)
+        explicit = self.options.layers.get(name, LayerHardware()).adc_bits
+        if isinstance(explicit, list):
+            shape = (len(tiles), col_tiles)
+            if len(explicit) != shape[0] or any(len(row) != shape[1] for row in explicit):
+                raise ValueError(f"crossbar option layers.{name}.adc_bits: needs {shape[0]} lists (row tiles) of "
+                                 f"{shape[1]} numbers (column tiles of {opt.cols} columns), got {explicit}")
+            return torch.tensor(explicit, dtype=torch.int64)
+        out = torch.empty(len(tiles), col_tiles, dtype=torch.int64)
+        for r, (a, b) in enumerate(tiles):
+            full = opt.adc_bits or lossless_adc_bits(b - a, opt.cell_bits, opt.dac_bits)
+            nnz = (d_nom[a:b] != 0).sum(0)
+            need = bits_to_cover(span[r]).long()
+            for g in range(col_tiles):
+                cols = slice(g * pairs, min((g + 1) * pairs, j))
+                bits = full
+                if opt.adc_reduce == "sparsity":
+                    densest = int(nnz[cols].max())
+                    saved = (b - a).bit_length()  # an empty array: its sums are all 0
+                    if densest > 0:  # levels 1 - 2^-k: nnz <= R / 2^k saves k bits
+                        saved = ((b - a) // densest).bit_length() - 1
+                    bits = max(1, full - saved)
+                elif opt.adc_reduce == "reach":
+                    bits = max(1, min(full, int(need[cols].max())))
+                out[r, g] = bits
+        return out
+
+    def _ir_drop(self, g_p: torch.Tensor, g_n: torch.Tensor, tiles: list[tuple[int, int]], opt: CrossbarOptions
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale each cell by its distributed-load IR-drop factor, tile by tile."""
-        opt = self.options
         pairs_per_tile = opt.cols // 2
         j = g_p.shape[1]
         out_p, out_n = g_p.clone(), g_n.clone()
@@ -180,16 +281,21 @@ class CrossbarBackend(SimulatedBackend):
         return out_p, out_n
 
     def events(self, mapped: MappedLayer, layer: QuantLayerMixin) -> list[tuple[str, str, float]]:
-        opt = self.options
+        opt = self.options.for_layer(mapped.name)
         t, j = mapped.n_cycles, mapped.columns
+        pairs = opt.cols // 2
         col_tiles = -(-2 * j // opt.cols)
         out: list[tuple[str, str, float]] = []
         conversions = 0.0
         by_bits: dict[int, float] = {}
-        for a, b in mapped.tiles:
-            bits = opt.adc_bits or lossless_adc_bits(b - a, opt.cell_bits, opt.dac_bits)
-            by_bits[bits] = by_bits.get(bits, 0.0) + t * j
-            conversions += t * j
+        array_bits = mapped.array_bits
+        assert array_bits is not None
+        for r in range(len(mapped.tiles)):
+            for g in range(col_tiles):
+                bits = int(array_bits[r, g])
+                n = t * (min((g + 1) * pairs, j) - g * pairs)
+                by_bits[bits] = by_bits.get(bits, 0.0) + n
+                conversions += n
         out += [("adc", f"adc_conversion_{bits}b", n) for bits, n in sorted(by_bits.items())]
         rows = sum(b - a for a, b in mapped.tiles)
         out += [

@@ -39,7 +39,7 @@ for integers below 2^24 (never TF32: float64 where TF32 is enabled), the same po
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -98,6 +98,8 @@ class MappedLayer:
     offset: torch.Tensor | None = None  # (n_tiles, J) analog offset added before the ADC
     removed_offset: torch.Tensor | None = None  # (n_tiles, J) subtracted digitally; None = offset
     adc_bits: int | None = None  # None: ideal ADC (no quantization)
+    site_bits: torch.Tensor | None = None  # (n_tiles, J) int64 ADC bits per column where arrays differ
+    array_bits: torch.Tensor | None = None  # (n_tiles, column tiles) int64 ADC bits of each array (for costs)
     adc_range: str = "max"
     adc_percentile: float = 99.9
     calib_batches: int = 1
@@ -126,10 +128,15 @@ class MappedLayer:
     def needs_calibration(self) -> bool:
         return self.adc_bits is not None and self.adc_range == "calibrated" and self.calib_seen < self.calib_batches
 
+    def resolution(self) -> int | torch.Tensor:
+        """The ADC bits: one number, or (n_tiles, J) where arrays have different resolutions."""
+        assert self.adc_bits is not None
+        return self.adc_bits if self.site_bits is None else self.site_bits
+
     def finalize(self) -> None:
         """Set ``max`` ranges and the batched-GEMM weights once the arrays are programmed."""
         if self.adc_bits is not None and self.adc_range == "max":
-            self.ranges = max_ranges(self.reach_lo, self.reach_hi, self.adc_bits)
+            self.ranges = max_ranges(self.reach_lo, self.reach_hi, self.resolution())
         self._stack()
 
     def _stack(self) -> None:
@@ -150,9 +157,9 @@ class MappedLayer:
                             for w in self.weights]
             self.coef, self.reach_lo, self.reach_hi = move(self.coef), move(self.reach_lo), move(self.reach_hi)
             self.offset, self.removed_offset = move(self.offset), move(self.removed_offset)
-            self.fixed_lsb = move(self.fixed_lsb)
+            self.fixed_lsb, self.site_bits = move(self.fixed_lsb), move(self.site_bits)
             if self.ranges is not None:
-                self.ranges = replace(self.ranges, lo=self.ranges.lo.to(device), step=self.ranges.step.to(device))
+                self.ranges = self.ranges.to(device)
             self.calib_samples = [s.to(device) for s in self.calib_samples]
             self.packed = {}
             self.device = device
@@ -238,6 +245,7 @@ class _Stage:
     const: torch.Tensor  # (J,) digital constant per unit of sum_t 2^(v t)
     top: float | None  # highest code; None = ideal ADC (no quantization)
     inv_step2: torch.Tensor  # inv_step^2, for the read-noise sigma in LSB
+    tops: torch.Tensor | None = None  # (n_tiles, J) highest code per column where resolutions differ
 
 
 def _stage(mapped: MappedLayer) -> _Stage:
@@ -260,8 +268,10 @@ def _stage(mapped: MappedLayer) -> _Stage:
     removed = mapped.removed_offset if mapped.removed_offset is not None else off
     const = (lo - removed).sum(0)
     f32 = lambda t: t.float().contiguous()  # noqa: E731
+    tops = mapped.ranges.top_codes() if quantize and mapped.ranges else None
     return _Stage(f32(scale), f32(shift), f32(inv), f32(step), f32(off), f32(const),
-                  float(mapped.ranges.top_code) if quantize and mapped.ranges else None, f32(inv * inv))
+                  float(mapped.ranges.top_code) if quantize and mapped.ranges else None, f32(inv * inv),
+                  None if tops is None else f32(tops))
 
 
 def _noise_sigma(sq: torch.Tensor, inv_step2: torch.Tensor, rn2: float, s1sq: float) -> torch.Tensor:
@@ -294,7 +304,10 @@ def _adc_torch(mapped: MappedLayer, st: _Stage, partial: torch.Tensor, noise: to
             u.addcmul_(_noise_view(noise, u.shape, t), sigma)
         else:
             u.add_(_noise_view(noise, u.shape, t), alpha=mapped.adc_noise_lsb)
-    if st.top is not None:
+    if st.tops is not None:  # arrays with different resolutions: each column clips at its own top code
+        u.floor_().clamp_(min=0.0)
+        torch.minimum(u, st.tops.unsqueeze(1), out=u)
+    elif st.top is not None:
         u.floor_().clamp_(0.0, st.top)
     return u
 
@@ -341,9 +354,11 @@ def _calibrate(mapped: MappedLayer, source: PatchSource, block_rows: int) -> Non
         planes = ((rows >> (v * t).unsqueeze(1)) & ((1 << v) - 1)).to(torch.uint8)
         mapped.calib_samples.append(_analog(mapped, _gemm(mapped, planes.unsqueeze(0))))
     assert mapped.adc_bits is not None
-    ranges = calibrated_ranges(torch.cat(mapped.calib_samples, dim=1).cpu(), mapped.adc_bits, mapped.adc_percentile)
+    bits = mapped.resolution()
+    ranges = calibrated_ranges(torch.cat(mapped.calib_samples, dim=1).cpu(),
+                               bits.cpu() if isinstance(bits, torch.Tensor) else bits, mapped.adc_percentile)
     if mapped.device != CPU:
-        ranges = replace(ranges, lo=ranges.lo.to(mapped.device), step=ranges.step.to(mapped.device))
+        ranges = ranges.to(mapped.device)
     mapped.ranges = ranges
     mapped.calib_seen += 1
 
@@ -466,6 +481,8 @@ def run_mapped(mapped: MappedLayer, patches: torch.Tensor | PatchSource, noise: 
         if mapped.needs_calibration():
             _calibrate(mapped, source, block)
     st = _stage(mapped)
+    if st.tops is not None:
+        kern = None  # the C kernels clip at one top code per layer: mixed resolutions take the torch path
     if kern is not None and mapped.int_gemm:
         return _run_fused(mapped, source, noise, block, st, kern)
     v, n_cycles, j, n_tiles = mapped.bits_per_cycle, mapped.n_cycles, mapped.columns, mapped.n_tiles

@@ -5,6 +5,17 @@ folder holds ``checkpoint.pt`` (model, optimiser, schedule, epoch, history, wall
 ``history.json``. ``finalize`` calibrates the offload encoding (``recipe.offload``) and picks
 the exit threshold on the validation split, measures the test split as it will be served (the
 cloud exit on encoded features) and exports the bundle.
+
+Pruning (:mod:`edgecloud.codesign.dub`): with ``prune_regularizer`` every step's loss gets the
+D.U.B. / group-lasso penalty of the quantized layers' float weights (recorded per epoch as
+``prune_penalty``). With ``masks`` the masks are made once at the start of a fresh run (pruned
+from the starting weights, or loaded from a file; ``pruning.json`` and ``masks.pt`` record them),
+saved in ``checkpoint.pt`` for resuming, and enforced on every step by zeroing the pruned
+weights' gradients before the optimiser step and multiplying the weights by the masks after it.
+In place rather than ``torch.nn.utils.prune``'s reparametrisation, so the parameters, the
+state_dict keys (checkpoints, ``load_checkpoint``, ``init``) and the exported bundle stay those of
+an ordinary model; re-applying after the step keeps the zeros exact whatever the optimiser does
+(momentum, weight decay, resumed state). Family stages (MEANet) do not see the masks.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from edgecloud.data.loader import Loader
 from edgecloud.data.registry import load_dataset
 from edgecloud.nets import create_model
 from edgecloud.train.exitstats import choose_threshold, policy_for, predict_exits, routed_metrics
-from edgecloud.train.recipe import EXPORT_ONLY, OptimSpec, Recipe
+from edgecloud.train.recipe import MaskSpec, OptimSpec, Recipe, training_fields
 from edgecloud.train.stages import run_stage
 from edgecloud.train.warmstart import (
     CHECKPOINT, Distiller, frozen_modules, init_from_run, load_run_model, run_checkpoint,
@@ -162,6 +173,23 @@ def offload_spec(model: nn.Module, recipe: Recipe, val: ImageDataset) -> tuple[C
     return spec, record
 
 
+def make_masks(model: nn.Module, spec: MaskSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(masks, record): the fixed masks of ``spec`` for ``model``, applied to its weights."""
+    from edgecloud.codesign.dub import apply_masks, check_masks, load_masks, prune_model
+
+    if spec.file is not None:
+        masks = load_masks(spec.file)
+        check_masks(model, masks)
+        apply_masks(model, masks)
+        pruned = sum(int((~m).sum()) for m in masks.values())
+        total = sum(int(m.numel()) for m in masks.values())
+        return masks, {"file": spec.file, "weights": total, "sparsity": pruned / total if total else 0.0}
+    result = prune_model(model, spec.method, spec.rows, spec.outputs_per_array, tol=spec.tol, ratio=spec.ratio,
+                         layers=spec.layers, apply=True)
+    return result.masks, {"rows": spec.rows, "outputs_per_array": spec.outputs_per_array, "tol": spec.tol,
+                          **result.summary()}
+
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -211,13 +239,24 @@ def run_training(
         from edgecloud.train.adversarial import Adversary
 
         adversary = Adversary(recipe.adversarial, seed=recipe.seed, bf16=o.precision == "bf16")
+    penalty_kwargs = recipe.prune_regularizer.penalty_kwargs() if recipe.prune_regularizer else None
+    masks: dict[str, torch.Tensor] | None = None
+    if recipe.masks and not (resume and ckpt_path.is_file()):
+        from edgecloud.codesign.dub import save_masks
+
+        masks, prune_record = make_masks(model, recipe.masks)
+        save_masks(masks, out / "masks.pt")
+        (out / "pruning.json").write_text(json.dumps(prune_record, indent=1))
+        if progress:
+            tqdm.write(f"masks ({recipe.masks.method or recipe.masks.file}): "
+                       f"{prune_record['sparsity']:.4f} of {prune_record['weights']} weights pruned")
     opt = make_optimizer(model, o)
     sched = make_scheduler(opt, o, o.epochs * len(loader))
     history: list[dict[str, Any]] = []
     start_epoch, wall = 0, 0.0
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = {k: v for k, v in ckpt["recipe"].items() if k not in EXPORT_ONLY}
+        saved = training_fields(ckpt["recipe"])
         if saved != recipe.training_dump():
             raise ValueError(f"{ckpt_path} was written by a different recipe/settings; resume with the same ones")
         model.load_state_dict(ckpt["model"])
@@ -227,6 +266,14 @@ def run_training(
         torch.set_rng_state(ckpt["torch_rng"])
         if adversary is not None and "adversary_rng" in ckpt:
             adversary.generator.set_state(ckpt["adversary_rng"])
+        if recipe.masks:
+            if "masks" not in ckpt:
+                raise ValueError(f"{ckpt_path} holds no pruning masks but the recipe has masks")
+            masks = ckpt["masks"]
+    if masks is not None:
+        from edgecloud.codesign.dub import apply_masks, mask_gradients
+    if penalty_kwargs is not None:
+        from edgecloud.codesign.dub import model_penalty
     weights = exit_weights(o, len(getattr(model, "exit_names", [])) + 1)
     last = o.epochs if stop_after is None else min(o.epochs, stop_after)
     for epoch in range(start_epoch, last):
@@ -235,7 +282,7 @@ def run_training(
         for mod in frozen:
             mod.eval()  # BN statistics stay those of the trained part
         loader.set_epoch(epoch)
-        total, count, correct = 0.0, 0, 0
+        total, count, correct, penalty_sum, steps = 0.0, 0, 0, 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{o.epochs}", disable=not progress, leave=False,
                    mininterval=1.0, dynamic_ncols=True)
         for x, y in bar:
@@ -248,11 +295,20 @@ def run_training(
                 loss = distiller.loss(outputs, y, teacher, weights, o.label_smoothing)
             else:
                 loss = joint_loss(outputs, y, weights, o.label_smoothing)
+            if penalty_kwargs is not None:  # float32, outside autocast
+                penalty = model_penalty(model, **penalty_kwargs)
+                loss = loss + penalty
+                penalty_sum += float(penalty.detach())
+                steps += 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if masks is not None:
+                mask_gradients(model, masks)
             if o.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             opt.step()
+            if masks is not None:
+                apply_masks(model, masks)
             sched.step()
             total += float(loss.detach()) * len(y)
             count += len(y)
@@ -262,6 +318,8 @@ def run_training(
         wall += time.perf_counter() - t0
         record = {"epoch": epoch + 1, "loss": total / max(count, 1), "train_accuracy": correct / max(count, 1),
                   "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"], "wall_time_s": round(wall, 1)}
+        if penalty_kwargs is not None:
+            record["prune_penalty"] = penalty_sum / max(steps, 1)
         history.append(record)
         if progress:
             accs = " ".join(f"{a:.4f}" for a in val_acc)
@@ -272,6 +330,7 @@ def run_training(
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
             "wall_time_s": wall, "torch_rng": torch.get_rng_state(),
             **({"adversary_rng": adversary.generator.get_state()} if adversary is not None else {}),
+            **({"masks": masks} if masks is not None else {}),
         })
         (out / "history.json").write_text(json.dumps(history, indent=1))
     if last == o.epochs and recipe.stages:
@@ -289,6 +348,7 @@ def run_training(
                 "recipe": recipe.model_dump(mode="json"), "epoch": o.epochs, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
                 "wall_time_s": wall, "torch_rng": torch.get_rng_state(), "stages_done": k + 1,
+                **({"masks": masks} if masks is not None else {}),
             })
     model = model.to(memory_format=torch.contiguous_format).eval()
     return TrainResult(model=model, history=history, wall_time_s=wall,

@@ -5,7 +5,9 @@ per-exit loss weights, how the bundle's exit threshold is chosen (on the validat
 how the offloaded tensor travels to the cloud (``offload``: fp32, fp16 or uint8 calibrated on
 the validation split; see :mod:`edgecloud.offload`). ``init``, ``distill`` and ``freeze`` build on
 other runs (:mod:`edgecloud.train.warmstart`): start from a trained network's weights, learn from
-a teacher's outputs, keep a part fixed.
+a teacher's outputs, keep a part fixed. ``prune_regularizer`` and ``masks`` are the two phases of
+crossbar-attuned pruning (:mod:`edgecloud.codesign.dub`): train with a sparsity regulariser, then
+prune and fine-tune with the masks fixed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgecloud.offload import DEFAULT_PERCENTILE
 
@@ -125,7 +127,82 @@ class AdversarialSpec(BaseModel):
         return pixels(value)
 
 
+class PruneRegularizerSpec(BaseModel):
+    """A sparsity regulariser added to every training step's loss, on the float weights of the
+    quantized conv layers (``layers: all``: and linear layers; binary-weight layers never):
+    ``lambda_l2 ||W||^2`` plus, for ``dub`` (Ibrayev et al. 2024), ``lambda_var`` x the variance of
+    the (``gate``d) Hoyer L0 proxies of the columns sharing a crossbar, or for ``group-lasso``
+    (their baseline) ``lambda_group`` x the L2 norms of every column and row segment of each array.
+
+    Arrays are ``rows`` x ``outputs_per_array`` outputs. The default ``outputs_per_array`` is
+    ``rows // 2``: a square ``rows`` x ``rows`` crossbar holds each signed weight on a pair of
+    physical columns (``crossbar.py``: cols / 2 pairs), so ``rows // 2`` outputs share its ADC
+    setting. Set it to ``cols // 2`` of the backend the bundle targets. The L2 term is on top of
+    the optimiser's ``weight_decay`` (the paper used plain L2; set ``optim.weight_decay: 0``
+    to match it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["dub", "group-lasso"] = "dub"
+    lambda_var: float = Field(1e-3, ge=0.0)
+    lambda_l2: float = Field(1e-3, ge=0.0)
+    lambda_group: float = Field(1e-4, ge=0.0)
+    rows: int = Field(64, ge=1)
+    outputs_per_array: int | None = Field(None, ge=1)  # None: rows // 2 (filled in on validation)
+    gate: bool = True
+    layers: Literal["conv", "all"] = "conv"
+
+    @model_validator(mode="after")
+    def _default_outputs(self) -> "PruneRegularizerSpec":
+        if self.outputs_per_array is None:
+            self.outputs_per_array = max(1, self.rows // 2)
+        return self
+
+    def penalty_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`edgecloud.codesign.dub.model_penalty`."""
+        return self.model_dump()
+
+
+class MaskSpec(BaseModel):
+    """Fine-tuning with fixed pruning masks: the pruned weights stay exactly zero.
+
+    The masks come from ``file`` (a ``torch.save``d dict: quantized layer name -> bool mask, True =
+    kept) or are computed by ``method`` from the weights the run starts from (so with ``init``: the
+    regularised run's weights), over the same layers as :class:`PruneRegularizerSpec`. ``dub``:
+    the D.U.B. prune step (``tol``: what counts as zero); ``magnitude``: drop ``ratio`` of each
+    layer's weights; ``group-lasso``: drop crossbar column/row segments whose norm is <= ``tol``.
+    The loop zeroes the pruned weights' gradients and multiplies the weights by the masks after
+    each optimiser step (in place: the state_dict, checkpoints and bundles are ordinary)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["dub", "magnitude", "group-lasso"] | None = None
+    file: str | None = None
+    rows: int = Field(64, ge=1)
+    outputs_per_array: int | None = Field(None, ge=1)  # None: rows // 2
+    tol: float = Field(1e-3, ge=0.0)
+    ratio: float | None = Field(None, ge=0.0, le=1.0)  # magnitude only
+    layers: Literal["conv", "all"] = "conv"
+
+    @model_validator(mode="after")
+    def _check(self) -> "MaskSpec":
+        if (self.method is None) == (self.file is None):
+            raise ValueError("masks: give exactly one of method (prune at the start) or file (saved masks)")
+        if self.method == "magnitude" and self.ratio is None:
+            raise ValueError("masks: magnitude pruning needs a ratio")
+        if self.outputs_per_array is None:
+            self.outputs_per_array = max(1, self.rows // 2)
+        return self
+
+
 EXPORT_ONLY = ("offload", "baseline")  # recipe sections that change the bundle, not the training
+# Sections added after checkpoints already existed: left out of the comparison when unset, so
+# those checkpoints still resume.
+OPTIONAL_TRAINING = ("prune_regularizer", "masks")
+
+
+def training_fields(dump: dict[str, Any]) -> dict[str, Any]:
+    """What of a recipe dump a checkpoint must match to be resumed (see :meth:`Recipe.training_dump`)."""
+    return {k: v for k, v in dump.items()
+            if k not in EXPORT_ONLY and not (k in OPTIONAL_TRAINING and v is None)}
 
 
 class Recipe(BaseModel):
@@ -143,6 +220,8 @@ class Recipe(BaseModel):
     distill: DistillSpec | None = None    # learn from a teacher run's outputs
     freeze: list[str] = Field(default_factory=list)  # submodules kept fixed (eval mode, no gradient)
     adversarial: AdversarialSpec | None = None  # PGD adversarial training
+    prune_regularizer: PruneRegularizerSpec | None = None  # D.U.B. / group-lasso sparsity regulariser
+    masks: MaskSpec | None = None          # fine-tune with fixed pruning masks
     offload: OffloadSpec = Field(default_factory=OffloadSpec)  # wire encoding of the cloud input
     # The run whose network, at full precision, is the energy baseline of the bundle (default: this
     # network at full precision). Set it when the edge is wider than the network it replaces.
@@ -150,8 +229,9 @@ class Recipe(BaseModel):
 
     def training_dump(self) -> dict[str, Any]:
         """The recipe as JSON without the export-only ``offload`` and ``baseline``: what a
-        checkpoint must match to be resumed (neither changes what is trained)."""
-        return self.model_dump(mode="json", exclude=set(EXPORT_ONLY))
+        checkpoint must match to be resumed (neither changes what is trained); unset sections of
+        ``OPTIONAL_TRAINING`` are left out too."""
+        return training_fields(self.model_dump(mode="json"))
 
 
 def recipes_dir() -> Path:
