@@ -121,3 +121,20 @@ def test_mixed_resolutions_calibrate_and_clip_per_array() -> None:
     assert torch.equal(out[:, :2], ref[:, :2])  # 6 bits cover the calibrated range of 16-cell columns
     # a 2-bit ADC has 4 codes for a column that reaches -3..3 in 7 steps: not exact
     assert not torch.equal(out[:, 2:], ref[:, 2:])
+
+
+def test_cost_model_reads_the_positions_each_layer_saw() -> None:
+    from edgecloud.cim.cost import CostModel, layouts_from_backend
+    from edgecloud.nn.quant import QuantConv2d
+
+    conv = QuantConv2d(3, 4, 3, padding=1, weight_bits=4, act_bits=2).eval()
+    be = xbar(rows=16, cols=8, adc_reduce="sparsity")
+    be.prepare(conv)
+    with pytest.raises(KeyError, match="run one batch"):
+        layouts_from_backend(be)
+    with torch.no_grad():
+        conv(torch.rand(2, 3, 5, 5))
+    (layout,) = layouts_from_backend(be)
+    assert layout.positions == 25
+    cost = CostModel().cost([layout])
+    assert cost.latency_s > 0 and cost.area_mm2 > 0 and cost.edap == pytest.approx(cost.energy_j * cost.latency_s * cost.area_mm2)

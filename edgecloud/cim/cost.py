@@ -270,23 +270,26 @@ def layout_from(mapped: Any, *, rows: int, cols: int, cell_bits: int, positions:
     )
 
 
-def layouts_from_backend(backend: Any, positions: Mapping[str, int]) -> list[LayerLayout]:
+def layouts_from_backend(backend: Any, positions: Mapping[str, int] | None = None) -> list[LayerLayout]:
     """Layouts of every layer a ``CrossbarBackend`` has programmed, in programming order.
 
     ``positions`` maps each layer name (``MappedLayer.name``, the module path) to its output
-    positions per sample. Per-layer options (``options.for_layer``) and per-array ADC bits
+    positions per sample (default: what each layer saw in its last call, ``MappedLayer.positions``).
+    Per-layer options (``options.for_layer``) and per-array ADC bits
     (``backend.array_bits``) are used where the backend has them. Layers that stayed digital are
     not programmed and so not listed.
     """
     out = []
     for _, mapped in backend._chips.values():
         name = mapped.name
-        if name not in positions:
-            raise KeyError(f"no output positions given for layer {name!r}")
+        seen = positions[name] if positions is not None and name in positions else getattr(mapped, "positions", None)
+        if seen is None:
+            raise KeyError(f"no output positions for layer {name!r}: run one batch through the model first, "
+                           "or pass positions")
         opt = backend.options.for_layer(name) if hasattr(backend.options, "for_layer") else backend.options
         bits = getattr(backend, "array_bits", {}).get(name)
         out.append(layout_from(mapped, rows=opt.rows, cols=opt.cols, cell_bits=opt.cell_bits,
-                               positions=positions[name], adc_bits=bits))
+                               positions=int(seen), adc_bits=bits))
     return out
 
 

@@ -100,6 +100,7 @@ class MappedLayer:
     adc_bits: int | None = None  # None: ideal ADC (no quantization)
     site_bits: torch.Tensor | None = None  # (n_tiles, J) int64 ADC bits per column where arrays differ
     array_bits: torch.Tensor | None = None  # (n_tiles, column tiles) int64 ADC bits of each array (for costs)
+    positions: int | None = None  # output positions per sample of the last call (for costs)
     adc_range: str = "max"
     adc_percentile: float = 99.9
     calib_batches: int = 1

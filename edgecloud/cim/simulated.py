@@ -152,6 +152,7 @@ class SimulatedBackend(Backend):
         mapped = self.mapped(layer, w_int)
         source, geo = layer_source(layer, x_int)  # uint8 on the input's device; run_mapped moves it as uint8
         acc = run_mapped(mapped, source, self.noise, self.options.block_kib * 1024, self.kernel)
+        mapped.positions = int(geo.positions)
         for component, event, per_position in self.events(mapped, layer):
             record(component, event, per_position * geo.positions)
         return to_output(acc, geo).to(x_int.device)
