@@ -5,7 +5,8 @@ installed with the package, ``edgecloud.models``), as Triton does.
 
 Layout of a bundle folder::
 
-    manifest.yaml   this schema (family, arch kwargs, input, classes, exits, cloud, training)
+    manifest.yaml   this schema (family, arch kwargs, input, classes, exits, cloud, training,
+                    hardware: default options per backend, see bundle_backend_options)
     edge.pt         torch state_dict of the whole SplitModel (edge parts are what the edge uses)
     cloud.onnx      the cloud part, full precision, input tensor ``cloud.input_name``
     README.md       the model card
@@ -20,7 +21,9 @@ cloud server skips it.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +105,10 @@ class Manifest(BaseModel):
     cloud: CloudSpec
     training: dict[str, Any] = Field(default_factory=dict)  # command, seed, wall_time_s, data
     metrics: dict[str, Any] = Field(default_factory=dict)   # measured results (from eval)
+    # Backend name -> this bundle's default options for that backend, e.g. the crossbar layout a
+    # co-design search chose: {crossbar: {layers: {conv1: {rows: 64}}, adc_reduce: sparsity}}.
+    # Applied under the user's options wherever a backend runs this bundle (bundle_backend_options).
+    hardware: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @property
     def cloud_model_name(self) -> str:
@@ -118,6 +125,58 @@ class Manifest(BaseModel):
             raise ValueError("an edge-only bundle (cloud.offload 'none') needs a last exit with "
                              "threshold null: with no cloud, it must answer every sample")
         return self
+
+
+# Per-layer keys that describe the arrays of one tiling: a bundle's explicit per-array ADC bits
+# (a list per row tile of a list per column tile) no longer fit once the user changes the tiling.
+_TILING_KEYS = ("rows", "cols")
+
+
+def _plain(value: Any) -> Any:
+    """A pydantic model (e.g. a ``LayerHardware``) as a plain dict of the fields it sets; else as is."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(exclude_none=True)
+    return value
+
+
+def bundle_backend_options(manifest: Any, backend: str, options: Mapping[str, Any] | None = None, *,
+                           use_bundle: bool = True) -> dict[str, Any]:
+    """The options a backend runs a bundle with: the bundle's ``hardware[backend]`` under ``options``.
+
+    The user's ``options`` win key by key. ``layers`` (per-layer overrides) is merged per layer
+    name, and within one layer field by field (the user's fields win); when the user gives a
+    layer its own ``rows`` or ``cols`` but no ``adc_bits``, the bundle's per-array ``adc_bits``
+    list for that layer (shaped by the bundle's tiling) is dropped, one number is kept. A
+    backend-wide user option (``rows=256``) does not replace a bundle's per-layer value (the
+    per-layer one is the more specific); override it with ``layers={NAME: {...}}``, or pass
+    ``use_bundle=False`` (``edgecloud eval --no-bundle-hardware``) to ignore the bundle's defaults.
+    ``manifest`` is a :class:`Manifest` (or anything with ``hardware``; None: no defaults).
+    Returns a new dict; neither input is modified.
+    """
+    user = {k: _plain(v) for k, v in (options or {}).items()}
+    defaults = getattr(manifest, "hardware", None) or {}
+    base = defaults.get(backend) if use_bundle else None
+    if not base:
+        return copy.deepcopy(user)
+    out = copy.deepcopy(dict(base))
+    for key, value in user.items():
+        if key == "layers" and isinstance(value, Mapping) and isinstance(out.get("layers"), Mapping):
+            layers = dict(out["layers"])
+            for name, own in value.items():
+                own = _plain(own)
+                theirs = layers.get(name)
+                if isinstance(own, Mapping) and isinstance(theirs, Mapping):
+                    merged = {**theirs, **own}
+                    if ("adc_bits" not in own and isinstance(theirs.get("adc_bits"), list)
+                            and any(k in own and own[k] != theirs.get(k) for k in _TILING_KEYS)):
+                        del merged["adc_bits"]
+                    layers[name] = merged
+                else:
+                    layers[name] = copy.deepcopy(own)
+            out["layers"] = layers
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def default_repository() -> Path:

@@ -300,21 +300,28 @@ def compare_layers(layers: list[Layer], table: EnergyTable, latency: Latency, hw
 
 
 def compare(source: Any, backend_options: dict[str, Any] | None = None, *, seed: int = 0,
-            table: str | Path | None = None, hardware: Hardware | None = None) -> dict[str, Any]:
-    """The von Neumann vs SRAM-CiM report of a bundle (or InMemoryBundle) on the sram backend."""
+            table: str | Path | None = None, hardware: Hardware | None = None, adc_law: str | None = None,
+            bundle_hardware: bool = True) -> dict[str, Any]:
+    """The von Neumann vs SRAM-CiM report of a bundle (or InMemoryBundle) on the sram backend.
+
+    The backend runs with the bundle's manifest ``hardware.sram`` defaults under ``backend_options``
+    (``bundle_hardware=False``: without them); ``adc_law`` overrides the energy table's ADC law.
+    """
+    from edgecloud.bundle import bundle_backend_options
     from edgecloud.cim.backend import create_backend
 
     hw = hardware or Hardware()
     if not source.manifest.edge_only:
         raise ValueError(f"model {source.name!r}: the von Neumann comparison covers edge-only bundles "
                          "(a classifier run wholly on the edge), not edge-cloud split models")
-    backend = create_backend("sram", dict(backend_options or {}), seed)
+    backend = create_backend("sram", bundle_backend_options(source.manifest, "sram", backend_options,
+                                                            use_bundle=bundle_hardware), seed)
     model = backend.prepare(source.build_model())
     shape = tuple(int(d) for d in source.manifest.input.shape)
     layers = inventory(model, shape, backend)
     if not any(lay.mapped for lay in layers):
         raise ValueError(f"model {source.name!r}: no layer is mapped on the SRAM arrays")
-    energy_table = EnergyTable.load(table)
+    energy_table = EnergyTable.load(table).with_adc_law(adc_law)
     latency = Latency.load(table)
     cols = hw.cols or int(backend.options.cols)
     report = compare_layers(layers, energy_table, latency, hw, cols)
@@ -322,6 +329,7 @@ def compare(source: Any, backend_options: dict[str, Any] | None = None, *, seed:
     report["latency_s"] = dict(latency.seconds)
     report["latency_sources"] = dict(latency.sources)
     report["energy_table"] = str(table) if table else "packaged"
+    report["adc_law"] = energy_table.adc_law
     report["published"] = dict(PUBLISHED)
     return report
 

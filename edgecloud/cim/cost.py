@@ -29,8 +29,9 @@ Modelling choices:
 
 - **Energy** uses the *energy* table (:class:`~edgecloud.cim.energy.EnergyTable`, the packaged
   ``energy_table.yaml`` by default) for every per-event constant, so for the same counts the cost
-  model and the event meter agree to the last bit (ADC under the Walden law, which is the law the
-  meter prices with: FoM * 2^B). Only delay and area constants live in ``cost_table.yaml``.
+  model and the event meter agree to the last bit when both price ADCs under the same law (the
+  meter's is its table's ``adc_law``, walden by default: FoM * 2^B; ``edgecloud eval`` passes the
+  meter's law to the cost model). Only delay and area constants live in ``cost_table.yaml``.
 - **ADC law** (named, pluggable: :data:`ADC_LAWS`, :func:`register_adc_law`): ADC energy per
   conversion and ADC area versus bits B scale as ``law(B, B_ref)`` from the ISAAC 8-bit point:
   ``walden`` 2^(B - 8) (default), ``schreier`` 4^(B - 8), ``linear`` B / 8. Every :class:`Cost`
@@ -66,7 +67,7 @@ bits), or :meth:`LayerLayout.plan` (shapes alone, for a search). Then
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -75,32 +76,15 @@ from typing import Any
 import yaml
 
 from edgecloud.cim.adc import lossless_adc_bits
-from edgecloud.cim.energy import EnergyTable
+from edgecloud.cim.energy import ADC_LAWS, AdcLaw, EnergyTable, register_adc_law  # noqa: F401
+from edgecloud.cim.energy import adc_law as _adc_law
 
 ENERGY_COMPONENTS = ("array", "adc", "dac", "sample_hold", "shift_add", "buffer")
 AREA_COMPONENTS = ("array", "adc", "dac", "sample_hold", "shift_add", "buffer")
 
-AdcLaw = Callable[[float, float], float]  # (bits, reference bits) -> factor relative to the reference
-
-ADC_LAWS: dict[str, AdcLaw] = {
-    "walden": lambda bits, ref: 2.0 ** (bits - ref),   # constant Walden FoM: x2 per bit
-    "schreier": lambda bits, ref: 4.0 ** (bits - ref),  # thermal-noise limited: x4 per bit
-    "linear": lambda bits, ref: bits / ref,             # proportional to bits
-}
-
-
-def register_adc_law(name: str, law: AdcLaw) -> None:
-    """Add a named ADC law: ``law(bits, ref_bits)`` is the energy and area factor versus the reference."""
-    if not callable(law):
-        raise TypeError(f"ADC law {name!r} must be callable (bits, ref_bits) -> factor")
-    ADC_LAWS[name] = law
-
-
-def _adc_law(name: str) -> AdcLaw:
-    try:
-        return ADC_LAWS[name]
-    except KeyError:
-        raise ValueError(f"unknown ADC law {name!r}; choose one of {sorted(ADC_LAWS)}") from None
+# ADC_LAWS, AdcLaw and register_adc_law are defined once, in edgecloud.cim.energy (the event meter
+# prices conversions with them too; it cannot import this module, which imports it) and
+# re-exported here: the same objects.
 
 
 def magnitude_bits_of(weight_bits: int) -> int:

@@ -160,10 +160,20 @@ def _snr_backend(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _snr_report(args: argparse.Namespace, model_arg: str, options: dict[str, Any]) -> tuple[Any, Any]:
-    """(SNRReport, data) of one model on chips 0..--chips-1."""
+    """(SNRReport, data) of one model on chips 0..--chips-1.
+
+    A bundle runs with its manifest ``hardware`` defaults for the backend under ``options``
+    (:func:`edgecloud.bundle.bundle_backend_options`); a checkpoint with ``options`` alone.
+    """
     from edgecloud.analyze.snr import analyze_snr
+    from edgecloud.bundle import bundle_backend_options
 
     model, data, _ = _load(argparse.Namespace(**{**vars(args), "model": model_arg}))
+    path = Path(model_arg)
+    if not (path.suffix == ".pt" or (path / "checkpoint.pt").is_file()):  # a bundle (as _load decides)
+        from edgecloud.evaluate import resolve_bundle
+
+        options = bundle_backend_options(resolve_bundle(model_arg, args.repository).manifest, args.backend, options)
     report = analyze_snr(model, data.images.float() / 255.0, data.labels, args.backend, options,
                          range(args.chips), batch_size=args.batch_size, progress=not args.json)
     return report, data

@@ -6,6 +6,12 @@ over several simulated chips (``--chips N``: seeds ``seed .. seed+N-1``, mean ±
 ``--baseline von-neumann`` (sram backend, edge-only bundles) adds the energy and delay per
 inference of a von Neumann processor at the same precision, and the ratios, from the backend's
 event counts (:mod:`edgecloud.cim.baseline`; machine options with ``--baseline-option K=V``).
+
+The backend runs with the bundle's manifest ``hardware`` defaults under ``--backend-option``
+(``--no-bundle-hardware``: without them). ``--adc-law walden|schreier|linear`` prices ADC
+conversions under that law (default: the energy table's, walden); the report names it. On the
+crossbar backend the report adds latency, area and EDAP per inference from the analytic cost
+model (:func:`edgecloud.evaluate.evaluator.crossbar_cost`), with a per-layer breakdown in the JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ def add_common_args(p: argparse.ArgumentParser, split_default: str) -> None:
                    help="discretise input pixels to 2^B levels first (the defence the edge daemon's "
                         "--input-bits applies; default: the bundle's input.bits, usually off)")
     p.add_argument("--energy-table", help="energy table YAML (default: the packaged one)")
+    p.add_argument("--adc-law", metavar="LAW",
+                   help="how ADC conversion energy scales with bits, anchored at 8 bits: walden (x2 per bit), "
+                        "schreier (x4 per bit) or linear (default: the energy table's adc_law, walden)")
+    p.add_argument("--no-bundle-hardware", dest="bundle_hardware", action="store_false",
+                   help="ignore the bundle's manifest hardware defaults for the backend (by default they apply "
+                        "under --backend-option)")
     p.add_argument("--repository", help="model repository folder (for a bundle given by name)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     p.add_argument("--cloud", choices=["onnx", "torch"], default=None,
@@ -79,6 +91,7 @@ def prepare(args: argparse.Namespace, thresholds: list[float | None] | None = No
     from edgecloud.commands.edge import parse_backend_options
     from edgecloud.evaluate import EvalConfig, load_eval_data, resolve_bundle
 
+    check_adc_law(getattr(args, "adc_law", None))
     bundle = resolve_bundle(args.bundle, args.repository)
     if args.energy_table and not Path(args.energy_table).is_file():
         raise FileNotFoundError(f"energy table {args.energy_table} does not exist")
@@ -89,8 +102,19 @@ def prepare(args: argparse.Namespace, thresholds: list[float | None] | None = No
         seed=args.seed, chips=getattr(args, "chips", 1), thresholds=thresholds,
         energy_table=args.energy_table, cloud=args.cloud, batch_size=args.batch_size,
         progress=not args.json, input_bits=getattr(args, "input_bits", None),
+        adc_law=getattr(args, "adc_law", None), bundle_hardware=getattr(args, "bundle_hardware", True),
     )
     return bundle, data, info, config
+
+
+def check_adc_law(name: str | None) -> None:
+    """A clear error naming ``--adc-law`` for a law that does not exist."""
+    if name is None:
+        return
+    from edgecloud.cim.energy import ADC_LAWS
+
+    if name not in ADC_LAWS:
+        raise ValueError(f"--adc-law {name!r}: unknown ADC law; choose one of {', '.join(sorted(ADC_LAWS))}")
 
 
 CARD_EVENTS = {
@@ -100,11 +124,11 @@ CARD_EVENTS = {
 }
 
 
-def energy_constants_line(table_path: str | None, backend: str) -> str:
+def energy_constants_line(table_path: str | None, backend: str, adc_law: str | None = None) -> str:
     """The energy-table constants an evaluation's energies rest on (named in model cards)."""
     from edgecloud.cim.energy import EnergyTable
 
-    table = EnergyTable.load(table_path)
+    table = EnergyTable.load(table_path).with_adc_law(adc_law)
     parts = []
     events = CARD_EVENTS["digital"] + (CARD_EVENTS.get(backend, []) if backend != "digital" else [])
     for event in events:
@@ -112,6 +136,8 @@ def energy_constants_line(table_path: str | None, backend: str) -> str:
             parts.append(f"{event} {table.per_event(event):.3g} J")
         except (KeyError, ValueError):
             continue
+    if backend != "digital":
+        parts.append(f"ADC law {table.adc_law}")
     return f"energy table {table_path or 'edgecloud/cim/energy_table.yaml (packaged)'}: " + ", ".join(parts)
 
 
@@ -174,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         from edgecloud.evaluate.report import baseline_table
 
         base = compare(bundle, config.backend_options, seed=config.seed, table=config.energy_table,
-                       hardware=hardware)
+                       hardware=hardware, adc_law=config.adc_law, bundle_hardware=config.bundle_hardware)
         measured = out["summary"]["energy_total_j"]["mean"]
         base["measured_cim_energy_j"] = measured  # the evaluation's own energy per sample
         base["model_vs_measured"] = base["cim"]["energy_total_j"] / measured - 1 if measured else None
@@ -188,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
                  + (f" ({', '.join(args.backend_option)})" if args.backend_option else "")
                  + (f", {config.chips} chips" if config.chips > 1 else ""))
         text = eval_table(out) + ("\n\n" + baseline_table(out["baseline"]) if "baseline" in out else "")
-        text += "\n\n" + energy_constants_line(args.energy_table, args.backend)
+        text += "\n\n" + energy_constants_line(args.energy_table, args.backend, config.adc_law)
         card = write_eval_section(bundle.path, ["edgecloud", *args.argv], title, text)
         if not args.json:
             print(f"model card updated: {card}")

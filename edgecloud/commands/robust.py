@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     png_path = plot(rows, out / "robust.png", title=title)
     if args.json:
         print(json.dumps({"bundle": info["bundle"], "data": info["data"], "settings": info["settings"],
+                          "bundle_hardware": info.get("bundle_hardware", {}),
                           "csv": str(csv_path), "png": str(png_path), "command": "edgecloud " + " ".join(
                               getattr(args, "argv", sys.argv[1:])),
                           "results": [r.__dict__ for r in rows]}))

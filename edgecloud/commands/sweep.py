@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {csv_path} and {png_path}")
     if args.json:
         out = {"bundle": m.name, **info, "samples": len(data), "backend": config.backend,
-               "backend_options": config.backend_options, "seed": config.seed, "policy": m.policy,
+               "backend_options": config.backend_options, "adc_law": config.meter().table.adc_law,
+               "seed": config.seed, "policy": m.policy,
                "exits": cache.exit_names + ["cloud"], "rows": rows, "operating_point": operating,
                "csv": str(csv_path), "png": str(png_path)}
         print(json.dumps(json_safe(out)))

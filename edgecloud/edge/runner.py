@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edgecloud import offload
-from edgecloud.bundle import Bundle
+from edgecloud.bundle import Bundle, bundle_backend_options
 from edgecloud.cim.backend import Backend, create_backend
 from edgecloud.cim.energy import EnergyMeter
 from edgecloud.cim.events import EventLog, recording
@@ -103,6 +103,7 @@ class EdgeRunner:
         backend_options: dict[str, Any] | None = None,
         seed: int = 0,
         input_bits: int | None = None,
+        bundle_hardware: bool = True,
     ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
@@ -124,8 +125,21 @@ class EdgeRunner:
         self.meter = energy_meter or EnergyMeter()
         self.radio_joules_per_bit = self.meter.table.per_event("radio_bit")
         self.cloud_joules_per_sample = self.manifest.cloud.macs * self.meter.table.per_event("mac_fp32")
+        # The options the backend runs with: the bundle's manifest ``hardware`` defaults for this
+        # backend under the given ones (``bundle_hardware=False``: the given ones alone). A backend
+        # passed as an instance is used as it is.
+        self.backend_options: dict[str, Any] = dict(backend_options or {})
         if isinstance(backend, str):  # the backend owns its randomness (seeded), no global seed
-            backend = create_backend(backend, backend_options, seed)
+            self.backend_options = bundle_backend_options(self.manifest, backend, backend_options,
+                                                          use_bundle=bundle_hardware)
+            try:
+                backend = create_backend(backend, self.backend_options, seed)
+            except ValueError as exc:
+                own = self.manifest.hardware.get(backend) if bundle_hardware else None
+                if not own:
+                    raise
+                raise ValueError(f"{exc} (the options include model {self.name!r}'s manifest "
+                                 f"hardware.{backend}: {own})") from exc
         self.backend = backend
         self.model = backend.prepare(bundle.build_model())
         self.model.eval()

@@ -122,7 +122,7 @@ def build_edge_server(
 
     options = dict(edge.backend.options)
     table_path = options.pop("energy_table", None)
-    meter = EnergyMeter(EnergyTable.load(table_path))
+    meter = EnergyMeter(EnergyTable.load(table_path).with_adc_law(options.pop("adc_law", None)))
     metrics = Metrics("edge")
     runners: dict[str, EdgeRunner] = {}
     for name in names:

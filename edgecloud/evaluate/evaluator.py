@@ -5,6 +5,23 @@ energy per sample from the backend's events), then the cloud part on the offload
 then :meth:`EdgeRunner.complete` (radio bits of the offloaded tensor + cloud MACs x
 ``mac_fp32``). Monte-Carlo over chips: chip ``s`` is a fresh ``create_backend(..., seed=s)``
 programmed onto a fresh copy of the model, for ``s`` in ``seed .. seed + chips - 1``.
+
+The backend runs with the bundle's manifest ``hardware`` defaults for it under the user's
+options (:func:`edgecloud.bundle.bundle_backend_options`; ``EvalConfig.bundle_hardware=False``
+ignores them). ADC conversions are priced under the energy table's ADC law, or
+``EvalConfig.adc_law``; the report names it (``adc_law``).
+
+On the crossbar backend the report adds the analytic cost model (:mod:`edgecloud.cim.cost`) of
+one inference, from the layouts of the first chip after its evaluation (every chip has the same
+layout: programming noise changes conductances, not tiles or ADC bits): ``latency_s``,
+``area_mm2``, ``edap`` (J*s*mm^2) = ``edap_energy_j`` x latency x area, where ``edap_energy_j``
+is the cost model's energy of one pass through *every* layer programmed on the crossbar
+(array reads, ADC under the same law as the meter, DAC, sample & hold, shift-and-add; the digital
+output scaling, the layers left digital, radio and cloud are not in it), and ``cost``: the same
+with the breakdowns and one entry per layer (name, arrays, ADC bits -> arrays, energy, latency,
+area). The event-based energy per sample (``summary.energy_j``, ``energy_total_j``) is reported
+as before; it counts only the layers each sample ran (an early exit skips deeper edge layers).
+On other backends these fields are null.
 """
 
 from __future__ import annotations
@@ -40,6 +57,8 @@ class EvalConfig:
     batch_size: int = DEFAULT_BATCH
     progress: bool = True
     input_bits: int | None = None                 # None: the manifest's input.bits (usually off)
+    adc_law: str | None = None                    # None: the energy table's (walden by default)
+    bundle_hardware: bool = True                  # apply the bundle's manifest hardware defaults
 
     def __post_init__(self) -> None:
         if self.chips < 1:
@@ -50,7 +69,7 @@ class EvalConfig:
             raise ValueError(f"--input-bits must lie in 1..16, got {self.input_bits}")
 
     def meter(self) -> EnergyMeter:
-        return EnergyMeter(EnergyTable.load(self.energy_table))
+        return EnergyMeter(EnergyTable.load(self.energy_table).with_adc_law(self.adc_law))
 
 
 @dataclass
@@ -90,7 +109,50 @@ def make_runner(source: ModelSource, config: EvalConfig, seed: int, policy: Exit
                 meter: EnergyMeter) -> EdgeRunner:
     """A fresh chip: a new backend instance with ``seed`` programmed onto a fresh model."""
     return EdgeRunner(source, config.backend, policy, meter,  # type: ignore[arg-type]
-                      backend_options=dict(config.backend_options), seed=seed, input_bits=config.input_bits)
+                      backend_options=dict(config.backend_options), seed=seed, input_bits=config.input_bits,
+                      bundle_hardware=config.bundle_hardware)
+
+
+COST_FIELDS = ("latency_s", "area_mm2", "edap", "edap_energy_j", "cost")
+
+
+def crossbar_cost(runner: EdgeRunner, meter: EnergyMeter) -> dict[str, Any]:
+    """The analytic cost of one inference on ``runner``'s crossbar chip (see module docstring).
+
+    Layers the evaluation never reached (every sample left at an earlier exit) get their output
+    positions from one extra all-zero sample through the whole model.
+    """
+    import torch
+
+    from edgecloud.cim.cost import CostModel, layouts_from_backend
+
+    backend = runner.backend
+    if any(getattr(m, "positions", None) is None for _, m in backend._chips.values()):
+        with torch.inference_mode():
+            runner.model(torch.zeros(1, *runner.sample_shape))
+    layouts = {lay.name: lay for lay in layouts_from_backend(backend)}
+    if not layouts:
+        return {k: None for k in COST_FIELDS}
+    cost = CostModel(energy=meter.table, adc_law=meter.table.adc_law).cost(list(layouts.values()))
+    layers = []
+    for c in cost.layers:
+        lay = layouts[c.name]
+        arrays_by_bits: dict[int, int] = {}
+        for row in lay.adc_bits:
+            for bits in row:
+                arrays_by_bits[bits] = arrays_by_bits.get(bits, 0) + 1
+        layers.append({
+            "name": c.name, "rows": lay.rows, "cols": lay.cols, "arrays": lay.arrays,
+            "row_tiles": lay.n_row_tiles, "col_tiles": lay.n_col_tiles, "positions": lay.positions,
+            "adc_bits_arrays": {str(b): n for b, n in sorted(arrays_by_bits.items())},
+            "energy_j": c.energy_j, "energy_breakdown_j": dict(c.energy_breakdown_j),
+            "latency_s": c.latency_s, "area_mm2": c.area_mm2, "area_breakdown_mm2": dict(c.area_breakdown_mm2),
+            "conversions_by_bits": {str(b): n for b, n in lay.conversions_by_bits().items()},
+        })
+    detail = cost.to_dict(layers=False)
+    detail["layers"] = layers
+    return {"latency_s": cost.latency_s, "area_mm2": cost.area_mm2, "edap": cost.edap,
+            "edap_energy_j": cost.energy_j, "cost": detail}
 
 
 def run_chip(runner: EdgeRunner, cloud: CloudPart, data: ImageDataset, batch_size: int,
@@ -118,6 +180,8 @@ def evaluate(source: ModelSource, data: ImageDataset, config: EvalConfig | None 
     cloud: CloudPart | None = None
     per_chip: list[dict[str, Any]] = []
     tables: list[SampleTable] = []
+    costs: dict[str, Any] = {k: None for k in COST_FIELDS}
+    effective: dict[str, Any] = {}
     for s in seeds:
         runner = make_runner(source, config, s, policy, meter)
         if cloud is None:  # full precision: the same on every chip
@@ -126,10 +190,18 @@ def evaluate(source: ModelSource, data: ImageDataset, config: EvalConfig | None 
         table = run_chip(runner, cloud, data, config.batch_size, config.progress, desc)
         tables.append(table)
         per_chip.append({"seed": s, **summarize(table, exit_names, baseline)})
+        if s == seeds[0]:  # the layout is the same on every chip: cost it once
+            effective = dict(runner.backend_options)
+            if config.backend == "crossbar":
+                costs = crossbar_cost(runner, meter)
     info = {
         "bundle": source.name,
         "backend": config.backend,
         "backend_options": dict(config.backend_options),
+        # the bundle's manifest hardware defaults applied under backend_options, and the result
+        "bundle_hardware": (dict((getattr(source.manifest, "hardware", None) or {}).get(config.backend) or {})
+                            if config.bundle_hardware else {}),
+        "backend_options_effective": effective,
         "chips": config.chips,
         "seeds": seeds,
         "cloud_runtime": cloud.kind if cloud else None,
@@ -137,6 +209,8 @@ def evaluate(source: ModelSource, data: ImageDataset, config: EvalConfig | None 
         "thresholds": {n: t for n, t in zip(exit_names, policy.thresholds)},
         "exits": exit_names + ["cloud"],
         "energy_table": config.energy_table or "packaged",
+        "adc_law": meter.table.adc_law,  # how ADC conversion energy scales with bits (edgecloud.cim.energy)
+        **costs,
         "baseline_network": source.manifest.reference_network or "this network",
         "samples": len(data),
     }

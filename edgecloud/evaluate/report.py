@@ -21,6 +21,7 @@ def eval_table(report: dict[str, Any]) -> str:
     lines = [
         f"bundle {report['bundle']}  data {where} ({report['samples']} samples)  backend {report['backend']}"
         + (f" {report['backend_options']}" if report["backend_options"] else "")
+        + (f" (bundle hardware defaults {report['bundle_hardware']})" if report.get("bundle_hardware") else "")
         + f"  chips {chips} (seed{'s' if chips > 1 else ''} {seeds[0]}"
         + (f"..{seeds[-1]}" if chips > 1 else "") + f")  cloud {report['cloud_runtime']}",
         f"policy {report['policy']}: {thresholds}",
@@ -31,7 +32,9 @@ def eval_table(report: dict[str, Any]) -> str:
         lines.append(f"{name:<12}{_pm(s['exit_share'].get(name), '.2f', chips, 100):>18}"
                      f"{_pm(s['exit_accuracy'].get(name), '.2f', chips, 100):>18}")
     lines.append(f"{'overall':<12}{'100.00':>18}{_pm(s['accuracy'], '.2f', chips, 100):>18}")
-    lines += ["", f"{'energy per sample':<28}{'joules':>24}"]
+    law = report.get("adc_law")
+    analog = report.get("backend", "digital") != "digital" and law
+    lines += ["", f"{'energy per sample':<28}{'joules':>24}" + (f"  (ADC law {law})" if analog else "")]
     for comp, stat in s["energy_j"].items():
         lines.append(f"  {comp:<26}{_pm(stat, '.4g', chips):>24}")
     lines.append(f"  {'total':<26}{_pm(s['energy_total_j'], '.4g', chips):>24}")
@@ -48,6 +51,14 @@ def eval_table(report: dict[str, Any]) -> str:
         ]
     else:
         lines.append("full-precision baseline unknown (manifest reference_macs = 0)")
+    if report.get("latency_s") is not None:
+        lines += [
+            "",
+            f"crossbar cost model, one inference through every crossbar layer (ADC law {law}):",
+            f"  latency {report['latency_s']:.4g} s, area {report['area_mm2']:.4g} mm^2, "
+            f"energy {report['edap_energy_j']:.4g} J (analog arrays, ADC, DAC, S&H, shift-add), "
+            f"EDAP {report['edap']:.4g} J*s*mm^2",
+        ]
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from edgecloud.bundle import bundle_backend_options
 from edgecloud.robust import attacks
 from edgecloud.robust.hardware import HardwareModel
 from edgecloud.robust.threats import check_threats, crafted_digitally, surrogate_seeds
@@ -81,6 +82,9 @@ class RobustConfig:
         bundle = Path(self.bundle)
         if (bundle / "edge.pt").is_file():  # a bundle folder: its weights are part of the key
             settings["weights"] = hashlib.sha256((bundle / "edge.pt").read_bytes()).hexdigest()
+        hardware = bundle_hardware(self.bundle, self.repository)
+        if hardware:  # the manifest's backend defaults change the chips (absent: keys as before)
+            settings["bundle_hardware"] = hardware
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def __post_init__(self) -> None:
@@ -143,6 +147,16 @@ def _cache_file(config: RobustConfig, name: str) -> Path | None:
 
 
 # ---- data and models ------------------------------------------------------------------------------
+
+def bundle_hardware(bundle: str, repository: str | None) -> dict[str, Any]:
+    """The bundle's manifest ``hardware`` defaults ({} when it has none or cannot be read here)."""
+    from edgecloud.evaluate.source import resolve_bundle
+
+    try:
+        return dict(resolve_bundle(bundle, repository).manifest.hardware)
+    except (OSError, KeyError, ValueError):
+        return {}
+
 
 def load_model(bundle: str, repository: str | None) -> tuple[torch.nn.Module, Any]:
     from edgecloud.evaluate.source import resolve_bundle
@@ -266,8 +280,9 @@ def run_chip(job: ChipJob) -> list[Row]:
     config = job.config
     data = torch.load(job.data_path, weights_only=False)
     x, y, calib, crafted = data["x"], data["y"], data["calib"], data["crafted"]
-    net, _ = load_model(config.bundle, config.repository)
-    options = config.backend_options.get(job.backend, {})
+    net, manifest = load_model(config.bundle, config.repository)
+    # the bundle's manifest hardware defaults for this backend, under the user's options
+    options = bundle_backend_options(manifest, job.backend, config.backend_options.get(job.backend, {}))
     victim = HardwareModel(net, job.backend, options, [job.chip], output=config.output,
                            input_bits=config.input_bits)
     victim.calibrate(calib, config.batch_size)
@@ -346,4 +361,5 @@ def run_robustness(config: RobustConfig, progress: bool = True) -> tuple[list[Ro
     order = {b: i for i, b in enumerate(config.backends)}
     rows.sort(key=lambda r: (order.get(r.backend, 99), r.threat, r.attack, r.eps, -1 if r.chip is None else r.chip))
     settings = {k: v for k, v in asdict(config).items() if k not in ("workers", "cache")}
-    return rows, {"data": info, "settings": settings, "bundle": manifest.name}
+    return rows, {"data": info, "settings": settings, "bundle": manifest.name,
+                  "bundle_hardware": {b: manifest.hardware[b] for b in chip_backends if b in manifest.hardware}}
