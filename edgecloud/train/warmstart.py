@@ -45,10 +45,25 @@ def load_run_model(path: str | Path) -> nn.Module:
 
 
 def init_from_run(model: nn.Module, path: str | Path) -> list[str]:
-    """Initialise ``model`` from the run at ``path``; returns the parts left at their fresh init."""
+    """Initialise ``model`` from the run at ``path``; returns the parts left at their fresh init.
+
+    The family's ``init_from`` decides what maps where; a family without one (``vgg_small``,
+    ``lenet5``) can still continue a run (or an edge-only bundle) of its own class: every weight
+    is copied (fine-tuning, pruning)."""
     init = getattr(model, "init_from", None)
     if init is None:
-        raise ValueError(f"{type(model).__name__} cannot be initialised from another run (no init_from)")
+        from edgecloud.nets.edge_only import EdgeOnlyModel
+
+        source = load_run_model(path)
+        net = source.net if isinstance(source, EdgeOnlyModel) else source
+        if type(net) is not type(model):
+            raise ValueError(f"{type(model).__name__} cannot be initialised from a {type(net).__name__} "
+                             f"({path}): no init_from, and not a run of the same network")
+        try:
+            model.load_state_dict(net.state_dict())
+        except RuntimeError as exc:
+            raise ValueError(f"init from {path}: the network there has another architecture: {exc}") from exc
+        return []
     return init(load_run_model(path))
 
 
