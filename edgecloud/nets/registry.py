@@ -9,7 +9,7 @@ from typing import Any
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 
 # Modules that register families on import; importing the registry imports them all.
-_FAMILY_MODULES = ("cdhn", "resnet", "resnet_quant", "lenet", "meanet", "vgg")
+_FAMILY_MODULES = ("cdhn", "resnet", "resnet_quant", "resnet_elastic", "lenet", "meanet", "vgg")
 
 
 def register_model(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

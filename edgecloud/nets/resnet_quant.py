@@ -12,11 +12,17 @@ digitally. This family is the same network with k-bit weights and activations ev
 
 Edge-only (no cloud part, no early exit): ``forward`` returns ``[logits]``; exported as an
 edge-only bundle, so ``--backend crossbar`` or ``sram`` runs all of it.
+
+``kernels`` (NAX co-design, :mod:`edgecloud.codesign.nax`): one odd kernel size per block conv,
+conv1 and conv2 of every block in order (18 for ResNet-20), padding ``k // 2`` so every feature
+map keeps its size. The default ``None`` is all 3: the network, its state_dict keys and shapes
+are those of every bundle written before the option existed. The stem (3x3) and the 1x1
+projection shortcuts keep their kernels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +36,14 @@ from edgecloud.nn.quant import QuantConv2d, QuantLinear
 class QuantBasicBlock(nn.Module):
     """The CIFAR basic block with quantized convs (and a quantized 1x1 projection shortcut)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, weight_bits: int, act_bits: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, weight_bits: int, act_bits: int,
+                 kernels: tuple[int, int] = (3, 3), conv: Callable[..., nn.Module] = QuantConv2d) -> None:
         super().__init__()
         q = {"weight_bits": weight_bits, "act_bits": act_bits, "learn_range": True}
-        self.conv1 = QuantConv2d(cin, cout, 3, stride, 1, **q)
+        k1, k2 = kernels
+        self.conv1 = conv(cin, cout, k1, stride, k1 // 2, **q)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = QuantConv2d(cout, cout, 3, 1, 1, **q)
+        self.conv2 = conv(cout, cout, k2, 1, k2 // 2, **q)
         self.bn2 = nn.BatchNorm2d(cout)
         self.short: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
@@ -55,10 +63,14 @@ class QuantResNet(nn.Module):
 
     def __init__(self, depth: int = 20, num_classes: int = 10, weight_bits: int = 8, act_bits: int = 8,
                  widths: Sequence[int] = (16, 32, 64), mean: Sequence[float] = CIFAR10_MEAN,
-                 std: Sequence[float] = CIFAR10_STD) -> None:
+                 std: Sequence[float] = CIFAR10_STD, kernels: Sequence[int] | None = None) -> None:
         super().__init__()
         if act_bits < 2:
             raise ValueError(f"resnet_q needs k-bit activations (act_bits >= 2), got {act_bits}")
+        layout = cifar_resnet_blocks(depth, widths)
+        self.kernels = check_kernels(kernels, 2 * len(layout))
+        self.arch = {"depth": depth, "num_classes": num_classes, "weight_bits": weight_bits, "act_bits": act_bits,
+                     "widths": [int(w) for w in widths]}
         self.in_channels, self.image_size, self.num_classes = 3, 32, num_classes
         # what the stem's weights absorb (kept for the manifest and for init_from's folding)
         self.register_buffer("pixel_mean", torch.tensor(list(mean), dtype=torch.float32))
@@ -66,12 +78,22 @@ class QuantResNet(nn.Module):
         self.stem = QuantConv2d(3, widths[0], 3, 1, 1, weight_bits=weight_bits, act_bits=8)
         self.stem_bn = nn.BatchNorm2d(widths[0])
         blocks, cin = [], widths[0]
-        for width, stride in cifar_resnet_blocks(depth, widths):
-            blocks.append(QuantBasicBlock(cin, width, stride, weight_bits, act_bits))
+        for i, (width, stride) in enumerate(layout):
+            blocks.append(self._block(cin, width, stride, weight_bits, act_bits,
+                                      (self.kernels[2 * i], self.kernels[2 * i + 1])))
             cin = width
         self.blocks = nn.Sequential(*blocks)
         self.fc = QuantLinear(cin, num_classes, bias=True, weight_bits=weight_bits, act_bits=act_bits,
                               learn_range=True)
+
+    def _block(self, cin: int, cout: int, stride: int, weight_bits: int, act_bits: int,
+               kernels: tuple[int, int]) -> nn.Module:
+        return QuantBasicBlock(cin, cout, stride, weight_bits, act_bits, kernels)
+
+    def block_convs(self) -> list[tuple[str, nn.Module]]:
+        """(qualified name, conv) of every block conv, in the order of ``kernels``."""
+        return [(f"blocks.{i}.{part}", getattr(block, part))
+                for i, block in enumerate(self.blocks) for part in ("conv1", "conv2")]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         h = F.relu(self.stem_bn(self.stem(x)))
@@ -84,9 +106,13 @@ class QuantResNet(nn.Module):
         wrapped as a cloud-only model; the normalisation is folded into the stem), or from another
         run of this family."""
         net = getattr(source, "net", source)
+        if hasattr(net, "extract"):  # a NAX supernet (resnet_q_elastic): the sub-network of these kernels
+            net = net.extract(self.kernels)
         if isinstance(net, QuantResNet):  # another run of this family (e.g. adversarial fine-tuning)
+            # block convs of other kernel sizes: the centre crop, or zero-padded to this size
+            state = fit_kernels(net.state_dict(), self.state_dict())
             try:
-                self.load_state_dict(net.state_dict())
+                self.load_state_dict(state)
             except RuntimeError as exc:
                 raise ValueError(f"init_from: the source network has another architecture: {exc}") from exc
             return []
@@ -103,8 +129,8 @@ class QuantResNet(nn.Module):
         self.pixel_mean.copy_(mean)
         self.pixel_std.copy_(std)
         for mine, theirs in zip(self.blocks, net.blocks):
-            mine.conv1.weight.copy_(theirs.conv1.weight)
-            mine.conv2.weight.copy_(theirs.conv2.weight)
+            mine.conv1.weight.copy_(fit_kernel(theirs.conv1.weight, mine.conv1.weight.shape[-1]))
+            mine.conv2.weight.copy_(fit_kernel(theirs.conv2.weight, mine.conv2.weight.shape[-1]))
             mine.bn1.load_state_dict(theirs.bn1.state_dict())
             mine.bn2.load_state_dict(theirs.bn2.state_dict())
             if isinstance(theirs.short, nn.Sequential):
@@ -115,8 +141,47 @@ class QuantResNet(nn.Module):
         return []
 
 
+def check_kernels(kernels: Sequence[int] | None, n: int) -> list[int]:
+    """``kernels`` as a list of ``n`` odd positive ints (None: all 3)."""
+    if kernels is None:
+        return [3] * n
+    out = list(kernels)
+    if len(out) != n:
+        raise ValueError(f"kernels: needs {n} sizes (conv1 and conv2 of each of the {n // 2} blocks), got {len(out)}")
+    for k in out:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"kernels: every size must be an odd positive int (padding k // 2), got {kernels}")
+    return out
+
+
+def fit_kernel(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """A (O, C, kh, kw) conv weight as k x k: its centre crop, or zero-padded around it (odd sizes)."""
+    have = weight.shape[-1]
+    if have == k:
+        return weight
+    if have > k:
+        a = (have - k) // 2
+        return weight[..., a:a + k, a:a + k]
+    p = (k - have) // 2
+    return F.pad(weight, (p, p, p, p))
+
+
+def fit_kernels(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``source`` with every 4-D weight whose square kernel differs from ``target``'s fitted to it."""
+    out = dict(source)
+    for key, value in source.items():
+        want = target.get(key)
+        if (want is not None and value.dim() == 4 and want.dim() == 4 and value.shape[:2] == want.shape[:2]
+                and value.shape[-1] == value.shape[-2] and want.shape[-1] == want.shape[-2]
+                and value.shape[-1] != want.shape[-1]):
+            out[key] = fit_kernel(value, want.shape[-1]).contiguous()
+    return out
+
+
 @register_model("resnet_q")
 def resnet_q(depth: int = 20, num_classes: int = 10, weight_bits: int = 8, act_bits: int = 8,
-             widths: Sequence[int] = (16, 32, 64)) -> QuantResNet:
-    """CIFAR ResNet with every layer quantized (edge-only; see module docstring)."""
-    return QuantResNet(depth, num_classes, weight_bits, act_bits, widths=tuple(widths))
+             widths: Sequence[int] = (16, 32, 64), kernels: Sequence[int] | None = None) -> QuantResNet:
+    """CIFAR ResNet with every layer quantized (edge-only; see module docstring). ``kernels``: one odd
+    size per block conv (default all 3)."""
+    return QuantResNet(depth, num_classes, weight_bits, act_bits, widths=tuple(widths),
+                       kernels=None if kernels is None else [int(k) for k in kernels])

@@ -104,6 +104,11 @@ class QuantLayerMixin:
     act_range: nn.Parameter | None  # learned clip of k-bit inputs (``learn_range``); None: 1
 
     # ---- weights -------------------------------------------------------------------------
+    def float_weight(self) -> torch.Tensor:
+        """The float weights the layer quantizes (its ``weight``; an elastic-kernel conv of a NAX
+        supernet, :mod:`edgecloud.nets.resnet_elastic`, returns its active kernel's)."""
+        return self.weight
+
     def weight_levels(self) -> int:
         return 1 if self.weight_bits == 1 else 2 ** (self.weight_bits - 1) - 1
 
@@ -112,7 +117,7 @@ class QuantLayerMixin:
 
         Differentiable via straight-through estimators (w_scale * w_int ~= W).
         """
-        w = self.weight
+        w = self.float_weight()
         dims = tuple(range(1, w.dim()))
         if self.weight_bits == 1:
             centred = w - w.mean(dim=dims, keepdim=True)

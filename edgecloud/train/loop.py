@@ -16,6 +16,12 @@ In place rather than ``torch.nn.utils.prune``'s reparametrisation, so the parame
 state_dict keys (checkpoints, ``load_checkpoint``, ``init``) and the exported bundle stay those of
 an ordinary model; re-applying after the step keeps the zeros exact whatever the optimiser does
 (momentum, weight decay, resumed state). Family stages (MEANet) do not see the masks.
+
+NAX supernet (``supernet``, :mod:`edgecloud.nets.resnet_elastic`): every step sets the model to
+each kernel configuration of the recipe's sandwich in turn and accumulates the gradients of their
+losses, each divided by their number, before the one optimiser step (the teacher, with
+``distill``, runs once per batch); between steps the supernet sits at its largest kernels. The
+per-epoch training loss and accuracy are those of each step's last sub-network.
 """
 
 from __future__ import annotations
@@ -274,6 +280,8 @@ def run_training(
         from edgecloud.codesign.dub import apply_masks, mask_gradients
     if penalty_kwargs is not None:
         from edgecloud.codesign.dub import model_penalty
+    if recipe.supernet is not None:
+        from edgecloud.nets.resnet_elastic import sample_subnets
     weights = exit_weights(o, len(getattr(model, "exit_names", [])) + 1)
     last = o.epochs if stop_after is None else min(o.epochs, stop_after)
     for epoch in range(start_epoch, last):
@@ -285,23 +293,32 @@ def run_training(
         total, count, correct, penalty_sum, steps = 0.0, 0, 0, 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{o.epochs}", disable=not progress, leave=False,
                    mininterval=1.0, dynamic_ncols=True)
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar):
             if adversary is not None:
                 x = adversary.perturb(model, x, y, frozen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.precision == "bf16"):
-                outputs = [out.float() for out in model(x)]
-                teacher = distiller.logits(x) if distiller else None
-            if distiller:
-                loss = distiller.loss(outputs, y, teacher, weights, o.label_smoothing)
-            else:
-                loss = joint_loss(outputs, y, weights, o.label_smoothing)
-            if penalty_kwargs is not None:  # float32, outside autocast
-                penalty = model_penalty(model, **penalty_kwargs)
-                loss = loss + penalty
-                penalty_sum += float(penalty.detach())
-                steps += 1
+            # a NAX supernet trains several kernel configurations per step (gradients accumulated)
+            subnets = ([None] if recipe.supernet is None else
+                       sample_subnets(model, recipe.supernet.sandwich, recipe.seed, epoch * len(loader) + step))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for j, subnet in enumerate(subnets):
+                if subnet is not None:
+                    model.set_kernels(subnet)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.precision == "bf16"):
+                    outputs = [out.float() for out in model(x)]
+                    if j == 0:
+                        teacher = distiller.logits(x) if distiller else None
+                if distiller:
+                    loss = distiller.loss(outputs, y, teacher, weights, o.label_smoothing)
+                else:
+                    loss = joint_loss(outputs, y, weights, o.label_smoothing)
+                if penalty_kwargs is not None:  # float32, outside autocast
+                    penalty = model_penalty(model, **penalty_kwargs)
+                    loss = loss + penalty
+                    penalty_sum += float(penalty.detach())
+                    steps += 1
+                (loss / len(subnets)).backward()
+            if recipe.supernet is not None:
+                model.set_kernels(None)  # between steps (validation, checkpoints): every conv at its largest kernel
             if masks is not None:
                 mask_gradients(model, masks)
             if o.grad_clip:

@@ -7,7 +7,8 @@ the validation split; see :mod:`edgecloud.offload`). ``init``, ``distill`` and `
 other runs (:mod:`edgecloud.train.warmstart`): start from a trained network's weights, learn from
 a teacher's outputs, keep a part fixed. ``prune_regularizer`` and ``masks`` are the two phases of
 crossbar-attuned pruning (:mod:`edgecloud.codesign.dub`): train with a sparsity regulariser, then
-prune and fine-tune with the masks fixed.
+prune and fine-tune with the masks fixed. ``supernet`` trains a NAX weight-sharing supernet
+(:mod:`edgecloud.codesign.nax`): several kernel configurations per step.
 """
 
 from __future__ import annotations
@@ -193,10 +194,24 @@ class MaskSpec(BaseModel):
         return self
 
 
+class SupernetSpec(BaseModel):
+    """One-shot supernet training for NAX (:mod:`edgecloud.codesign.nax`), for a family with
+    elastic kernels (``resnet_q_elastic``). Every step trains several sub-networks on the same batch,
+    each one's loss divided by their number and its gradients accumulated before the one optimiser
+    step (the sandwich rule of slimmable networks / BigNAS, as Once-for-All trains elastic kernels):
+    ``max`` = every block conv at its largest kernel, ``min`` = at its smallest, ``random`` = each
+    conv uniformly among the family's ``kernel_choices``, drawn from the recipe seed and the step
+    number (a resumed run draws the same). A step costs about ``len(sandwich)`` plain steps."""
+
+    model_config = ConfigDict(extra="forbid")
+    sandwich: list[Literal["max", "min", "random"]] = Field(
+        default_factory=lambda: ["max", "min", "random", "random"], min_length=1)
+
+
 EXPORT_ONLY = ("offload", "baseline")  # recipe sections that change the bundle, not the training
 # Sections added after checkpoints already existed: left out of the comparison when unset, so
 # those checkpoints still resume.
-OPTIONAL_TRAINING = ("prune_regularizer", "masks")
+OPTIONAL_TRAINING = ("prune_regularizer", "masks", "supernet")
 
 
 def training_fields(dump: dict[str, Any]) -> dict[str, Any]:
@@ -222,6 +237,7 @@ class Recipe(BaseModel):
     adversarial: AdversarialSpec | None = None  # PGD adversarial training
     prune_regularizer: PruneRegularizerSpec | None = None  # D.U.B. / group-lasso sparsity regulariser
     masks: MaskSpec | None = None          # fine-tune with fixed pruning masks
+    supernet: SupernetSpec | None = None   # NAX: train an elastic-kernel supernet (sandwich rule)
     offload: OffloadSpec = Field(default_factory=OffloadSpec)  # wire encoding of the cloud input
     # The run whose network, at full precision, is the energy baseline of the bundle (default: this
     # network at full precision). Set it when the edge is wider than the network it replaces.
