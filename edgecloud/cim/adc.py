@@ -90,15 +90,36 @@ def max_ranges(lo: torch.Tensor, hi: torch.Tensor, bits: Bits) -> AdcRanges:
     return AdcRanges(top, lo, torch.pow(2.0, drop), site)
 
 
+def tail_quantiles(tile: torch.Tensor, q_lo: float, q_hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.quantile(tile, [q_lo, q_hi], dim=0)`` (linear interpolation) bit for bit, from two
+    partial selections (``topk`` of the few order statistics each tail needs) instead of a full sort
+    of every column: about 10x faster at the 99.9th percentile, which made the first (calibrating)
+    batch of a chip cost several times a whole evaluation."""
+    n = tile.shape[0]
+    cols = tile.t().contiguous()
+    out = []
+    for q, largest in ((q_lo, False), (q_hi, True)):
+        rank = torch.tensor(q, dtype=torch.float64) * (n - 1)  # as torch.quantile: q * (n - 1) in float64
+        below, above = int(rank.floor()), int(rank.ceil())
+        weight = (rank - below).to(tile.dtype)
+        if largest:  # descending: the i-th largest is the (n - 1 - i)-th smallest
+            vals = torch.topk(cols, n - below, dim=1, largest=True, sorted=True).values
+            low, high = vals[:, n - 1 - below], vals[:, n - 1 - above]
+        else:
+            vals = torch.topk(cols, above + 1, dim=1, largest=False, sorted=True).values
+            low, high = vals[:, below], vals[:, above]
+        out.append(torch.lerp(low, high, weight))
+    return out[0], out[1]
+
+
 def calibrated_ranges(samples: torch.Tensor, bits: Bits, percentile: float) -> AdcRanges:
     """``calibrated`` mode from analog samples (n_tiles, n, J): [100 - p, p] percentiles."""
     top, site = _split_bits(bits)
-    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=torch.float64, device=samples.device)
     lo_list, hi_list = [], []
-    for tile in samples.double():  # quantile's size limit: one array at a time
-        both = torch.quantile(tile, q, dim=0)
-        lo_list.append(both[0])
-        hi_list.append(both[1])
+    for tile in samples.double():  # one array at a time
+        lo_t, hi_t = tail_quantiles(tile, 1.0 - percentile / 100.0, percentile / 100.0)
+        lo_list.append(lo_t)
+        hi_list.append(hi_t)
     lo, hi = torch.stack(lo_list), torch.stack(hi_list)
     codes = float(2**top - 1) if site is None else torch.pow(2.0, site.double().to(lo.device)) - 1.0
     step = (hi - lo) / codes

@@ -272,10 +272,25 @@ class ChipJob:
     threads: int
     progress_position: int = 0
     progress: bool = True
+    units: list[tuple[str, str, float]] | None = None  # None: the clean row and every cheap unit
+
+
+Unit = tuple[str, str, float]  # (threat, attack, eps)
+
+
+def chip_units(config: RobustConfig, backend: str) -> tuple[list[Unit], list[Unit]]:
+    """(cheap, costly) units of one chip. Costly ones craft through a chip (hardware-in-loop,
+    chip-transfer): each becomes its own job, so a few chips keep every core busy."""
+    units = [(t, a, e) for t in check_threats(backend, config.threats) for a in config.attacks
+             for e in config.eps if e > 0]
+    costly = [u for u in units if u[1] != "transfer" and not crafted_digitally(u[0])]
+    return [u for u in units if u not in costly], costly
 
 
 def run_chip(job: ChipJob) -> list[Row]:
-    """Evaluate every threat, attack and eps on one chip (runs in a worker process)."""
+    """Evaluate units of one chip (runs in a worker process): the clean row and the cheap units,
+    or the costly units ``job.units``. The chip is programmed and calibrated the same way in
+    every job, and each unit reads noise from its own sub-stream, so the split changes nothing."""
     torch.set_num_threads(max(1, job.threads))
     config = job.config
     data = torch.load(job.data_path, weights_only=False)
@@ -288,14 +303,15 @@ def run_chip(job: ChipJob) -> list[Row]:
     victim.calibrate(calib, config.batch_size)
     cache = RowCache(_cache_file(config, f"{job.backend}-chip{job.chip}.jsonl"))
     # Each unit of work reads noise from its own sub-stream: a resumed run repeats an uninterrupted one.
-    clean = cache.get("clean", "none", 0.0)
-    if clean is None:
-        victim.restart_reads("clean")
-        clean = cache.add(Row(job.backend, "clean", "none", 0.0, job.chip, len(x),
-                              accuracy(victim, x, y, config.batch_size)))
-    rows = [clean]
-    threats = check_threats(job.backend, config.threats)
-    units = [(t, a, e) for t in threats for a in config.attacks for e in config.eps if e > 0]
+    rows: list[Row] = []
+    if job.units is None:
+        clean = cache.get("clean", "none", 0.0)
+        if clean is None:
+            victim.restart_reads("clean")
+            clean = cache.add(Row(job.backend, "clean", "none", 0.0, job.chip, len(x),
+                                  accuracy(victim, x, y, config.batch_size)))
+        rows.append(clean)
+    units = chip_units(config, job.backend)[0] if job.units is None else job.units
     surrogate: HardwareModel | None = None
     crafter_eot: HardwareModel | None = None
     bar = tqdm(units, desc=f"{job.backend} chip {job.chip}", disable=not job.progress, leave=False,
@@ -338,7 +354,19 @@ def run_robustness(config: RobustConfig, progress: bool = True) -> tuple[list[Ro
     x, y, calib, info = load_images(config, manifest)
     rows, crafted = digital_phase(config, net, x, y, progress)
     chip_backends = [b for b in config.backends if b != "digital"]
-    jobs_spec = [(b, c) for b in chip_backends for c in range(config.chips)]
+    # costly units (one job each, first: longest first packs the pool best), then one job per chip
+    # for its clean row and cheap units; costly units already in the cache are read here
+    jobs_spec: list[tuple[str, int, list[Unit] | None]] = []
+    for b in chip_backends:
+        for c in range(config.chips):
+            cache = RowCache(_cache_file(config, f"{b}-chip{c}.jsonl"))
+            for unit in chip_units(config, b)[1]:
+                done = cache.get(*unit)
+                if done is not None:
+                    rows.append(done)
+                else:
+                    jobs_spec.append((b, c, [unit]))
+    jobs_spec += [(b, c, None) for b in chip_backends for c in range(config.chips)]
     if jobs_spec:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         workers = max(1, min(config.workers or cores, len(jobs_spec)))
@@ -346,9 +374,10 @@ def run_robustness(config: RobustConfig, progress: bool = True) -> tuple[list[Ro
         with tempfile.TemporaryDirectory(prefix="edgecloud-robust-") as tmp:
             path = str(Path(tmp) / "data.pt")
             torch.save({"x": x, "y": y, "calib": calib, "crafted": crafted}, path)
-            jobs = [ChipJob(config, b, c, path, threads, i % workers + 1, progress) for i, (b, c) in enumerate(jobs_spec)]
+            jobs = [ChipJob(config, b, c, path, threads, i % workers + 1, progress, units)
+                    for i, (b, c, units) in enumerate(jobs_spec)]
             if workers == 1:
-                for job in tqdm(jobs, desc="chips", disable=not progress):
+                for job in tqdm(jobs, desc="chip jobs", disable=not progress):
                     rows += run_chip(job)
             else:
                 import multiprocessing
@@ -356,7 +385,7 @@ def run_robustness(config: RobustConfig, progress: bool = True) -> tuple[list[Ro
                 ctx = multiprocessing.get_context("spawn")
                 with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                     futures = [pool.submit(run_chip, job) for job in jobs]
-                    for fut in tqdm(as_completed(futures), total=len(futures), desc="chips", disable=not progress):
+                    for fut in tqdm(as_completed(futures), total=len(futures), desc="chip jobs", disable=not progress):
                         rows += fut.result()
     order = {b: i for i, b in enumerate(config.backends)}
     rows.sort(key=lambda r: (order.get(r.backend, 99), r.threat, r.attack, r.eps, -1 if r.chip is None else r.chip))
