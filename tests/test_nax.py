@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import yaml
 from edgecloud.nets import create_model
 from edgecloud.nets.resnet_elastic import ElasticQuantConv2d, sample_subnets
 from edgecloud.nn.quant import QuantConv2d
+from synthetic_cifar import write_cifar_pickles
 
 TINY = {"depth": 8, "num_classes": 10, "weight_bits": 8, "act_bits": 8, "widths": [4, 8, 8]}
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "cifar10-resnet20-8bit"
@@ -221,27 +221,9 @@ def test_tail_quantiles_equal_torch_quantile_bit_for_bit() -> None:
 
 # ---- supernet training ----------------------------------------------------------------------------------
 
-def _write_cifar(root: Path) -> Path:
-    """CIFAR-10 pickles of synthetic images: a class template plus noise (100 train, 40 test)."""
-    root.mkdir(parents=True, exist_ok=True)
-    templates = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-
-    def batch(n: int, seed: int) -> dict:
-        y = torch.arange(n) % 10
-        x = 0.6 * templates[y] + 0.4 * torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-        return {b"data": (x * 255).round().to(torch.uint8).reshape(n, -1).numpy(), b"labels": y.tolist()}
-
-    for i in range(1, 6):
-        with (root / f"data_batch_{i}").open("wb") as f:
-            pickle.dump(batch(20, 100 + i), f)
-    with (root / "test_batch").open("wb") as f:
-        pickle.dump(batch(40, 200), f)
-    return root
-
-
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> Path:
-    return _write_cifar(tmp_path_factory.mktemp("cifar"))
+    return write_cifar_pickles(tmp_path_factory.mktemp("cifar"))
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
 from edgecloud.cli import main
+from synthetic_cifar import synthetic_images, write_cifar_pickles
 
 ARCH = {"depth": 8, "num_classes": 10, "weight_bits": 8, "act_bits": 8, "widths": [8, 16, 16]}
 ROWS = 16  # 16-row arrays of 16 columns (8 outputs each): several arrays per layer of the tiny net
@@ -19,28 +19,10 @@ TRAINING = {"seed": 0, "data": {"dataset": "cifar10", "val_fraction": 0.1},
                       "schedule": "constant", "channels_last": False, "precision": "fp32"}}
 
 
-def _synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    templates = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(7))
-    y = torch.arange(n) % 10
-    x = 0.6 * templates[y] + 0.4 * torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    return x, y
-
-
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> Path:
     """A CIFAR-10 pickle folder: 100 training and 40 test images of a learnable synthetic task."""
-    root = tmp_path_factory.mktemp("cifar")
-
-    def batch(n: int, seed: int) -> dict:
-        x, y = _synthetic(n, seed)
-        return {b"data": (x * 255).round().to(torch.uint8).reshape(n, -1).numpy(), b"labels": y.tolist()}
-
-    for i in range(1, 6):
-        with (root / f"data_batch_{i}").open("wb") as f:
-            pickle.dump(batch(20, 100 + i), f)
-    with (root / "test_batch").open("wb") as f:
-        pickle.dump(batch(40, 200), f)
-    return root
+    return write_cifar_pickles(tmp_path_factory.mktemp("cifar"))
 
 
 def _export(net: torch.nn.Module, out: Path, family: str, arch: dict) -> Path:
@@ -61,7 +43,7 @@ def bundle(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     net = create_model("resnet_q", **ARCH)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    x, y = _synthetic(64, seed=1)
+    x, y = synthetic_images(64, seed=1)
     net.train()
     for step in range(4):
         idx = torch.arange(step * 16, step * 16 + 16)

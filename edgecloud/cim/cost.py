@@ -69,15 +69,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from edgecloud.cim.adc import lossless_adc_bits
 from edgecloud.cim.energy import ADC_LAWS, AdcLaw, EnergyTable, register_adc_law  # noqa: F401
 from edgecloud.cim.energy import adc_law as _adc_law
+from edgecloud.cim.energy import read_table
 
 ENERGY_COMPONENTS = ("array", "adc", "dac", "sample_hold", "shift_add", "buffer")
 AREA_COMPONENTS = ("array", "adc", "dac", "sample_hold", "shift_add", "buffer")
@@ -312,21 +310,7 @@ class CostTable:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "CostTable":
         """The packaged table, or a user table with the same schema (every key required)."""
-        if path is None:
-            text = resources.files("edgecloud.cim").joinpath("cost_table.yaml").read_text()
-            where = "packaged cost_table.yaml"
-        else:
-            where = str(path)
-            try:
-                text = Path(path).read_text()
-            except OSError as exc:
-                raise FileNotFoundError(f"cost table {path}: {exc.strerror}") from exc
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"cost table {where}: not valid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"cost table {where}: the top level must be a mapping")
+        data, where = read_table("cost table", "cost_table.yaml", path)
         rows = data.get("constants")
         if not isinstance(rows, dict):
             raise ValueError(f"cost table {where}: needs a 'constants' mapping of name -> {{value, source}}")

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -56,6 +57,27 @@ _DAC = re.compile(r"^dac_row_cycle_(\d+)b$")
 _WL_DAC = re.compile(r"^sram_wl_dac_(\d+)b$")
 
 
+def read_table(kind: str, packaged: str, path: str | Path | None) -> tuple[dict[str, Any], str]:
+    """(top-level mapping, where it came from) of a packaged table of constants or a user's file;
+    errors name the file (``kind``: "energy table", "cost table")."""
+    if path is None:
+        text = resources.files("edgecloud.cim").joinpath(packaged).read_text()
+        where = f"packaged {packaged}"
+    else:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise FileNotFoundError(f"{kind} {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{kind} {where}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{kind} {where}: the top level must be a mapping")
+    return data, where
+
+
 @dataclass(frozen=True)
 class EnergyTable:
     joules: dict[str, float]
@@ -73,16 +95,7 @@ class EnergyTable:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "EnergyTable":
         """The packaged table, or a user table with the same schema."""
-        if path is None:
-            text = resources.files("edgecloud.cim").joinpath("energy_table.yaml").read_text()
-            where = "packaged energy_table.yaml"
-        else:
-            where = str(path)
-            try:
-                text = Path(path).read_text()
-            except OSError as exc:
-                raise FileNotFoundError(f"energy table {path}: {exc.strerror}") from exc
-        data = yaml.safe_load(text) or {}
+        data, where = read_table("energy table", "energy_table.yaml", path)
         events = data.get("events")
         if not isinstance(events, dict) or not events:
             raise ValueError(f"energy table {where}: needs a non-empty 'events' mapping")
