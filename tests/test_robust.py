@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from edgecloud.nets import create_model
 from edgecloud.nn.discretize import discretize
 from edgecloud.robust import attacks
 from edgecloud.robust.hardware import HardwareModel
+from synthetic_cifar import write_cifar_pickles
 
 ARCH = {"depth": 8, "num_classes": 10, "weight_bits": 8, "act_bits": 8, "widths": [8, 16, 16]}
 # An ideal crossbar (exact ADC, no noise, no variation): equals the digital reference exactly.
@@ -203,19 +203,8 @@ def test_small_perturbations_vanish_under_discretisation() -> None:
 # ---- the grid and the CLI --------------------------------------------------------------------
 
 def _write_cifar(root: Path) -> Path:
-    """A CIFAR-10 pickle folder of synthetic images (the synthetic task above)."""
-    root.mkdir(parents=True, exist_ok=True)
-
-    def batch(n: int, seed: int) -> dict:
-        x, y = synthetic(n, seed)
-        return {b"data": (x * 255).round().to(torch.uint8).reshape(n, -1).numpy(), b"labels": y.tolist()}
-
-    for i in range(1, 6):
-        with (root / f"data_batch_{i}").open("wb") as f:
-            pickle.dump(batch(20, 100 + i), f)  # 100 training images in all
-    with (root / "test_batch").open("wb") as f:
-        pickle.dump(batch(40, 200), f)
-    return root
+    """A CIFAR-10 pickle folder of synthetic images (the synthetic task above, as uint8)."""
+    return write_cifar_pickles(root)
 
 
 @pytest.fixture(scope="module")
