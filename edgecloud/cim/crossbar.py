@@ -246,18 +246,20 @@ class CrossbarBackend(SimulatedBackend):
         out = torch.empty(len(tiles), col_tiles, dtype=torch.int64)
         for r, (a, b) in enumerate(tiles):
             full = opt.adc_bits or lossless_adc_bits(b - a, opt.cell_bits, opt.dac_bits)
-            nnz = (d_nom[a:b] != 0).sum(0)
-            need = bits_to_cover(span[r]).long()
+            nnz = (d_nom[a:b] != 0).sum(0) if opt.adc_reduce == "sparsity" else None
+            need = bits_to_cover(span[r]).long() if opt.adc_reduce == "reach" else None
             for g in range(col_tiles):
                 cols = slice(g * pairs, min((g + 1) * pairs, j))
                 bits = full
                 if opt.adc_reduce == "sparsity":
+                    assert nnz is not None
                     densest = int(nnz[cols].max())
                     saved = (b - a).bit_length()  # an empty array: its sums are all 0
                     if densest > 0:  # levels 1 - 2^-k: nnz <= R / 2^k saves k bits
                         saved = ((b - a) // densest).bit_length() - 1
                     bits = max(1, full - saved)
                 elif opt.adc_reduce == "reach":
+                    assert need is not None
                     bits = max(1, min(full, int(need[cols].max())))
                 out[r, g] = bits
         return out
