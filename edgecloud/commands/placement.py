@@ -1,9 +1,10 @@
-"""``edgecloud placement gemm|sweep``: where to compute in memory (WWW, Sharma et al. arXiv 2312.15896).
+"""``edgecloud placement gemm|sweep|bundle``: where to compute in memory (WWW, Sharma et al. arXiv 2312.15896).
 
 ``gemm`` models one INT8 GEMM (M, N, K) on the tensor-core-like baseline or with SRAM CiM at the
 register-file (rf) or shared-memory (smem) level; ``sweep`` runs the paper's workload GEMMs and an
 M sweep for every primitive at both levels (iso-area primitive counts) against the baseline and
-writes a CSV and a PNG. Model and conventions: :mod:`edgecloud.placement.model`.
+writes a CSV and a PNG; ``bundle`` places every conv/linear layer of a bundle's edge part (as
+GEMMs) and sets the result beside the bundle's energy on edgecloud's own backends. Model and conventions: :mod:`edgecloud.placement.model`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=run_gemm)
     register_sweep(sub)
+    register_bundle(sub)
 
 
 def _constants(path: str | None):
@@ -133,4 +135,56 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(f"{r['group']:<12} {where:<18} {r['energy_uj']:12.1f} {r['energy_vs_baseline']:8.3f} "
               f"{r['speedup_vs_baseline']:8.3f}")
     print(f"wrote {out / 'placement_sweep.csv'} and {out / 'placement_sweep.png'}")
+    return 0
+
+
+def register_bundle(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bundle", help="per-layer placement of a bundle's edge part (its layers as GEMMs)",
+                       description="Every conv/linear layer of the bundle's edge (backbone and exit branches, one "
+                                   "sample through the whole edge) as a batch-1 INT8 GEMM on the baseline and the 8 "
+                                   "iso-area CiM configurations; the best placement per layer and for the whole edge, "
+                                   "beside the same edge's energy on edgecloud's backends. Writes a CSV and a PNG.")
+    b.add_argument("bundle", help="bundle name in the repository, or a bundle folder")
+    b.add_argument("--repository", help="model repository folder (for a bundle given by name)")
+    b.add_argument("--mapping", default="priority", help="CiM mapping: priority (default) or search (EDP)")
+    b.add_argument("--backends", default="digital,crossbar,sram",
+                   help="edgecloud backends to price the same edge on (comma list; 'none' to skip; "
+                        "default digital,crossbar,sram)")
+    b.add_argument("--samples", type=int, default=8, help="seeded random images run through each backend (default 8)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the images and the simulated chips (default 0)")
+    b.add_argument("--out", help="output folder (default runs/placement/<bundle>)")
+    b.add_argument("--constants", help="a constants YAML replacing edgecloud/placement/constants.yaml")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(func=run_bundle)
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edgecloud.cim.backend import available_backends
+    from edgecloud.evaluate.source import resolve_bundle
+    from edgecloud.placement.bundle import place_bundle, plot, report, write_csv
+
+    if args.mapping not in ("priority", "search"):
+        raise ValueError(f"--mapping {args.mapping!r}: choose priority or search")
+    backends = [] if args.backends.strip() == "none" else [x.strip() for x in args.backends.split(",") if x.strip()]
+    for name in backends:
+        if name not in available_backends():
+            raise ValueError(f"--backends: unknown backend {name!r}; choose from "
+                             f"{', '.join(available_backends())} or none")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be a positive integer, got {args.samples}")
+    bundle = resolve_bundle(args.bundle, args.repository)
+    result = place_bundle(bundle, _constants(args.constants), search=args.mapping == "search",
+                          backends=backends, samples=args.samples, seed=args.seed)
+    out = Path(args.out or f"runs/placement/{bundle.name}")
+    write_csv(result, out / "placement_bundle.csv")
+    plot(result, out / "placement_bundle.png")
+    summary = result.summary()
+    summary.update(csv=str(out / "placement_bundle.csv"), png=str(out / "placement_bundle.png"))
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(report(summary))
+    print(f"wrote {out / 'placement_bundle.csv'} and {out / 'placement_bundle.png'}")
     return 0
