@@ -8,11 +8,12 @@ every problem listed.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -46,6 +47,101 @@ class TLSConfig(_Strict):
         return self
 
 
+def check_model_name(name: str, key: str) -> str:
+    """An OIP model name that every OIP server can serve, or ValueError naming ``key``.
+
+    Why: Triton and KServe use model names as directory names and URL path segments, so a name
+    with ``/`` cannot be served (or addressed over KServe REST) there, and an edge must be able
+    to call any OIP cloud.
+    """
+    if not name or not name.strip():
+        raise ValueError(f"{key}: the model name is empty")
+    if name != name.strip():
+        raise ValueError(f"{key}: model name {name!r} has leading or trailing spaces")
+    if "/" in name:
+        raise ValueError(
+            f"{key}: model name {name!r} contains '/', which Triton and KServe cannot serve "
+            "(model names are directory names and URL path segments); pick a name without '/'"
+        )
+    return name
+
+
+def _check_model_names(names: dict[str, str], key: str) -> dict[str, str]:
+    for bundle, name in names.items():
+        check_model_name(name, f"{key}.{bundle}")
+    return names
+
+
+# gRPC name-resolver schemes: an address starting with one of these is a whole channel target
+# (``dns:///cloud.ns.svc:8001``, ``ipv4:10.0.0.1:8001,10.0.0.2:8001``), not one host:port.
+TARGET_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds")
+
+
+def is_target(entry: str) -> bool:
+    """True for a gRPC target with a resolver scheme (``dns:///h:p``), False for ``host:port``."""
+    scheme, sep, rest = entry.partition(":")
+    return bool(sep) and scheme in TARGET_SCHEMES and not rest.isdigit()
+
+
+def split_host_port(entry: str) -> tuple[str, int]:
+    """``host:port`` / ``[v6]:port`` -> (host, port), or ValueError saying what is wrong."""
+    host, sep, port = entry.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{entry!r} is not host:port (e.g. 10.0.0.2:8001) nor a gRPC target "
+                         "such as dns:///cloud.example:8001")
+    if ":" in host:  # an IPv6 literal must be bracketed so the port is unambiguous
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{entry!r} is not host:port") from None
+        if not entry.startswith("["):
+            raise ValueError(f"{entry!r}: write an IPv6 address in brackets, e.g. [::1]:8001")
+    return host, int(port)
+
+
+def parse_cloud_addresses(value: str | list[str] | None) -> list[str]:
+    """The cloud address setting as a list of entries: each ``host:port``, or one gRPC target.
+
+    Accepts ``"a:1"``, ``"a:1,b:2"``, ``["a:1", "b:2"]`` (items may be comma lists too) and a
+    single target such as ``"dns:///cloud.ns.svc:8001"`` (resolved by gRPC to every replica)
+    or ``"ipv4:10.0.0.1:8001,10.0.0.2:8001"``. Raises ValueError with the reason.
+    """
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    entries: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"cloud addresses are strings, got {item!r}")
+        text = item.strip()
+        if is_target(text) and text.split(":", 1)[0] in ("ipv4", "ipv6"):
+            entries.append(text)  # an address-list target holds commas itself (ipv4:a:1,b:2)
+            continue
+        parts = [part.strip() for part in text.split(",")]
+        if any(not part for part in parts):
+            raise ValueError(f"empty address in {item!r}")
+        entries.extend(parts)
+    if not entries:
+        return []
+    targets = [entry for entry in entries if is_target(entry)]
+    if targets and len(entries) > 1:
+        raise ValueError(
+            f"{targets[0]!r} is a gRPC target that resolves to every replica itself; give it "
+            "alone, or list host:port addresses instead"
+        )
+    if not targets:
+        for entry in entries:
+            split_host_port(entry)
+        seen: set[str] = set()
+        for entry in entries:
+            if entry in seen:
+                raise ValueError(f"cloud address {entry!r} is listed twice")
+            seen.add(entry)
+    return entries
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
@@ -55,6 +151,16 @@ class ServerConfig(_Strict):
     tls: TLSConfig = TLSConfig()
     shutdown_grace_s: float = Field(10.0, ge=0)
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_connection_age_s: float = Field(
+        300.0, ge=0,
+        description="close every client connection after this long (GOAWAY; gRPC adds +-10 % "
+        "jitter) so clients re-resolve and spread over replicas added since; 0 = never",
+    )
+    max_connection_age_grace_s: float = Field(
+        30.0, ge=0,
+        description="after max_connection_age_s, calls still running on the old connection get "
+        "this long to finish before it is closed (longer than any call's deadline)",
+    )
 
 
 class BatchingConfig(_Strict):
@@ -69,9 +175,28 @@ class BatchingConfig(_Strict):
 
 
 class CloudLinkConfig(_Strict):
-    """How the edge reaches the cloud."""
+    """How the edge reaches the cloud: one server or a replicated tier behind one channel."""
 
-    address: str | None = Field(None, description="host:port of the cloud server; None = edge only")
+    address: str | list[str] | None = Field(
+        None,
+        description="cloud server(s): 'host:port', a comma list 'a:8001,b:8001' or a YAML list "
+        "(replicas; offloads are spread round-robin), or one gRPC target resolved to every "
+        "replica such as 'dns:///cloud.ns.svc.cluster.local:8001'; None = edge only",
+    )
+    health_check: bool = Field(
+        False,
+        description="client-side gRPC health checking (grpc.health.v1 Watch): a replica whose "
+        "status turns NOT_SERVING gets no new offloads at once, not only when it stops accepting. "
+        "Off by default: each checked connection holds a Watch stream on the replica, and "
+        "grpcio's health servicer can stall a draining edgecloud server on them (see "
+        "docs/deploying-replicas.md); a draining replica is left anyway when it closes its "
+        "connections",
+    )
+    model_names: dict[str, str] = Field(
+        default_factory=dict,
+        description="bundle name -> model name to call on the cloud (default: the manifest's "
+        "cloud.model_name, else the bundle name); no '/' (Triton/KServe cannot serve it)",
+    )
     timeout_s: float = Field(1.0, gt=0, description="deadline of one edge->cloud call")
     max_attempts: int = Field(3, ge=1, le=5, description="attempts on UNAVAILABLE (gRPC retry policy)")
     initial_backoff_s: float = Field(0.02, gt=0)
@@ -85,6 +210,35 @@ class CloudLinkConfig(_Strict):
     client_key: Path | None = None
     server_name_override: str | None = None
     batching: BatchingConfig = BatchingConfig(max_batch_size=128)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | list[str] | None) -> str | list[str] | None:
+        parse_cloud_addresses(value)
+        return value
+
+    @field_validator("model_names")
+    @classmethod
+    def _model_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_model_names(value, "model_names")
+
+    @model_validator(mode="after")
+    def _tls_names(self) -> "CloudLinkConfig":
+        entries = self.addresses
+        tls = self.tls or self.ca is not None or self.client_cert is not None
+        if tls and len(entries) > 1 and not self.server_name_override:
+            hosts = {split_host_port(entry)[0] for entry in entries}
+            if len(hosts) > 1:
+                raise ValueError(
+                    "TLS over several cloud hosts needs server_name_override (--cloud-server-name): "
+                    "the one name every replica's certificate carries"
+                )
+        return self
+
+    @property
+    def addresses(self) -> list[str]:
+        """The configured cloud entries (host:port each, or one gRPC target)."""
+        return parse_cloud_addresses(self.address)
 
 
 class BackendConfig(_Strict):
@@ -131,6 +285,16 @@ class CloudConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = ORT default")
     allow_spinning: bool = Field(True, description="ORT intra-op spinning (off when sharing cores)")
+    model_names: dict[str, str] = Field(
+        default_factory=dict,
+        description="bundle name -> name to serve its cloud part under (default: the manifest's "
+        "cloud.model_name, else the bundle name); no '/' (Triton/KServe cannot serve it)",
+    )
+
+    @field_validator("model_names")
+    @classmethod
+    def _model_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_model_names(value, "model_names")
 
 
 class Settings(BaseSettings):

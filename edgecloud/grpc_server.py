@@ -1,7 +1,8 @@
 """The gRPC server shell shared by the edge daemon and the cloud server.
 
 :class:`GrpcServer` wires one OIP servicer (plus optional extra services) into a grpcio server
-with: message-size limits, no SO_REUSEPORT (a second server cannot silently share a port),
+with: message-size limits, a maximum connection age (clients re-resolve and find new replicas),
+no SO_REUSEPORT (a second server cannot silently share a port),
 the bearer-token interceptor, ``grpc.health.v1`` health, server reflection, TLS/mTLS, the
 Prometheus endpoint, a one-line start-up announcement, an optional ready file, and graceful
 shutdown (health NOT_SERVING -> drain in-flight RPCs -> stop -> close servicers).
@@ -196,6 +197,21 @@ class LifoThreadPool(futures.Executor):
                     thread.join()
 
 
+def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Server channel args that close each client connection after ``max_connection_age_s``.
+
+    Why: a gRPC client balances per connection and does not re-resolve DNS on a timer, so a
+    long-lived channel never sees replicas added after it connected. A GOAWAY at the maximum
+    age makes it reconnect and re-resolve; calls running then get the grace to finish.
+    """
+    if not config.max_connection_age_s:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, int(config.max_connection_age_s * 1000))),
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000)),
+    ]
+
+
 def write_ready_file(path: str | Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temp file in the same folder + rename): readers never see half."""
     path = Path(path)
@@ -301,6 +317,7 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
+            *connection_age_options(cfg),
         ]
         self._pool = LifoThreadPool(cfg.max_workers, thread_name_prefix=f"{self.role}-grpc")
         server = grpc.server(
@@ -359,7 +376,7 @@ class GrpcServer:
                 return
             grace = self.config.shutdown_grace_s if grace is None else grace
             deadline = time.monotonic() + grace
-            self._health.enter_graceful_shutdown()
+            self._health_not_serving(min(1.0, grace / 2))
             # Keep answering for at most half the grace while in-flight work finishes, so a
             # busy server still leaves the other half to RPCs that are running at step 3.
             self._in_flight.wait_idle(grace / 2)
@@ -376,6 +393,23 @@ class GrpcServer:
                 self.ready_file.unlink(missing_ok=True)
             self._stopped.set()
             self._stop_requested.set()
+
+    def _health_not_serving(self, timeout: float) -> None:
+        """Health -> NOT_SERVING for every service, waiting at most ``timeout`` seconds.
+
+        Why bounded: grpcio's HealthServicer sends to its Watch streams while holding its lock,
+        and a Watch whose connection is closing at that moment can hold that lock until the
+        server stops (seen with clients that health-check and a short max connection age). The
+        drain must go on regardless: stopping the server ends those streams and frees it.
+        """
+        done = threading.Event()
+
+        def flip() -> None:
+            self._health.enter_graceful_shutdown()
+            done.set()
+
+        threading.Thread(target=flip, name=f"{self.role}-health-drain", daemon=True).start()
+        done.wait(max(0.0, timeout))
 
     def request_stop(self, *_args: Any) -> None:
         """Ask :meth:`serve_forever` to shut down (signal-handler safe: only sets a flag)."""

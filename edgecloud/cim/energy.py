@@ -19,12 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
-from edgecloud.cim.events import EventLog
+if TYPE_CHECKING:  # the cloud server prices events without importing torch (events.py needs it)
+    from edgecloud.cim.events import EventLog
 
 AdcLaw = Callable[[float, float], float]  # (bits, reference bits) -> factor relative to the reference
 

@@ -80,6 +80,12 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
     # ---- health and metadata -----------------------------------------------------------
     def _model(self, name: str, version: str = "") -> CloudModel:
         model = self.models.get(name)
+        if model is None and "/" in name:  # say why no OIP server could have it
+            raise InvalidArgument(
+                f"model name {name!r} contains '/': OIP model names cannot (Triton and KServe "
+                "use them as directory names and URL path segments); served: "
+                f"{', '.join(sorted(self.models)) or 'none'}"
+            )
         if model is None:
             raise NotFound(
                 f"unknown model {name!r}; served: {', '.join(sorted(self.models)) or 'none'}"
@@ -97,7 +103,7 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelReady(self, request, context):
         try:
             self._model(request.name, request.version)
-        except NotFound:
+        except InferenceError:  # unknown name or version, or a name no server can have
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=not self._closing)
 

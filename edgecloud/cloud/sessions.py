@@ -48,7 +48,7 @@ def session_options(config: CloudConfig) -> ort.SessionOptions:
 class CloudModel:
     """A loaded cloud part and the tensor contract it is served under."""
 
-    name: str                      # served name (manifest.cloud_model_name)
+    name: str                      # served name (cloud.model_names, else manifest.cloud_model_name)
     version: str
     bundle: Bundle
     session: ort.InferenceSession
@@ -95,11 +95,31 @@ def _static(dim: object) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
+def served_name(bundle: Bundle, config: CloudConfig) -> str:
+    """The name ``bundle``'s cloud part is served under: ``cloud.model_names`` (--serve-as),
+    else the manifest's ``cloud.model_name``, else the bundle name. ValueError for a name with
+    '/': Triton and KServe could not serve it, so an edge that also talks to them cannot rely
+    on it (and the KServe REST path could not address it)."""
+    m = bundle.manifest
+    name = config.model_names.get(m.name)
+    if name is not None:
+        return name  # validated with the configuration
+    name = m.cloud_model_name
+    if "/" in name:
+        raise ValueError(
+            f"bundle {m.name!r}: its cloud model name {name!r} (manifest cloud.model_name) "
+            "contains '/', which Triton and KServe cannot serve; serve it under another name "
+            f"with cloud.model_names.{m.name} (--serve-as {m.name}=NAME)"
+        )
+    return name
+
+
 def load_cloud_model(bundle: Bundle, config: CloudConfig) -> CloudModel:
     """Open ``bundle``'s cloud.onnx and check it against the manifest (clear errors)."""
     m = bundle.manifest
     if m.edge_only:
         raise ValueError(f"bundle {m.name!r} is edge-only (cloud.offload 'none'): it has no cloud part to serve")
+    name = served_name(bundle, config)
     path: Path = bundle.cloud_onnx
     if not path.is_file():
         raise FileNotFoundError(f"bundle {m.name!r}: no {path.name} in {bundle.path}")
@@ -148,7 +168,7 @@ def load_cloud_model(bundle: Bundle, config: CloudConfig) -> CloudModel:
     outputs = [o.name for o in session.get_outputs()]
     onnx_output = spec.output_name if spec.output_name in outputs else outputs[0]
     model = CloudModel(
-        name=m.cloud_model_name, version=m.version, bundle=bundle, session=session,
+        name=name, version=m.version, bundle=bundle, session=session,
         input_name=spec.input_name, input_shape=list(spec.input_shape),
         output_name=spec.output_name, onnx_output=onnx_output, num_classes=len(m.classes),
         macs=int(spec.macs), max_batch_size=max_batch, offload=spec.offload, outputs=outputs,
@@ -170,6 +190,10 @@ def load_cloud_models(config: CloudConfig) -> dict[str, CloudModel]:
     names = config.models or repo.names(with_cloud=True)
     if not names:
         raise ValueError(f"model repository {repo.root} holds no bundles")
+    unknown = sorted(set(config.model_names) - set(names))
+    if unknown:
+        raise ValueError(f"cloud.model_names (--serve-as) names bundle(s) {unknown} that are not "
+                         f"served; served: {', '.join(names)}")
     models: dict[str, CloudModel] = {}
     for name in names:
         model = load_cloud_model(repo.get(name), config)

@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Any
 
+from edgecloud.commands.edge import add_connection_age_flags, parse_name_map
 from edgecloud.config import load_settings, set_path
 
 # flag dest -> dotted settings path
@@ -29,6 +30,8 @@ _OVERRIDES = {
     "shutdown_grace_s": "cloud.server.shutdown_grace_s",
     "tls_client_ca": "cloud.server.tls.client_ca",
     "require_client_auth": "cloud.server.tls.require_client_auth",
+    "max_connection_age_s": "cloud.server.max_connection_age_s",
+    "max_connection_age_grace_s": "cloud.server.max_connection_age_grace_s",
 }
 
 
@@ -47,6 +50,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         set_path(tree, "cloud.server.tls.key", args.tls_key)
     if args.allow_spinning is False:
         set_path(tree, "cloud.allow_spinning", False)
+    names = parse_name_map(getattr(args, "serve_as", None), "--serve-as")
+    if names:
+        set_path(tree, "cloud.model_names", names)
     return tree
 
 
@@ -89,7 +95,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--intra-op-threads", type=int, help="ONNX Runtime intra-op threads (0 = default)")
     serve.add_argument("--allow-spinning", action=argparse.BooleanOptionalAction, default=None,
                        help="ONNX Runtime intra-op spinning (turn off when sharing cores)")
+    serve.add_argument("--serve-as", action="append", metavar="BUNDLE=NAME",
+                       help="serve BUNDLE's cloud part under model name NAME (repeatable; default: "
+                            "the manifest's cloud.model_name, else the bundle name; no '/')")
     serve.add_argument("--shutdown-grace-s", type=float, help="seconds to drain on SIGTERM")
+    add_connection_age_flags(serve)
     serve.add_argument("--ready-file", help="write {grpc_port, metrics_port, pid} JSON here once serving")
     serve.set_defaults(func=_serve)
     parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from edgecloud.config import load_settings, set_path
+from edgecloud.config import check_model_name, load_settings, parse_cloud_addresses, set_path
 
 # flag dest -> dotted settings path
 _OVERRIDES = {
@@ -27,7 +27,9 @@ _OVERRIDES = {
     "require_client_auth": "edge.server.tls.require_client_auth",
     "repository": "edge.repository",
     "model": "edge.models",
-    "cloud": "edge.cloud.address",
+    "cloud_health_check": "edge.cloud.health_check",
+    "max_connection_age_s": "edge.server.max_connection_age_s",
+    "max_connection_age_grace_s": "edge.server.max_connection_age_grace_s",
     "cloud_timeout": "edge.cloud.timeout_s",
     "cloud_token": "edge.cloud.token",
     "cloud_ca": "edge.cloud.ca",
@@ -54,6 +56,28 @@ def parse_backend_options(items: list[str] | None) -> dict[str, Any]:
             raise ValueError(f"--backend-option {item!r}: expected KEY=VALUE")
         options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
     return options
+
+
+def parse_name_map(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``BUNDLE=NAME`` pairs -> {bundle: name}; errors name ``flag`` (a name may not hold '/')."""
+    names: dict[str, str] = {}
+    for item in items or ():
+        bundle, sep, name = item.partition("=")
+        if not sep or not bundle.strip():
+            raise ValueError(f"{flag} {item!r}: expected BUNDLE=NAME, e.g. fmnist-hybrid=fmnist")
+        names[bundle.strip()] = check_model_name(name, f"{flag} {item!r}")
+    return names
+
+
+def cloud_address_override(values: list[str] | None) -> str | list[str] | None:
+    """``--cloud`` given once stays a string (as in a config file); repeated, a list."""
+    if not values:
+        return None
+    try:
+        parse_cloud_addresses(values)
+    except ValueError as exc:
+        raise ValueError(f"--cloud: {exc}") from None
+    return values[0] if len(values) == 1 else list(values)
 
 
 def parse_threshold_pins(items: list[str] | None) -> dict[str, dict[int, float | None]]:
@@ -86,6 +110,12 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, dest, None)
         if value is not None:
             set_path(tree, path, value)
+    cloud = cloud_address_override(getattr(args, "cloud", None))
+    if cloud is not None:
+        set_path(tree, "edge.cloud.address", cloud)
+    names = parse_name_map(getattr(args, "cloud_model_name", None), "--cloud-model-name")
+    if names:
+        set_path(tree, "edge.cloud.model_names", names)
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise ValueError("--tls-cert and --tls-key must be given together")
@@ -190,6 +220,15 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def add_connection_age_flags(serve: argparse.ArgumentParser) -> None:
+    """The maximum-connection-age flags both servers take."""
+    serve.add_argument("--max-connection-age-s", type=float, metavar="S",
+                       help="close each client connection after S seconds so clients re-resolve "
+                            "and find new replicas (default 300; 0 = never)")
+    serve.add_argument("--max-connection-age-grace-s", type=float, metavar="S",
+                       help="time calls on a connection past its age get to finish (default 30)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("edge", help="run the edge daemon; change its exit thresholds")
     sub = parser.add_subparsers(dest="edge_command", metavar="ACTION")
@@ -204,7 +243,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--repository", help="model repository folder (default: bundled models)")
     serve.add_argument("--model", action="append", metavar="NAME",
                        help="bundle to serve (repeatable; default: all in the repository)")
-    serve.add_argument("--cloud", metavar="HOST:PORT", help="cloud server; without it: edge only")
+    serve.add_argument("--cloud", action="append", metavar="HOST:PORT",
+                       help="cloud server; repeat it or give a comma list for replicas (offloads "
+                            "spread round-robin, failover when one dies or drains), or one gRPC "
+                            "target resolved to every replica, e.g. dns:///cloud.ns.svc:8001; "
+                            "without it: edge only")
+    serve.add_argument("--cloud-model-name", action="append", metavar="BUNDLE=NAME",
+                       help="call BUNDLE's cloud part under NAME on the cloud (repeatable; default: "
+                            "the manifest's cloud.model_name, else the bundle name; no '/')")
+    serve.add_argument("--cloud-health-check", action=argparse.BooleanOptionalAction, default=None,
+                       help="watch each cloud replica's gRPC health and skip it once NOT_SERVING "
+                            "(default off; see edge.cloud.health_check)")
     serve.add_argument("--cloud-timeout", type=float, metavar="S", help="deadline of one cloud call")
     serve.add_argument("--backend", choices=["digital", "crossbar", "sram"], help="CiM backend")
     serve.add_argument("--backend-option", action="append", metavar="KEY=VALUE",
@@ -233,6 +282,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-request-batch", type=int, help="largest batch one request may carry")
     serve.add_argument("--torch-threads", type=int, help="torch intra-op threads (0 = default)")
     serve.add_argument("--shutdown-grace-s", type=float, help="seconds to drain on SIGTERM")
+    add_connection_age_flags(serve)
     serve.add_argument("--ready-file", help="write {grpc_port, metrics_port, pid} JSON here once serving")
     serve.set_defaults(func=_serve)
 

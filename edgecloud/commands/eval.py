@@ -89,6 +89,7 @@ def parse_threshold_overrides(items: list[str] | None, exit_names: list[str]) ->
 def prepare(args: argparse.Namespace, thresholds: list[float | None] | None = None) -> tuple[Any, Any, dict, Any]:
     """(bundle, data, data info, EvalConfig) from the shared flags."""
     from edgecloud.commands.edge import parse_backend_options
+    from edgecloud.distributed import ray_address
     from edgecloud.evaluate import EvalConfig, load_eval_data, resolve_bundle
 
     check_adc_law(getattr(args, "adc_law", None))
@@ -103,6 +104,7 @@ def prepare(args: argparse.Namespace, thresholds: list[float | None] | None = No
         energy_table=args.energy_table, cloud=args.cloud, batch_size=args.batch_size,
         progress=not args.json, input_bits=getattr(args, "input_bits", None),
         adc_law=getattr(args, "adc_law", None), bundle_hardware=getattr(args, "bundle_hardware", True),
+        workers=getattr(args, "workers", 1), ray=ray_address(getattr(args, "ray", None)),
     )
     return bundle, data, info, config
 
@@ -150,6 +152,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_common_args(p, "test")
     p.add_argument("--chips", type=int, default=1, help="Monte-Carlo chip instances (mean ± std)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes running the chips side by side (default 1: one after another)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run each chip as a task on this Ray cluster (or set RAY_ADDRESS; 'auto': a running "
+                        "cluster, 'local': a private one); the same numbers as a local run")
     p.add_argument("--threshold", action="append", metavar="EXIT=VALUE", default=[],
                    help="override one exit's threshold (repeatable); EXIT an index or name, VALUE a number or none")
     p.add_argument("--baseline", choices=["von-neumann"],

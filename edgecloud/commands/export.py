@@ -1,10 +1,33 @@
-"""``edgecloud export CHECKPOINT``: write a bundle from a training checkpoint."""
+"""``edgecloud export CHECKPOINT``: write a bundle from a training checkpoint.
+
+``edgecloud export triton --out DIR``: write bundles' cloud parts as a Triton model repository
+(:mod:`edgecloud.export_triton`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import shlex
 from pathlib import Path
+from typing import Any
+
+TRITON = "triton"
+
+
+class _ExportParser(argparse.ArgumentParser):
+    """``export CHECKPOINT`` with a ``triton`` sub-action beside it.
+
+    Why not add_subparsers: ``export`` takes a checkpoint path as its first positional, which a
+    subparser choice would reject; so a first argument ``triton`` is handed to its own parser
+    (a checkpoint folder literally named ``triton`` is still reachable as ``./triton``).
+    """
+
+    triton: argparse.ArgumentParser
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        if args and args[0] == TRITON:
+            return self.triton.parse_known_args(args[1:], namespace)
+        return super().parse_known_args(args, namespace)
 
 
 def _threshold(value: str) -> float | str:
@@ -33,6 +56,57 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="offload encoding of the cloud input (overrides the recipe's offload.encoding; "
                         "uint8 is calibrated on the validation split)")
     p.set_defaults(func=run)
+    p.epilog = "Triton model repository from bundles: edgecloud export triton --out DIR (see --help there)"
+    p.__class__ = _ExportParser
+    p.triton = _triton_parser()
+
+
+def _name_map(items: list[str] | None) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for item in items or ():
+        bundle, sep, name = item.partition("=")
+        if not sep or not bundle.strip() or not name.strip():
+            raise ValueError(f"--name {item!r}: expected BUNDLE=NAME, e.g. fmnist-hybrid=fmnist")
+        names[bundle.strip()] = name.strip()
+    return names
+
+
+def _triton_parser() -> argparse.ArgumentParser:
+    t = argparse.ArgumentParser(
+        prog="edgecloud export triton",
+        description="Write a Triton Inference Server model repository (<out>/<name>/config.pbtxt + "
+                    "<out>/<name>/<version>/model.onnx) from bundles' cloud parts: ONNX Runtime "
+                    "backend, dynamic batching, tensor names/types/dims read from each cloud.onnx.",
+    )
+    t.add_argument("--out", type=Path, required=True, help="model repository folder to write into")
+    t.add_argument("--repository", type=Path, help="bundle repository (default: the bundled models)")
+    t.add_argument("--model", action="append", metavar="BUNDLE",
+                   help="bundle to export (repeatable; default: every bundle with a cloud part)")
+    t.add_argument("--name", action="append", metavar="BUNDLE=NAME",
+                   help="Triton model name for BUNDLE (default: the manifest's cloud model name, "
+                        "which the edge calls; no '/')")
+    t.add_argument("--max-batch-size", type=int, default=128, help="Triton max_batch_size (default 128)")
+    t.add_argument("--max-queue-delay-us", type=int, default=2000,
+                   help="dynamic batching: longest wait for a batch to fill (default 2000)")
+    t.add_argument("--instances", type=int, default=1, help="model instances (CPU) per model (default 1)")
+    t.add_argument("--overwrite", action="store_true", help="replace model folders that exist")
+    t.set_defaults(func=run_triton)
+    return t
+
+
+def run_triton(args: argparse.Namespace) -> int:
+    from edgecloud.export_triton import export_triton
+
+    written = export_triton(
+        args.out, repository=args.repository, models=args.model, names=_name_map(args.name),
+        max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+        instances=args.instances, overwrite=args.overwrite,
+    )
+    for m in written:
+        ins = ", ".join(f"{t.name} {t.data_type} {t.dims}" for t in m.inputs)
+        print(f"{m.path}  (bundle {m.bundle}, version {m.version}; input {ins})")
+    print(f"Triton model repository: {args.out}  ({len(written)} model(s))")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -74,6 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts and queries")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--workers", type=int, help="processes for the chip jobs (default: one per core)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the chip jobs as tasks on this Ray cluster (or set "
+                   "RAY_ADDRESS; 'auto': a running cluster, 'local': a private one); same rows as a local run")
     p.add_argument("--out", help="folder for robust.csv and robust.png (default: runs/robust/<bundle>)")
     p.add_argument("--no-cache", action="store_true",
                    help="measure everything anew (default: finished rows are kept under OUT/cache and a "
@@ -84,6 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     from edgecloud.commands.edge import parse_backend_options
+    from edgecloud.distributed import ray_address
     from edgecloud.robust.runner import RobustConfig
 
     backends = _split(args.backend)
@@ -104,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         threats=_split(args.threat), chips=args.chips, eot_reads=args.eot_reads, eot_chips=args.eot_chips,
         output=args.output, input_bits=args.input_bits, transfer_from=args.transfer_from,
         stop_on_success=not args.no_early_stop, batch_size=args.batch_size, seed=args.seed, workers=args.workers,
+        ray=ray_address(args.ray),
         cache=None if args.no_cache else str(out_dir(args) / "cache"),
     )
 

@@ -1,15 +1,34 @@
-"""The edge->cloud link: one channel, retries, deadlines, a circuit breaker, batched offloads.
+"""The edge->cloud link: one channel to one or many cloud replicas, retries, deadlines, a
+circuit breaker, batched offloads.
 
 Why each part:
 
+* one gRPC channel for the whole cloud tier, load-balanced ``round_robin`` over every replica:
+  ``address`` may be ``host:port``, several (a comma list or a list: one ``ipv4:``/``ipv6:``
+  target, hostnames resolved once at start), or a ``dns:///name:port`` target that gRPC resolves
+  to every replica (and re-resolves when a connection closes, e.g. at the server's maximum
+  connection age). round_robin keeps one subchannel per replica and picks only READY ones: a
+  replica that dies drops out of the rotation when its connection closes, and is reconnected
+  in the background with backoff; that is the per-replica breaker.
+* a replica that drains after SIGTERM keeps answering what it gets, then stops accepting: its
+  GOAWAY takes it out of the rotation, and calls that raced the GOAWAY are refused unprocessed
+  and retried transparently on another replica. Optional client-side health checking
+  (``health_check``, off by default) leaves it as soon as its ``grpc.health.v1`` status turns
+  NOT_SERVING; a server without the health service then counts as healthy.
 * retries on UNAVAILABLE only, in the channel's service config (gRPC retries transparently
-  with backoff; other codes are final). Deadlines are per call — a ``timeout`` inside the
-  service config intermittently failed first calls (see the serving notes).
+  with backoff, and a retry goes through the picker again, i.e. to another live replica; other
+  codes are final). The per-RPC retry buffer is as large as a message, so an offload can always
+  be retried. Deadlines are per call and cover every attempt — a ``timeout`` inside the service
+  config intermittently failed first calls (see the serving notes).
 * per-call deadline = min(link timeout, what is left of the inbound request's deadline), so
   the edge always has time to answer locally when the cloud is late.
-* ``wait_for_ready`` off: a cloud that is down fails the call at once instead of queueing it.
-* a circuit breaker: after N consecutive failed calls no call is attempted for a while, so a
-  dead cloud costs nothing per request.
+* ``wait_for_ready`` off: with no replica connected a call fails at once instead of queueing.
+* a circuit breaker over the whole tier: after N consecutive failed calls no call is attempted
+  for a while, so a dead cloud costs nothing per request. It sits above round_robin and the
+  retries, so a call fails (and counts) only when every attempt failed: one dead or draining
+  replica costs at most a retry, never a failed call, and cannot open it while a replica lives.
+  Not covered: a replica that hangs with its connections open (stopped process, network cut
+  without a reset) keeps its share of calls, which end at their deadline (degraded answers).
 * a :class:`DynamicBatcher` per model: concurrent requests' offloads become one cloud call.
   An offload that finds the link idle is sent from the caller's own thread (``inline``), so
   a lone request pays no thread hand-offs; under load offloads queue and batch as before.
@@ -20,10 +39,13 @@ marked degraded. Nothing here ever fails a client request.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import logging
+import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +54,7 @@ import grpc
 import numpy as np
 
 from edgecloud.batching import DynamicBatcher
-from edgecloud.config import CloudLinkConfig
+from edgecloud.config import CloudLinkConfig, parse_cloud_addresses, split_host_port
 from edgecloud.edge.breaker import GAUGE_VALUE, BreakerState, CircuitBreaker
 from edgecloud.edge.runner import softmax_np
 from edgecloud.metrics import Metrics
@@ -72,8 +94,64 @@ class CloudModel:
     num_classes: int
 
 
+Resolver = Callable[[str, int], list[str]]
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """Every IP address of ``host`` (TCP), in the resolver's order, without repeats."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def cloud_target(
+    address: str | list[str] | None, resolve: Resolver = resolve_host
+) -> tuple[str, str | None]:
+    """The channel target for the cloud setting, and the authority to present (or None).
+
+    One entry is used as is (``host:port`` goes through gRPC's DNS resolver, ``dns:///...``
+    and other targets likewise), so gRPC resolves it to every replica behind the name. Several
+    ``host:port`` entries become one ``ipv4:``/``ipv6:`` address-list target — gRPC has no
+    target for several hostnames, so hostnames are resolved here, once (use a ``dns:///``
+    target for a fleet that changes). IPv4 is used where a name has both families (servers
+    usually bind one). The authority is then the first entry as written, so TLS checks a name
+    and not an IP.
+    """
+    entries = parse_cloud_addresses(address)
+    if not entries:
+        raise ValueError("no cloud address configured")
+    if len(entries) == 1:
+        return entries[0], None
+    v4: list[str] = []
+    v6: list[str] = []
+    unresolved: list[str] = []
+    for entry in entries:
+        host, port = split_host_port(entry)
+        try:
+            ips = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            try:
+                ips = resolve(host, port)
+            except OSError as exc:
+                log.warning("cloud address %s: cannot resolve %s (%s); left out", entry, host, exc)
+                unresolved.append(entry)
+                continue
+        for ip in ips:
+            if ipaddress.ip_address(ip).version == 4:
+                v4.append(f"{ip}:{port}")
+            else:
+                v6.append(f"[{ip}]:{port}")
+    v4, v6 = list(dict.fromkeys(v4)), list(dict.fromkeys(v6))
+    if not v4 and not v6:
+        raise ValueError(f"none of the cloud addresses {', '.join(unresolved)} resolves")
+    if v4 and v6:
+        log.info("cloud replicas: using the IPv4 addresses %s; IPv6 %s left out", v4, v6)
+    target = f"ipv4:{','.join(v4)}" if v4 else f"ipv6:{','.join(v6)}"
+    return target, entries[0]
+
+
 def service_config(config: CloudLinkConfig) -> dict[str, Any]:
-    """gRPC service config: retry on UNAVAILABLE only; no timeout here (deadlines are per call)."""
+    """gRPC service config: round_robin over the replicas, health-checked; retry on UNAVAILABLE
+    only; no timeout here (deadlines are per call)."""
     method: dict[str, Any] = {"name": [{"service": SERVICE_NAME}]}
     if config.max_attempts > 1:
         method["retryPolicy"] = {
@@ -83,15 +161,24 @@ def service_config(config: CloudLinkConfig) -> dict[str, Any]:
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
-    return {"methodConfig": [method]}
+    out: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]}
+    if config.health_check:
+        out["healthCheckConfig"] = {"serviceName": ""}  # the server-wide status
+    return out
 
 
-def channel_options(config: CloudLinkConfig, max_message_bytes: int) -> list[tuple[str, Any]]:
+def channel_options(
+    config: CloudLinkConfig, max_message_bytes: int, authority: str | None = None
+) -> list[tuple[str, Any]]:
     """Channel arguments of the cloud link."""
     reconnect_ms = int(min(max(config.breaker_reset_s, 0.1), 5.0) * 1000)
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.service_config", json.dumps(service_config(config))),
+        # Ours, not one a DNS TXT record could replace.
+        ("grpc.service_config_disable_resolution", 1),
         ("grpc.enable_retries", 1 if config.max_attempts > 1 else 0),
+        # gRPC retries only what it kept: default 256 KiB per call, smaller than a big offload.
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         # A cloud that comes back must be reachable again within about one breaker period,
@@ -100,6 +187,9 @@ def channel_options(config: CloudLinkConfig, max_message_bytes: int) -> list[tup
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", reconnect_ms),
     ]
+    if authority:
+        options.append(("grpc.default_authority", authority))
+    return options
 
 
 class CloudClient:
@@ -112,22 +202,23 @@ class CloudClient:
         *,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        if not config.address:
-            raise ValueError("CloudClient needs cloud.address (host:port)")
+        if not config.addresses:
+            raise ValueError("CloudClient needs cloud.address (host:port, a list, or a target)")
         from edgecloud.security import create_channel
 
         self.config = config
         self.metrics = metrics
-        self.address = config.address
+        self.address = ",".join(config.addresses)  # as configured, for messages
+        self.target, authority = cloud_target(config.address)
         self._channel = create_channel(
-            config.address,
+            self.target,
             tls=config.tls,
             ca=config.ca,
             client_cert=config.client_cert,
             client_key=config.client_key,
             token=config.token,
             server_name_override=config.server_name_override,
-            options=channel_options(config, max_message_bytes),
+            options=channel_options(config, max_message_bytes, authority),
         )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self.breaker = CircuitBreaker(

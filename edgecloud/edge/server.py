@@ -95,6 +95,23 @@ def apply_compute_settings(edge: EdgeConfig) -> None:
         log.info("keep_freed_memory: glibc mallopt not available; allocator left as is")
 
 
+def cloud_model_name(manifest: Any, overrides: Mapping[str, str]) -> str:
+    """The model name the edge calls on the cloud for a bundle: ``edge.cloud.model_names``,
+    else the manifest's (``cloud.model_name`` or the bundle name); ValueError if it has a '/'."""
+    name = overrides.get(manifest.name)
+    if name is not None:
+        return name  # validated with the configuration
+    name = manifest.cloud_model_name
+    if "/" in name:
+        raise ValueError(
+            f"bundle {manifest.name!r}: its cloud model name {name!r} (manifest cloud.model_name) "
+            "contains '/', which Triton and KServe cannot serve; call it under another name with "
+            f"edge.cloud.model_names.{manifest.name} (--cloud-model-name {manifest.name}=NAME) "
+            "and serve it under that name (--serve-as on the cloud)"
+        )
+    return name
+
+
 def _check_names(kind: str, names: list[str], served: list[str]) -> None:
     unknown = sorted(set(names) - set(served))
     if unknown:
@@ -119,6 +136,7 @@ def build_edge_server(
     _check_names("edge.models", names, available)
     _check_names("edge.thresholds", list(edge.thresholds), names)
     _check_names("--threshold", list(threshold_pins or {}), names)
+    _check_names("edge.cloud.model_names (--cloud-model-name)", list(edge.cloud.model_names), names)
 
     options = dict(edge.backend.options)
     table_path = options.pop("energy_table", None)
@@ -136,14 +154,15 @@ def build_edge_server(
         )
 
     cloud: CloudClient | None = None
-    if edge.cloud.address:
+    if edge.cloud.addresses:
+        cloud_names = {name: cloud_model_name(runner.manifest, edge.cloud.model_names)
+                       for name, runner in runners.items() if not runner.manifest.edge_only}
         cloud = CloudClient(edge.cloud, metrics, max_message_bytes=edge.server.max_message_bytes)
-        for runner in runners.values():
-            if runner.manifest.edge_only:  # answers every sample on the edge: nothing to forward
-                continue
+        for name, cloud_name in cloud_names.items():  # edge-only bundles forward nothing
+            runner = runners[name]
             spec = runner.manifest.cloud
             cloud.add_model(CloudModel(
-                name=runner.name, cloud_name=runner.manifest.cloud_model_name,
+                name=runner.name, cloud_name=cloud_name,
                 input_name=spec.input_name, output_name=spec.output_name,
                 num_classes=runner.num_classes,
             ))

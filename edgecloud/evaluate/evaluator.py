@@ -35,6 +35,7 @@ from tqdm import tqdm
 from edgecloud.cim.energy import EnergyMeter, EnergyTable
 from edgecloud.data.dataset import ImageDataset
 from edgecloud.data.loader import Loader
+from edgecloud.distributed.executor import run_tasks
 from edgecloud.edge.runner import EdgeRunner, softmax_np
 from edgecloud.evaluate.results import SampleTable, aggregate, summarize
 from edgecloud.evaluate.source import CloudKind, CloudPart, ModelSource, make_cloud
@@ -59,6 +60,8 @@ class EvalConfig:
     input_bits: int | None = None                 # None: the manifest's input.bits (usually off)
     adc_law: str | None = None                    # None: the energy table's (walden by default)
     bundle_hardware: bool = True                  # apply the bundle's manifest hardware defaults
+    workers: int = 1                              # processes for the chips (1: one after another here)
+    ray: str | None = None                        # Ray address: one Ray task per chip (edgecloud.distributed)
 
     def __post_init__(self) -> None:
         if self.chips < 1:
@@ -67,6 +70,8 @@ class EvalConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.input_bits is not None and not 1 <= self.input_bits <= 16:
             raise ValueError(f"--input-bits must lie in 1..16, got {self.input_bits}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
 
     def meter(self) -> EnergyMeter:
         return EnergyMeter(EnergyTable.load(self.energy_table).with_adc_law(self.adc_law))
@@ -169,6 +174,47 @@ def run_chip(runner: EdgeRunner, cloud: CloudPart, data: ImageDataset, batch_siz
     return SampleTable.concat(parts)
 
 
+@dataclass
+class ChipJob:
+    """One chip of an evaluation (picklable: a process pool or Ray runs it)."""
+
+    source: ModelSource
+    config: EvalConfig
+    seed: int
+    first: bool          # the first chip also reports the layout's analytic cost
+
+
+@dataclass
+class ChipResult:
+    seed: int
+    table: SampleTable
+    backend_options: dict[str, Any]
+    costs: dict[str, Any]
+    cloud_kind: str
+
+
+def _quiet(config: EvalConfig) -> EvalConfig:
+    from dataclasses import replace
+
+    return replace(config, progress=False)
+
+
+def eval_chip(job: ChipJob, data: ImageDataset) -> ChipResult:
+    """Chip ``job.seed``: a fresh backend programmed onto a fresh model, every sample through it.
+    Everything random is seeded by the chip, so where it runs changes nothing."""
+    config = job.config
+    meter = config.meter()
+    policy = make_policy(job.source, config.thresholds)
+    runner = make_runner(job.source, config, job.seed, policy, meter)
+    cloud = make_cloud(job.source, config.cloud)  # full precision: the same on every chip
+    desc = f"chip {job.seed}" if config.chips > 1 else "eval"
+    table = run_chip(runner, cloud, data, config.batch_size, config.progress, desc)
+    costs: dict[str, Any] = {k: None for k in COST_FIELDS}
+    if job.first and config.backend == "crossbar":  # the layout is the same on every chip: cost it once
+        costs = crossbar_cost(runner, meter)
+    return ChipResult(job.seed, table, dict(runner.backend_options), costs, cloud.kind)
+
+
 def evaluate(source: ModelSource, data: ImageDataset, config: EvalConfig | None = None) -> EvalReport:
     """Evaluate ``source`` on ``data`` over ``config.chips`` chips (see module docstring)."""
     config = config or EvalConfig()
@@ -177,23 +223,16 @@ def evaluate(source: ModelSource, data: ImageDataset, config: EvalConfig | None 
     baseline = baseline_joules(source, meter)
     exit_names = [e.name for e in source.manifest.exits]
     seeds = list(range(config.seed, config.seed + config.chips))
-    cloud: CloudPart | None = None
-    per_chip: list[dict[str, Any]] = []
-    tables: list[SampleTable] = []
-    costs: dict[str, Any] = {k: None for k in COST_FIELDS}
-    effective: dict[str, Any] = {}
-    for s in seeds:
-        runner = make_runner(source, config, s, policy, meter)
-        if cloud is None:  # full precision: the same on every chip
-            cloud = make_cloud(source, config.cloud)
-        desc = f"chip {s}" if config.chips > 1 else "eval"
-        table = run_chip(runner, cloud, data, config.batch_size, config.progress, desc)
-        tables.append(table)
-        per_chip.append({"seed": s, **summarize(table, exit_names, baseline)})
-        if s == seeds[0]:  # the layout is the same on every chip: cost it once
-            effective = dict(runner.backend_options)
-            if config.backend == "crossbar":
-                costs = crossbar_cost(runner, meter)
+    jobs = [ChipJob(source, config, s, first=s == seeds[0]) for s in seeds]
+    fan_out = config.ray is not None or (config.workers > 1 and len(jobs) > 1)
+    if fan_out:  # the chips' own progress bars would interleave: one bar over the chips instead
+        jobs = [ChipJob(source, _quiet(config), j.seed, j.first) for j in jobs]
+    results = run_tasks(eval_chip, jobs, shared=data, workers=config.workers, ray=config.ray,
+                        progress=config.progress and fan_out, desc="chips")
+    tables = [r.table for r in results]
+    per_chip = [{"seed": r.seed, **summarize(r.table, exit_names, baseline)} for r in results]
+    effective, costs = results[0].backend_options, results[0].costs
+    cloud_kind = results[0].cloud_kind
     info = {
         "bundle": source.name,
         "backend": config.backend,
@@ -204,7 +243,7 @@ def evaluate(source: ModelSource, data: ImageDataset, config: EvalConfig | None 
         "backend_options_effective": effective,
         "chips": config.chips,
         "seeds": seeds,
-        "cloud_runtime": cloud.kind if cloud else None,
+        "cloud_runtime": cloud_kind,
         "policy": policy.kind,
         "thresholds": {n: t for n, t in zip(exit_names, policy.thresholds)},
         "exits": exit_names + ["cloud"],

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from edgecloud.bundle import bundle_backend_options
+from edgecloud.distributed.executor import cores, run_tasks
 from edgecloud.robust import attacks
 from edgecloud.robust.hardware import HardwareModel
 from edgecloud.robust.threats import check_threats, crafted_digitally, surrogate_seeds
@@ -69,6 +67,7 @@ class RobustConfig:
     batch_size: int = 250
     seed: int = 0
     workers: int | None = None        # processes for the chip jobs (default: one per core, <= jobs)
+    ray: str | None = None            # Ray address: the chip jobs run as Ray tasks (edgecloud.distributed)
     cache: str | None = None          # folder of finished rows (resume); None: no cache
 
     def key(self) -> str:
@@ -78,7 +77,7 @@ class RobustConfig:
         own seeded sub-streams, so a run that widens the grid (adds a threat, an eps, a chip)
         reuses every row an earlier run measured. Not workers, cache or progress either.
         """
-        settings = {k: v for k, v in asdict(self).items() if k not in GRID_AXES + ("workers", "cache")}
+        settings = {k: v for k, v in asdict(self).items() if k not in GRID_AXES + ("workers", "cache", "ray")}
         bundle = Path(self.bundle)
         if (bundle / "edge.pt").is_file():  # a bundle folder: its weights are part of the key
             settings["weights"] = hashlib.sha256((bundle / "edge.pt").read_bytes()).hexdigest()
@@ -268,7 +267,7 @@ class ChipJob:
     config: RobustConfig
     backend: str
     chip: int
-    data_path: str      # torch.save'd {"x", "y", "calib", "crafted"}
+    data_path: str      # torch.save'd {"x", "y", "calib", "crafted"} (or "" when run_chip is given them)
     threads: int
     progress_position: int = 0
     progress: bool = True
@@ -287,13 +286,14 @@ def chip_units(config: RobustConfig, backend: str) -> tuple[list[Unit], list[Uni
     return [u for u in units if u not in costly], costly
 
 
-def run_chip(job: ChipJob) -> list[Row]:
+def run_chip(job: ChipJob, data: dict[str, Any] | None = None) -> list[Row]:
     """Evaluate units of one chip (runs in a worker process): the clean row and the cheap units,
     or the costly units ``job.units``. The chip is programmed and calibrated the same way in
     every job, and each unit reads noise from its own sub-stream, so the split changes nothing."""
     torch.set_num_threads(max(1, job.threads))
     config = job.config
-    data = torch.load(job.data_path, weights_only=False)
+    if data is None:
+        data = torch.load(job.data_path, weights_only=False)
     x, y, calib, crafted = data["x"], data["y"], data["calib"], data["crafted"]
     net, manifest = load_model(config.bundle, config.repository)
     # the bundle's manifest hardware defaults for this backend, under the user's options
@@ -368,27 +368,22 @@ def run_robustness(config: RobustConfig, progress: bool = True) -> tuple[list[Ro
                     jobs_spec.append((b, c, [unit]))
     jobs_spec += [(b, c, None) for b in chip_backends for c in range(config.chips)]
     if jobs_spec:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = max(1, min(config.workers or cores, len(jobs_spec)))
-        threads = max(1, cores // workers)
-        with tempfile.TemporaryDirectory(prefix="edgecloud-robust-") as tmp:
-            path = str(Path(tmp) / "data.pt")
-            torch.save({"x": x, "y": y, "calib": calib, "crafted": crafted}, path)
-            jobs = [ChipJob(config, b, c, path, threads, i % workers + 1, progress, units)
-                    for i, (b, c, units) in enumerate(jobs_spec)]
-            if workers == 1:
-                for job in tqdm(jobs, desc="chip jobs", disable=not progress):
-                    rows += run_chip(job)
-            else:
-                import multiprocessing
-
-                ctx = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                    futures = [pool.submit(run_chip, job) for job in jobs]
-                    for fut in tqdm(as_completed(futures), total=len(futures), desc="chip jobs", disable=not progress):
-                        rows += fut.result()
+        n = max(1, min(config.workers or cores(), len(jobs_spec)))
+        threads = 1 if config.ray else max(1, cores() // n)  # Ray: one CPU per task, the cluster schedules
+        jobs = [ChipJob(config, b, c, "", threads, i % n + 1, progress and not config.ray, units)
+                for i, (b, c, units) in enumerate(jobs_spec)]
+        shared = {"x": x, "y": y, "calib": calib, "crafted": crafted}
+        results = run_tasks(run_chip, jobs, shared=shared, workers=n, ray=config.ray,
+                            cpus_per_task=threads, progress=progress, desc="chip jobs")
+        for job, chip_rows in zip(jobs, results):
+            if config.ray:  # a task on another node wrote its cache there: keep the rows here too
+                cache = RowCache(_cache_file(config, f"{job.backend}-chip{job.chip}.jsonl"))
+                for row in chip_rows:
+                    if cache.get(row.threat, row.attack, row.eps) is None:
+                        cache.add(row)
+            rows += chip_rows
     order = {b: i for i, b in enumerate(config.backends)}
     rows.sort(key=lambda r: (order.get(r.backend, 99), r.threat, r.attack, r.eps, -1 if r.chip is None else r.chip))
-    settings = {k: v for k, v in asdict(config).items() if k not in ("workers", "cache")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("workers", "cache", "ray")}
     return rows, {"data": info, "settings": settings, "bundle": manifest.name,
                   "bundle_hardware": {b: manifest.hardware[b] for b in chip_backends if b in manifest.hardware}}
