@@ -1,6 +1,7 @@
-"""A replicated cloud tier: offload throughput with 1, 2, 3 cloud replicas behind N edges.
+"""A replicated cloud tier: offload throughput with 1, 2, 3 cloud replicas behind N edges,
+then one edge and one cloud across a real link.
 
-One run, loopback only. It starts the largest number of cloud replicas asked for (separate
+The replica part runs on loopback. It starts the largest number of cloud replicas asked for (separate
 ``edgecloud cloud serve`` processes, one ONNX Runtime thread each, no spinning) and, for each
 replica count k, N edge daemons (``edgecloud edge serve``) whose ``--cloud`` lists the first k
 replicas, so their offloads spread over k replicas round-robin. Every exit threshold is pinned
@@ -18,7 +19,20 @@ machines scales; the summary names the CPU and the usable cores for that reason.
 of its 2 minutes on our shared 2-core machine under load, where 1, 2 and 3 replicas gave the
 same offload throughput (ratios 0.94 and 0.98: the two cores, not the replicas, are the limit).
 
+The link part (on by default where it can run; ``--no-link`` skips it) puts one edge daemon
+and one cloud server on two hosts of a namespace network (``edgecloud.netlab``, as
+``tests/test_netns_link.py`` does): a WAN of ``--rtt-ms`` (a delay relay) and ``--rate-mbit``
+(tbf, both directions). Why: loopback has neither, so the replica part says nothing about
+offloading over a real link. It measures the offload round trip of one-sample requests (min,
+p50) against the configured RTT, then offload goodput from ``--link-clients`` clients of
+64-sample requests (about ``--link-seconds`` of bytes at the rate) against the configured
+rate, and the bytes on the wire (relay payload, tbf counters) against the edge's
+``edgecloud_offload_bytes_total``. It needs root, ``ip`` and ``tc``; elsewhere the summary
+says ``"link": {"skipped": "<why>"}``. About 15 s of a default run (85 s in all, on our
+shared 2-core machine at load average 4-6).
+
     python benchmarks/fleet.py [--edges 2] [--replicas 1,2,3] [--duration 3] [--rounds 2] [--json]
+                               [--no-link] [--rtt-ms 40] [--rate-mbit 10]
 
 The last line printed is a one-line JSON summary (``--json``: only that line).
 """
@@ -110,6 +124,146 @@ def _drive(edges, manifest, data, *, batch: int, concurrency: int, duration: flo
     return results
 
 
+# ---- the link part: one edge and one cloud host on a real (namespace) network ---------------
+def _percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 1)
+
+
+def _link(args: argparse.Namespace, manifest, repository: Path, data: np.ndarray,
+          workdir: Path, say) -> dict:
+    """Offload latency and goodput across a WAN of ``--rtt-ms`` and ``--rate-mbit`` (network
+    namespaces, tbf and a delay relay: ``edgecloud.netlab``), against what is configured and
+    against ``edgecloud_offload_bytes_total``; ``{"skipped": why}`` where no network can be made."""
+    from edgecloud import netlab
+
+    reason = netlab.skip_reason()
+    if reason:
+        return {"skipped": reason}
+    import grpc
+
+    from edgecloud.protocol import codec, pb, pb_grpc
+
+    spec = netlab.LinkSpec(rtt_ms=args.rtt_ms, rate_mbit=args.rate_mbit)
+    batch, workers = 64, args.link_clients
+    # One cloud call carries up to 128 samples (the edge's offload batch, at most 4 B a value);
+    # give it 4x its time on the wire, plus the RTT, plus a second for a loaded machine.
+    call_bytes = 128 * int(np.prod(manifest.cloud.input_shape)) * 4
+    link_timeout = round(1.0 + spec.rtt_s + 4 * call_bytes * 8 / spec.rate_bit_s, 2)
+    netlab.sweep_stale_namespaces()
+    (workdir / "link").mkdir()
+    lab = netlab.Lab(workdir / "link", spec)
+    channel = None
+    try:
+        try:
+            lab.build_network()
+        except netlab.NetnsUnavailable as exc:
+            return {"skipped": str(exc)}
+        t0 = time.monotonic()
+        lab.start_servers(
+            cloud={"repository": str(repository), "models": [manifest.name],
+                   "intra_op_threads": 1, "allow_spinning": False,
+                   "server": {"shutdown_grace_s": 0.5}, "batching": {"max_queue_delay_ms": 1.0}},
+            edge={"repository": str(repository), "models": [manifest.name],
+                  "server": {"shutdown_grace_s": 0.5}, "batching": {"max_queue_delay_ms": 1.0},
+                  "cloud": {"timeout_s": link_timeout}},
+            edge_args=_all_cloud_pins(manifest))
+        ready_s = time.monotonic() - t0
+        channel = grpc.insecure_channel(lab.edge_address, options=[("grpc.enable_http_proxy", 0)])
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        def infer(n: int, seed: int) -> tuple[float, dict]:
+            """(client latency s, response parameters) of one request of ``n`` samples."""
+            x = data[(np.arange(n) + seed * n) % len(data)]
+            request = codec.encode_request(manifest.name, {manifest.input.name: x})
+            start = time.perf_counter()
+            response = stub.ModelInfer(request, timeout=60)
+            return time.perf_counter() - start, codec.read_parameters(response.parameters)
+
+        deadline = time.monotonic() + 60
+        while True:  # the first offload opens the edge->cloud connection
+            try:
+                if not infer(1, 0)[1]["degraded"]:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no answer from the cloud across the link in 60 s:\n"
+                                   f"{lab.log_tail('edge')}")
+            time.sleep(0.2)
+
+        # Latency: one-sample requests, one at a time (nothing queues: the link is idle).
+        m0 = lab.edge_metrics()
+        pings = [infer(1, i) for i in range(args.link_pings)]
+        m1 = lab.edge_metrics()
+        cloud_ms = [float(p["cloud_latency_ms"]) for _, p in pings if not p["degraded"]]
+        client_ms = [lat * 1000 for lat, p in pings if not p["degraded"]]
+        if not cloud_ms:
+            raise RuntimeError("every one-sample request was answered degraded")
+        offload = "edgecloud_offload_bytes_total"
+        per_sample = (netlab.metric(m1, offload, model=manifest.name)
+                      - netlab.metric(m0, offload, model=manifest.name)) / len(cloud_ms)
+
+        # Goodput: enough 64-sample requests for ~--link-seconds at the configured rate, from
+        # several clients (some wait while another's offload is on the wire: the link stays busy).
+        requests = max(4, int(np.ceil(spec.rate_bit_s / 8 * args.link_seconds / (batch * per_sample))))
+        t_open = time.monotonic()  # the window brackets every snapshot, so it bounds what they count
+        (up0, over0), (down0, _) = lab.tbf(lab.edge_ns), lab.tbf(lab.cloud_ns)
+        m0, r0 = lab.edge_metrics(), lab.relay_stats()
+        start = time.monotonic()
+        with ThreadPoolExecutor(workers) as pool:
+            answers = list(pool.map(lambda i: infer(batch, 1000 + i)[1], range(requests)))
+        elapsed = time.monotonic() - start
+        m1, r1 = lab.edge_metrics(), lab.relay_stats()
+        (up1, over1), (down1, _) = lab.tbf(lab.edge_ns), lab.tbf(lab.cloud_ns)
+        window = time.monotonic() - t_open
+    finally:
+        if channel is not None:
+            channel.close()
+        lab.destroy()
+
+    sent = netlab.metric(m1, offload, model=manifest.name) - netlab.metric(m0, offload, model=manifest.name)
+    relay_up, relay_down = r1["up_bytes"] - r0["up_bytes"], r1["down_bytes"] - r0["down_bytes"]
+    tbf_up, tbf_down = up1 - up0, down1 - down0
+    degraded = sum(int(a["degraded"]) * batch for a in answers)
+    result = {
+        "rtt_ms_configured": spec.rtt_ms, "rate_mbit_configured": spec.rate_mbit,
+        "tbf_burst_bytes": spec.burst_bytes, "servers_ready_s": round(ready_s, 1),
+        "cloud_timeout_s": link_timeout,
+        "latency": {
+            "requests": len(pings), "samples_per_request": 1, "degraded": len(pings) - len(cloud_ms),
+            "offload_round_trip_ms_min": round(min(cloud_ms), 1),
+            "offload_round_trip_ms_p50": _percentile(cloud_ms, 50),
+            "offload_round_trip_ms_max": round(max(cloud_ms), 1),
+            "p50_over_rtt_ms": round(_percentile(cloud_ms, 50) - spec.rtt_ms, 1),
+            "min_at_least_rtt": min(cloud_ms) >= spec.rtt_ms,
+            "client_latency_ms_p50": _percentile(client_ms, 50),
+        },
+        "throughput": {
+            "requests": requests, "samples_per_request": batch, "clients": workers,
+            "elapsed_s": round(elapsed, 2), "degraded_samples": degraded,
+            "offload_bytes_per_sample": round(per_sample, 1),
+            "offload_bytes_metric": int(sent), "relay_up_bytes": relay_up, "tbf_up_bytes": tbf_up,
+            "relay_down_bytes": relay_down, "tbf_down_bytes": tbf_down,
+            # relay payload = tensors + gRPC/HTTP/2 framing; tbf = that + TCP/IP/Ethernet headers
+            "framing_overhead_pct": round(100 * (relay_up - sent) / sent, 3) if sent else None,
+            "wire_overhead_pct": round(100 * (tbf_up - sent) / sent, 3) if sent else None,
+            "wire_ge_relay_ge_metric": tbf_up >= relay_up >= sent > 0,
+            "offload_goodput_mbit_s": round(sent * 8 / elapsed / 1e6, 2),
+            "wire_up_mbit_s": round(tbf_up * 8 / window / 1e6, 2),
+            "goodput_of_rate": round(sent * 8 / elapsed / spec.rate_bit_s, 3),
+            "within_tbf_bound": tbf_up <= spec.burst_bytes + spec.rate_bit_s / 8 * window,
+            "tbf_up_overlimits": over1 - over0,  # > 0: the rate, not the servers, was the limit
+        },
+    }
+    lat, thr = result["latency"], result["throughput"]
+    say(f"link rtt {spec.rtt_ms:g} ms: offload round trip min {lat['offload_round_trip_ms_min']} ms, "
+        f"p50 {lat['offload_round_trip_ms_p50']} ms (client p50 {lat['client_latency_ms_p50']} ms)")
+    say(f"link rate {spec.rate_mbit:g} Mbit/s: goodput {thr['offload_goodput_mbit_s']} Mbit/s, "
+        f"wire {thr['wire_up_mbit_s']} Mbit/s; bytes metric {int(sent)}, relay {relay_up}, "
+        f"tbf {tbf_up} (overlimits {over1 - over0})")
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="fmnist-hybrid")
@@ -121,16 +275,30 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
     parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--no-link", action="store_true",
+                        help="skip the link part (edge and cloud across a namespace network)")
+    parser.add_argument("--rtt-ms", type=float, default=40.0, help="link part: round-trip time")
+    parser.add_argument("--rate-mbit", type=float, default=10.0, help="link part: tbf rate, Mbit/s")
+    parser.add_argument("--link-seconds", type=float, default=3.0,
+                        help="link part: offload this many seconds' worth of bytes at the rate")
+    parser.add_argument("--link-pings", type=int, default=20,
+                        help="link part: one-sample requests for the latency")
+    parser.add_argument("--link-clients", type=int, default=4,
+                        help="link part: clients in parallel for the goodput")
     parser.add_argument("--json", action="store_true", help="print only the JSON summary")
     args = parser.parse_args()
     if args.quick:
-        args.duration, args.rounds = 1.0, 1
+        args.duration, args.rounds, args.link_seconds, args.link_pings = 1.0, 1, 1.0, 5
     try:
         counts = sorted({int(k) for k in args.replicas.split(",")})
     except ValueError:
         parser.error(f"--replicas {args.replicas!r}: expected a comma list of integers, e.g. 1,2,3")
     if not counts or counts[0] < 1 or args.edges < 1 or args.rounds < 1:
         parser.error("--replicas, --edges and --rounds must be >= 1")
+    if (args.rtt_ms < 0 or args.rate_mbit <= 0 or args.link_seconds <= 0 or args.link_pings < 1
+            or args.link_clients < 1):
+        parser.error("--rtt-ms must be >= 0, --rate-mbit and --link-seconds > 0, "
+                     "--link-pings and --link-clients >= 1")
     say = (lambda *a, **k: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
 
     from edgecloud.bundle import ModelRepository
@@ -185,6 +353,19 @@ def main() -> int:
         finally:
             codes = [s.stop() for fleet in fleets.values() for s in fleet]
             codes += [s.stop() for s in replicas]
+        if args.no_link:
+            link: dict = {"skipped": "--no-link"}
+        else:
+            t0 = time.monotonic()
+            try:
+                link = _link(args, manifest, bundle.path.parent, data, workdir, say)
+            except Exception as exc:  # noqa: BLE001 - the replica numbers are still worth printing
+                print(f"fleet: link part failed: {exc}", file=sys.stderr)
+                link = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            if "skipped" in link:
+                say(f"link part skipped: {link['skipped']}")
+            else:
+                say(f"link part took {time.monotonic() - t0:.1f} s")
 
     base = float(np.mean(sps[counts[0]]))
     rows = {}
@@ -205,10 +386,10 @@ def main() -> int:
         "benchmark": "fleet", "model": manifest.name, "edges": args.edges,
         "replica_counts": counts, "batch": args.batch, "concurrency_per_edge": args.concurrency,
         "duration_s": args.duration, "rounds": args.rounds, "all_samples_offloaded": True,
-        "by_replicas": rows, "server_exit_codes": codes, "cpu": cpu,
+        "by_replicas": rows, "server_exit_codes": codes, "link": link, "cpu": cpu,
     }
     print(json.dumps(summary))
-    return 0
+    return 1 if "error" in link else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Why: loopback has no latency, no bandwidth limit and never fails; the edge's cloud link
 (deadlines, retries, breaker, degraded answers, offload byte counts) only meets those on a
-network. This module builds one, per run, and measures the served system on it:
+network. This module builds one per run (``edgecloud.netlab``) and measures the served
+system on it:
 
     root ns: this test (client)        EDGE ns                         CLOUD ns
       lan 10.A.B.1/30 ---veth--- lan0 10.A.B.2/30
@@ -25,43 +26,36 @@ where namespaces cannot be made (not root, no ``ip``/``tc``, no netns/veth/tbf s
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import json
 import os
-import random
-import re
-import secrets
-import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from edgecloud.netlab import (
+    Lab,
+    LinkSpec,
+    NetnsUnavailable,
+    Samples,
+    metric,
+    skip_reason,
+    sweep_stale_namespaces,
+)
 
 # The link: what the test configures, and what physics then guarantees.
-ONE_WAY_DELAY_MS = 20.0                # relay delay, each direction
-RTT_S = 2 * ONE_WAY_DELAY_MS / 1000.0  # a request/answer through the relay takes at least this
-RATE_BIT_S = 10_000_000                # tbf rate (tc's "10mbit" = 10^7 bit/s)
-BURST_BYTES = 32 * 1024                # tbf burst ("32kb" = 32 KiB): the most it sends above rate
-TBF = ["rate", "10mbit", "burst", "32kb", "latency", "100ms"]
-
-# Ports inside the namespaces (fresh namespaces: nothing else can hold them).
-EDGE_PORT, EDGE_METRICS_PORT = 8001, 9001
-RELAY_PORT, CLOUD_PORT, CLOUD_METRICS_PORT = 8100, 8101, 9101
+LINK = LinkSpec(rtt_ms=40.0, rate_mbit=10.0, burst_bytes=32 * 1024, tbf_latency_ms=100.0)
+ONE_WAY_DELAY_MS = LINK.one_way_delay_ms  # relay delay, each direction (20 ms)
+RTT_S = LINK.rtt_s                        # a request/answer through the relay takes at least this
+RATE_BIT_S = LINK.rate_bit_s              # tbf rate (tc's "10mbit" = 10^7 bit/s)
+BURST_BYTES = LINK.burst_bytes            # tbf burst ("32kb" = 32 KiB): the most it sends above rate
 
 # The edge's cloud link, as configured for this network.
 LINK_TIMEOUT_S = 1.5      # per-call deadline: a 128-sample offload (200 kB) needs ~0.2 s at 10 Mbit/s
@@ -70,269 +64,26 @@ BREAKER_RESET_S = 1.0
 CLIENT_DEADLINE_S = 4.0   # what clients give each request during outages
 
 FEATURE_BYTES = 8 * 7 * 7 * 4  # tiny's offloaded feature map per sample, [8, 7, 7] float32
-NS_PREFIX = "ecnl"
-STALE_AFTER_S = 5 * 60    # a namespace of ours older than this, whose creator is gone, is litter
 
 REPORT: dict[str, Any] = {}
 
 
-# ---- shell ----------------------------------------------------------------------------------
-class NetnsUnavailable(Exception):
-    """This machine cannot build the test network; the message says why (the test skips)."""
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a command (ip, tc) and return it; raise with its stderr when ``check`` and it fails."""
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
-    return done
-
-
-def skip_reason() -> str | None:
-    """Why this machine cannot run the test, before anything is made; None when it may."""
-    if not sys.platform.startswith("linux"):
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "network namespaces, veth and tc need root (CI runs as root)"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"the {tool!r} command (iproute2) is not installed"
-    return None
-
-
-def sweep_stale_namespaces() -> None:
-    """Remove namespaces (and end their processes) left by runs of this test that were killed
-    before their finalizer ran: named ``ecnl-PID-EPOCH-...``, creator gone, older than 5 min."""
-    listing = sh("ip", "netns", "list", check=False).stdout
-    for line in listing.splitlines():
-        name = line.split()[0] if line.strip() else ""
-        match = re.fullmatch(rf"{NS_PREFIX}-(\d+)-(\d+)-[0-9a-f]+-(edge|cloud)", name)
-        if not match:
-            continue
-        pid, born = int(match.group(1)), int(match.group(2))
-        if Path(f"/proc/{pid}").exists() or time.time() - born < STALE_AFTER_S:
-            continue
-        for stray in sh("ip", "netns", "pids", name, check=False).stdout.split():
-            try:
-                os.kill(int(stray), signal.SIGKILL)  # servers a killed run of this test started
-            except (ProcessLookupError, ValueError):
-                pass
-        sh("ip", "netns", "del", name, check=False)
-
-
-def pick_subnet() -> ipaddress.IPv4Network:
-    """A /29 in 10/8 that overlaps no route or address of this host (only its first /30 is
-    routed in the root namespace, for the client's link to the edge host)."""
-    taken: list[ipaddress.IPv4Network] = []
-    for args in (("-4", "route", "show", "table", "all"), ("-4", "-o", "addr", "show")):
-        for word in sh("ip", *args, check=False).stdout.split():
-            try:
-                net = ipaddress.ip_network(word, strict=False)
-            except ValueError:
-                continue
-            if net.version == 4 and net.prefixlen > 0:  # the default route takes nothing
-                taken.append(net)
-    rng = random.SystemRandom()
-    for _ in range(100):
-        net = ipaddress.ip_network(f"10.{rng.randrange(16, 255)}.{rng.randrange(256)}.{rng.randrange(32) * 8}/29")
-        if not any(net.overlaps(t) for t in taken):
-            return net
-    raise NetnsUnavailable("no free /29 in 10.0.0.0/8 for the test network")
-
-
-# ---- the lab: two hosts, their links, the servers -------------------------------------------
-@dataclass
-class Lab:
-    """The test network and the processes in it (everything removed by :meth:`destroy`)."""
-
-    tmp: Path
-    repo: Path
-    token: str = field(default_factory=lambda: secrets.token_hex(3))
-    subnet: ipaddress.IPv4Network | None = None
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    made: list[str] = field(default_factory=list)   # namespaces created so far
-    relay_seq: int = 0                                # last stats write of the relay seen
-
-    def __post_init__(self) -> None:
-        stem = f"{NS_PREFIX}-{os.getpid()}-{int(time.time())}-{self.token}"
-        self.edge_ns, self.cloud_ns = f"{stem}-edge", f"{stem}-cloud"
-        self.root_if = f"{NS_PREFIX}{self.token}"  # the client's end, in the root namespace (<16 chars)
-
-    # addresses
-    def host(self, index: int) -> str:
-        assert self.subnet is not None
-        return str(self.subnet.network_address + index)
-
-    @property
-    def client_ip(self) -> str:
-        return self.host(1)
-
-    @property
-    def edge_ip(self) -> str:
-        return self.host(2)
-
-    @property
-    def edge_wan_ip(self) -> str:
-        return self.host(5)
-
-    @property
-    def cloud_ip(self) -> str:
-        return self.host(6)
-
-    # ---- network ---------------------------------------------------------------------------
-    def build_network(self) -> None:
-        """Namespaces, veth links, addresses, tbf; raises NetnsUnavailable when the kernel or
-        the container forbids a step (the test then skips)."""
-        self.subnet = pick_subnet()
-        e, c = self.edge_ns, self.cloud_ns
-        steps: list[tuple[str, list[str]]] = [
-            ("network namespaces", ["ip", "netns", "add", e]),
-            ("network namespaces", ["ip", "netns", "add", c]),
-            ("veth links", ["ip", "link", "add", "wan0", "netns", e, "type", "veth",
-                            "peer", "name", "wan0", "netns", c]),
-            ("veth links", ["ip", "link", "add", self.root_if, "type", "veth",
-                            "peer", "name", "lan0", "netns", e]),
-        ]
-        for what, cmd in steps:
-            done = sh(*cmd, check=False)
-            if done.returncode != 0:
-                raise NetnsUnavailable(f"cannot make {what} here: {' '.join(cmd)}: {done.stderr.strip()}")
-            if cmd[1] == "netns":
-                self.made.append(cmd[3])
-        for cmd in (
-            ["ip", "-n", e, "link", "set", "lo", "up"],
-            ["ip", "-n", c, "link", "set", "lo", "up"],
-            ["ip", "addr", "add", f"{self.client_ip}/30", "dev", self.root_if],
-            ["ip", "link", "set", self.root_if, "up"],
-            ["ip", "-n", e, "addr", "add", f"{self.edge_ip}/30", "dev", "lan0"],
-            ["ip", "-n", e, "link", "set", "lan0", "up"],
-            ["ip", "-n", e, "addr", "add", f"{self.edge_wan_ip}/30", "dev", "wan0"],
-            ["ip", "-n", c, "addr", "add", f"{self.cloud_ip}/30", "dev", "wan0"],
-            ["ip", "-n", e, "link", "set", "wan0", "up"],
-            ["ip", "-n", c, "link", "set", "wan0", "up"],
-        ):
-            sh(*cmd)
-        for ns in (e, c):  # uplink = the edge's egress, downlink = the cloud's egress
-            done = sh("tc", "-n", ns, "qdisc", "add", "dev", "wan0", "root", "tbf", *TBF, check=False)
-            if done.returncode != 0:
-                raise NetnsUnavailable(f"tc tbf is not available here: {done.stderr.strip()}")
-
-    def set_wan(self, up: bool) -> None:
-        """The edge host's WAN interface up or down (down: a black hole, nothing is refused)."""
-        sh("ip", "-n", self.edge_ns, "link", "set", "wan0", "up" if up else "down")
-
-    def tbf(self, ns: str) -> tuple[int, int]:
-        """(bytes sent, overlimits) of the tbf on ``ns``'s wan0: frames as charged to the bucket
-        (retransmits too), and how often a packet had to wait for tokens."""
-        out = sh("tc", "-s", "-n", ns, "qdisc", "show", "dev", "wan0").stdout
-        match = re.search(r"qdisc tbf .*?Sent (\d+) bytes .*?overlimits (\d+)", out, re.S)
-        assert match, f"no tbf on {ns}/wan0: {out}"
-        return int(match.group(1)), int(match.group(2))
-
-    # ---- processes -------------------------------------------------------------------------
-    def env(self) -> dict[str, str]:
-        """The servers' environment: this checkout on the path, no proxies (gRPC and urllib
-        would send namespace-local traffic to a proxy that is unreachable from there)."""
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        env["OMP_NUM_THREADS"] = "1"
-        return env
-
-    def spawn(self, name: str, ns: str, *args: str) -> None:
-        """Start ``python -m ARGS`` inside namespace ``ns`` (``ip netns exec`` execs it: the
-        Popen pid is the server's), output to ``tmp/NAME.log``."""
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        # setpriv --pdeathsig: should this test be killed before its finalizer runs, its
-        # servers get SIGTERM instead of living on (only the namespaces are left to sweep).
-        guard = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
-        self.procs[name] = subprocess.Popen(
-            [*guard, "ip", "netns", "exec", ns, sys.executable, "-m", *args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.tmp,
-        )
-        log.close()
-
-    def log_tail(self, name: str, lines: int = 30) -> str:
-        path = self.tmp / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def start_servers(self) -> None:
-        """Cloud server, relay (cloud host) and edge daemon (edge host), started together."""
-        cloud_cfg = self.tmp / "cloud.yaml"
-        cloud_cfg.write_text(yaml.safe_dump({"cloud": {
-            "repository": str(self.repo), "models": ["tiny"],
-            "intra_op_threads": 1, "allow_spinning": False,
-            "server": {"host": "127.0.0.1", "port": CLOUD_PORT, "metrics_port": CLOUD_METRICS_PORT,
-                       "shutdown_grace_s": 0.5},
-            "batching": {"max_queue_delay_ms": 1.0},
-        }}))
-        edge_cfg = self.tmp / "edge.yaml"
-        edge_cfg.write_text(yaml.safe_dump({"edge": {
-            "repository": str(self.repo), "models": ["tiny"],
-            "thresholds": {"tiny": [0.0]},  # entropy < 0 never: every sample is offloaded
-            "server": {"host": self.edge_ip, "port": EDGE_PORT, "metrics_port": EDGE_METRICS_PORT,
-                       "shutdown_grace_s": 0.5},
-            "batching": {"max_queue_delay_ms": 1.0, "max_request_batch": 256},
-            "cloud": {"address": f"{self.cloud_ip}:{RELAY_PORT}", "timeout_s": LINK_TIMEOUT_S,
-                      "breaker_failures": BREAKER_FAILURES, "breaker_reset_s": BREAKER_RESET_S,
-                      "initial_backoff_s": 0.05, "max_backoff_s": 0.2},
-        }}))
-        self.spawn("cloud", self.cloud_ns, "edgecloud", "cloud", "serve", "--config", str(cloud_cfg),
-                   "--ready-file", str(self.tmp / "cloud.ready"))
-        self.spawn("relay", self.cloud_ns, "edgecloud.netlink_relay",
-                   "--listen", f"{self.cloud_ip}:{RELAY_PORT}", "--target", f"127.0.0.1:{CLOUD_PORT}",
-                   "--delay-ms", str(ONE_WAY_DELAY_MS), "--stats-file", str(self.tmp / "relay.json"))
-        self.spawn("edge", self.edge_ns, "edgecloud", "edge", "serve", "--config", str(edge_cfg),
-                   "--ready-file", str(self.tmp / "edge.ready"))
-        deadline = time.monotonic() + 120
-        for name, ready in (("relay", "relay.json"), ("cloud", "cloud.ready"), ("edge", "edge.ready")):
-            while not (self.tmp / ready).exists():
-                proc = self.procs[name]
-                assert proc.poll() is None, f"{name} exited {proc.returncode}:\n{self.log_tail(name)}"
-                assert time.monotonic() < deadline, f"{name} not ready after 120 s:\n{self.log_tail(name)}"
-                time.sleep(0.05)
-
-    def relay_stats(self) -> dict[str, Any]:
-        """The relay's counters now (SIGUSR1, then wait for the file's next ``seq``)."""
-        self.relay_seq += 1
-        self.procs["relay"].send_signal(signal.SIGUSR1)
-        return self._relay_file(lambda data: data["seq"] >= self.relay_seq)
-
-    def set_relay(self, up: bool) -> None:
-        """Relay link down (every connection reset, connects refused) or up again."""
-        self.relay_seq += 1
-        self.procs["relay"].send_signal(signal.SIGHUP if up else signal.SIGUSR2)
-        self._relay_file(lambda data: data["seq"] >= self.relay_seq and data["down"] is not up)
-
-    def _relay_file(self, ok: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        path = self.tmp / "relay.json"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            data = json.loads(path.read_text())
-            if ok(data):
-                self.relay_seq = max(self.relay_seq, data["seq"])
-                return data
-            time.sleep(0.01)
-        raise AssertionError(f"relay did not answer:\n{self.log_tail('relay')}")
-
-    # ---- the end ---------------------------------------------------------------------------
-    def destroy(self) -> None:
-        """Stop our processes (by pid), delete our links and namespaces. Never raises."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(10)
-        # The root end of the client link at once (the kernel would drop it later, with the netns).
-        for cmd in (["ip", "link", "del", self.root_if], *(["ip", "netns", "del", ns] for ns in self.made)):
-            with contextlib.suppress(subprocess.SubprocessError, OSError):
-                sh(*cmd, check=False)
+def start_servers(lab: Lab, repo: Path) -> None:
+    """Cloud server, relay and edge daemon on the untrained ``tiny`` bundle, every sample
+    offloaded, the edge's cloud link set for this network."""
+    lab.start_servers(
+        cloud={"repository": str(repo), "models": ["tiny"],
+               "intra_op_threads": 1, "allow_spinning": False,
+               "server": {"shutdown_grace_s": 0.5},
+               "batching": {"max_queue_delay_ms": 1.0}},
+        edge={"repository": str(repo), "models": ["tiny"],
+              "thresholds": {"tiny": [0.0]},  # entropy < 0 never: every sample is offloaded
+              "server": {"shutdown_grace_s": 0.5},
+              "batching": {"max_queue_delay_ms": 1.0, "max_request_batch": 256},
+              "cloud": {"timeout_s": LINK_TIMEOUT_S,
+                        "breaker_failures": BREAKER_FAILURES, "breaker_reset_s": BREAKER_RESET_S,
+                        "initial_backoff_s": 0.05, "max_backoff_s": 0.2}},
+    )
 
 
 # ---- client side ----------------------------------------------------------------------------
@@ -393,21 +144,9 @@ class EdgeClient:
         self.channel.close()
 
 
-def scrape(lab: Lab) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(lab: Lab) -> Samples:
     """The edge daemon's /metrics, across the client's link, without any proxy."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    text = opener.open(f"http://{lab.edge_ip}:{EDGE_METRICS_PORT}/metrics", timeout=10).read().decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
-    }
-
-
-def metric(values: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in values.items() if n == name and want <= ls)
+    return lab.edge_metrics()
 
 
 def breaker(lab: Lab) -> float:
@@ -461,14 +200,14 @@ def lab(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
     if reason:
         pytest.skip(reason)
     sweep_stale_namespaces()
-    lab = Lab(tmp_path_factory.mktemp("netns"), tiny_repo)
+    lab = Lab(tmp_path_factory.mktemp("netns"), LINK)
     try:
         try:
             lab.build_network()
         except NetnsUnavailable as exc:
             pytest.skip(str(exc))
         started = time.monotonic()
-        lab.start_servers()
+        start_servers(lab, tiny_repo)
         report("setup", servers_ready_s=round(time.monotonic() - started, 1), subnet=str(lab.subnet))
         yield lab
     finally:
@@ -479,7 +218,7 @@ def lab(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
 
 @pytest.fixture(scope="module")
 def client(lab: Lab) -> Iterator[EdgeClient]:
-    client = EdgeClient(f"{lab.edge_ip}:{EDGE_PORT}")
+    client = EdgeClient(lab.edge_address)
     client.wait_ready(60)
     # The first offload opens the edge->cloud connection; wait until the cloud answers.
     wait_for(lambda: from_cloud(client), 60, "a first answer from the cloud")
