@@ -179,6 +179,23 @@ def bundle_backend_options(manifest: Any, backend: str, options: Mapping[str, An
     return out
 
 
+def cloud_name_for(manifest: Manifest, overrides: Mapping[str, str], how_to_override: str) -> str:
+    """The name a bundle's cloud part goes by: ``overrides`` (validated with the configuration),
+    else the manifest's ``cloud.model_name`` or the bundle name. ValueError for a manifest name
+    with '/': Triton and KServe could not serve it (model names are directory names and URL
+    path segments), so an edge that also talks to them cannot rely on it."""
+    name = overrides.get(manifest.name)
+    if name is not None:
+        return name
+    name = manifest.cloud_model_name
+    if "/" in name:
+        raise ValueError(
+            f"bundle {manifest.name!r}: its cloud model name {name!r} (manifest cloud.model_name) "
+            f"contains '/', which Triton and KServe cannot serve; {how_to_override}"
+        )
+    return name
+
+
 def default_repository() -> Path:
     """The folder of bundles installed with the package."""
     return Path(str(resources.files("edgecloud.models")))

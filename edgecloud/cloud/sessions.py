@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgecloud import offload
-from edgecloud.bundle import Bundle, CloudSpec, ModelRepository
+from edgecloud.bundle import Bundle, CloudSpec, ModelRepository, cloud_name_for
 from edgecloud.config import CloudConfig
 
 PROBABILITIES = "probabilities"
@@ -97,21 +97,10 @@ def _static(dim: object) -> int | None:
 
 def served_name(bundle: Bundle, config: CloudConfig) -> str:
     """The name ``bundle``'s cloud part is served under: ``cloud.model_names`` (--serve-as),
-    else the manifest's ``cloud.model_name``, else the bundle name. ValueError for a name with
-    '/': Triton and KServe could not serve it, so an edge that also talks to them cannot rely
-    on it (and the KServe REST path could not address it)."""
+    else the manifest's (see :func:`edgecloud.bundle.cloud_name_for`)."""
     m = bundle.manifest
-    name = config.model_names.get(m.name)
-    if name is not None:
-        return name  # validated with the configuration
-    name = m.cloud_model_name
-    if "/" in name:
-        raise ValueError(
-            f"bundle {m.name!r}: its cloud model name {name!r} (manifest cloud.model_name) "
-            "contains '/', which Triton and KServe cannot serve; serve it under another name "
-            f"with cloud.model_names.{m.name} (--serve-as {m.name}=NAME)"
-        )
-    return name
+    return cloud_name_for(m, config.model_names,
+                          f"serve it under another name with cloud.model_names.{m.name} (--serve-as {m.name}=NAME)")
 
 
 def load_cloud_model(bundle: Bundle, config: CloudConfig) -> CloudModel:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from edgecloud.bundle import ModelRepository
+from edgecloud.bundle import ModelRepository, cloud_name_for
 from edgecloud.cim.energy import EnergyMeter, EnergyTable
 from edgecloud.config import EdgeConfig, Settings, load_settings
 from edgecloud.edge.admin import ADMIN_SERVICE_NAME, EdgeAdminServicer
@@ -97,19 +97,11 @@ def apply_compute_settings(edge: EdgeConfig) -> None:
 
 def cloud_model_name(manifest: Any, overrides: Mapping[str, str]) -> str:
     """The model name the edge calls on the cloud for a bundle: ``edge.cloud.model_names``,
-    else the manifest's (``cloud.model_name`` or the bundle name); ValueError if it has a '/'."""
-    name = overrides.get(manifest.name)
-    if name is not None:
-        return name  # validated with the configuration
-    name = manifest.cloud_model_name
-    if "/" in name:
-        raise ValueError(
-            f"bundle {manifest.name!r}: its cloud model name {name!r} (manifest cloud.model_name) "
-            "contains '/', which Triton and KServe cannot serve; call it under another name with "
-            f"edge.cloud.model_names.{manifest.name} (--cloud-model-name {manifest.name}=NAME) "
-            "and serve it under that name (--serve-as on the cloud)"
-        )
-    return name
+    else the manifest's (see :func:`edgecloud.bundle.cloud_name_for`)."""
+    return cloud_name_for(manifest, overrides,
+                          f"call it under another name with edge.cloud.model_names.{manifest.name} "
+                          f"(--cloud-model-name {manifest.name}=NAME) and serve it under that name "
+                          "(--serve-as on the cloud)")
 
 
 def _check_names(kind: str, names: list[str], served: list[str]) -> None:
