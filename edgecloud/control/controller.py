@@ -34,7 +34,9 @@ class ControlSettings:
 
     window: int = 4000             # samples the estimates look back over (sliding)
     min_samples: int = 200         # no move before the window holds this many samples
-    interval_s: float = 1.0        # the daemon calls step() this often
+    interval_s: float = 1.0        # the daemon calls step() this often (timer) ...
+    step_samples: int = 0          # ... and/or after every this many observed samples (0: timer
+    # only); a replayed trace uses this so that steps fall at the same samples on every run
     shadow_min: float = 0.01       # shadow rate bounds (share of edge-exited samples)
     shadow_max: float = 0.25
     shadow_target: int = 200       # shadowed samples wanted per window (p adapts to reach it)
