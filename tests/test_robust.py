@@ -177,6 +177,52 @@ def test_square_is_seeded_and_stays_in_the_ball(trained) -> None:
     assert (a - x).abs().max() <= 16 / 255 + 1e-6
 
 
+def test_square_linf_follows_the_schedule_and_beats_a_random_corner() -> None:
+    from edgecloud.robust.square import p_selection
+
+    assert p_selection(0.05, 0, 1000) == 0.05
+    assert p_selection(0.05, 3, 1000) == 0.025      # 30/10000 of the run: halved once
+    assert p_selection(0.05, 999, 1000) == 0.05 / 512
+    assert p_selection(0.05, 10, 100) == 0.05 / 16  # the grid rescales to the iterations
+
+
+def test_square_linf_fools_more_than_random_noise_and_counts_its_queries(trained) -> None:
+    from edgecloud.robust.square import square_linf
+
+    x, y = synthetic(40, seed=11)
+    digital = HardwareModel(trained, "digital")
+    eps = 48 / 255
+    adv, used = square_linf(digital, x, y, eps, queries=60, generator=torch.Generator().manual_seed(1))
+    noise = (x + eps * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))).clamp(0, 1)
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert _acc(digital, adv, y) < _acc(digital, noise, y) - 0.2
+    assert int(used.max()) <= 61 and int(used.min()) >= 1  # initialisation + one per iteration
+    fooled = digital(adv).argmax(1) != y
+    assert bool((used[fooled] < 61).any())  # fooled images left the search early
+
+
+def test_square_linf_confirms_a_noisy_read_before_an_image_leaves() -> None:
+    from edgecloud.robust.square import square_linf
+
+    class Coin(torch.nn.Module):  # right on every other read: one read proves nothing
+        deterministic = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.reads += 1
+            logits = torch.zeros(x.shape[0], 2)
+            logits[:, 0 if self.reads % 2 else 1] = 1.0
+            return logits
+
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(3, dtype=torch.long)
+    _, used = square_linf(Coin(), x, y, 8 / 255, queries=5)
+    assert int(used.min()) >= 2  # every "fooled" read was re-read before anything left
+
+
 # ---- discretisation --------------------------------------------------------------------------
 
 def test_discretiser_at_8_bits_is_the_identity_on_uint8_images() -> None:

@@ -5,8 +5,10 @@ them hardware-aware stays visible: the model they differentiate may be a
 :class:`~edgecloud.robust.hardware.HardwareModel` (forward through the simulated chip, backward
 straight-through, averaged over noise draws or chips), and every random start comes from a
 seeded generator. They agree with IBM ART's implementations (``tests/test_robust_attacks.py``).
-Square (Andriushchenko et al. 2020), a score-based random search, is IBM ART's ``SquareAttack``
-(:func:`square`): it needs only the model's outputs, so it runs the backend's plain inference.
+Square (Andriushchenko et al. 2020), a score-based random search (:func:`square`), needs only
+the model's outputs, so it runs the backend's plain inference: L-inf in
+:mod:`edgecloud.robust.square` (ART's spends three forward passes per iteration), L2 through
+IBM ART.
 
 Images are pixels in [0, 1]; ``eps`` is in the same units (1/255 = one grey level).
 """
@@ -103,19 +105,26 @@ def pgd(model: Logits, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: i
 
 def square(model: Logits, x: torch.Tensor, y: torch.Tensor, eps: float, *, queries: int = 1000,
            p_init: float = 0.05, seed: int = 0, batch_size: int = 256, norm: Norm = "linf") -> torch.Tensor:
-    """Square attack through IBM ART (score-based, black-box: only ``model``'s outputs are used,
-    under ``torch.no_grad``). ``queries``: iterations per restart (one query each per image)."""
+    """Square attack (score-based, black-box: only ``model``'s outputs are used). L-inf is
+    :func:`edgecloud.robust.square.square_linf` (the paper's algorithm, one query per robust
+    image and iteration); L2 is IBM ART's ``SquareAttack``. ``queries``: iterations."""
+    if eps <= 0:
+        return x.clone()
+    if norm == "linf":
+        from edgecloud.robust.square import square_linf
+
+        adv, _ = square_linf(model, x, y, eps, queries=queries, p_init=p_init,
+                             generator=torch.Generator().manual_seed(seed & 0x7FFFFFFF))
+        return adv.to(x.dtype)
     from art.attacks.evasion import SquareAttack
 
     from edgecloud.robust.estimator import art_classifier
 
-    if eps <= 0:
-        return x.clone()
     state = np.random.get_state()
     np.random.seed(seed & 0xFFFFFFFF)  # ART draws its squares from NumPy's global generator
     try:
         attack = SquareAttack(art_classifier(model, x.shape[1:], n_classes=_n_classes(model, x)),
-                              norm=np.inf if norm == "linf" else 2, eps=float(eps), max_iter=int(queries),
+                              norm=2, eps=float(eps), max_iter=int(queries),
                               p_init=p_init, nb_restarts=1, batch_size=batch_size, verbose=False)
         adv = attack.generate(x.detach().cpu().numpy().astype(np.float32), y=y.cpu().numpy())
     finally:
