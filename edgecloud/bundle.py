@@ -65,8 +65,10 @@ class CloudSpec(BaseModel):
     macs: int = 0                   # MACs per sample of the cloud part (for energy accounting)
     # How the offloaded tensor travels (see edgecloud.offload): the radio is paid per bit, so a
     # compact encoding is what makes offloading features cheaper than sending the raw input.
-    # uint8: x ~= (q - zero_point) * scale; cloud.onnx then takes the wire datatype directly.
-    encoding: Literal["fp32", "fp16", "uint8"] = "fp32"
+    # uintK (K = 8, 4, 2): x ~= (q - zero_point) * scale; "+zstd": entropy coded per sample (a
+    # BYTES payload each); cloud.onnx takes the base's levels (see edgecloud.offload).
+    encoding: Literal["fp32", "fp16", "uint8", "uint4", "uint2",
+                      "fp32+zstd", "fp16+zstd", "uint8+zstd", "uint4+zstd", "uint2+zstd"] = "fp32"
     scale: float = 1.0
     zero_point: int = 0
 
@@ -84,8 +86,10 @@ class CloudSpec(BaseModel):
             raise ValueError(f"cloud.input_shape is required for cloud.offload {self.offload!r}")
         if not (math.isfinite(self.scale) and self.scale > 0.0):
             raise ValueError(f"cloud.scale must be a finite number > 0, got {self.scale}")
-        if not 0 <= self.zero_point <= 255:
-            raise ValueError(f"cloud.zero_point must lie in 0..255, got {self.zero_point}")
+        top = {"uint4": 15, "uint2": 3}.get(self.encoding.split("+")[0], 255)
+        if not 0 <= self.zero_point <= top:
+            raise ValueError(f"cloud.zero_point must lie in 0..{top} for cloud.encoding {self.encoding!r}, "
+                             f"got {self.zero_point}")
         return self
 
 

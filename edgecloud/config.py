@@ -247,6 +247,60 @@ class BackendConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+CONTROL_BUDGET_NAMES = ("agreement", "energy", "uplink", "latency")
+
+
+class ControlConfig(_Strict):
+    """Online exit control of one served model (``edge.control.<model>``): the budgets it holds
+    (see :class:`edgecloud.control.budgets.Budgets`) and how the controller estimates and moves
+    (see :class:`edgecloud.control.controller.ControlSettings`). ``None`` = budget not set."""
+
+    agreement: float | None = Field(None, gt=0, le=1, description="share of answers equal to "
+                                    "the cloud's, held with confidence 1 - delta (1 - epsilon)")
+    delta: float = Field(0.05, gt=0, lt=1, description="risk of the agreement guarantee")
+    energy_j: float | None = Field(None, gt=0, description="mean energy per inference (edge "
+                                   "compute + radio, shadow traffic included), joules")
+    uplink_bytes_s: float | None = Field(None, gt=0, description="bytes/s sent to the cloud, "
+                                         "shadow traffic included")
+    p99_latency_ms: float | None = Field(None, gt=0, description="99th percentile request latency")
+    priority: list[str] = Field(default_factory=lambda: list(CONTROL_BUDGET_NAMES),
+                                description="which budget wins when not all can be met (first wins)")
+    exit_index: int | None = Field(None, ge=0, description="the exit whose threshold moves; "
+                                   "default: the first exit with a threshold")
+    window: int = Field(4000, ge=1, description="samples the estimates look back over")
+    min_samples: int = Field(200, ge=0, description="no move before the window holds this many")
+    interval_s: float = Field(1.0, gt=0, description="step the controller this often")
+    step_samples: int = Field(0, ge=0, description="also step after this many observed samples "
+                              "(0: timer only)")
+    shadow_min: float = Field(0.01, gt=0, le=1, description="lowest shadow rate")
+    shadow_max: float = Field(0.25, gt=0, le=1, description="highest shadow rate")
+    shadow_target: int = Field(200, ge=0, description="shadowed samples wanted per window")
+    bound: Literal["clopper-pearson", "anytime"] = "clopper-pearson"
+    act_on: Literal["bound", "estimate"] = "bound"
+    max_step: float | None = Field(None, gt=0, description="largest threshold move per step")
+    backoff_s: float = Field(10.0, ge=0, description="how long a cloud saturation caps offloads")
+    backoff_factor: float = Field(0.5, ge=0, le=1, description="the cap: this share of the "
+                                  "offload share before the saturation report")
+    seed: int = Field(0, description="seed of the shadow draws")
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, value: list[str]) -> list[str]:
+        unknown = [p for p in value if p not in CONTROL_BUDGET_NAMES]
+        if unknown:
+            raise ValueError(f"unknown budget(s) {unknown}; budgets: {', '.join(CONTROL_BUDGET_NAMES)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"a budget is named twice in {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _shadow_bounds(self) -> "ControlConfig":
+        if self.shadow_min > self.shadow_max:
+            raise ValueError(f"shadow_min ({self.shadow_min}) must not exceed shadow_max "
+                             f"({self.shadow_max})")
+        return self
+
+
 class EdgeConfig(_Strict):
     server: ServerConfig = ServerConfig()
     repository: Path | None = Field(None, description="model repository; default: bundled models")
@@ -262,6 +316,11 @@ class EdgeConfig(_Strict):
     )
     thresholds: dict[str, list[float | None]] = Field(
         default_factory=dict, description="per-model exit thresholds overriding the manifest"
+    )
+    control: dict[str, ControlConfig] = Field(
+        default_factory=dict,
+        description="model name -> online exit control (budgets and controller settings); a "
+        "controlled model's exit threshold is moved at run time (see edgecloud/edge/dataplane.py)",
     )
     torch_threads: int = Field(
         1, ge=0,

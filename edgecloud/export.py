@@ -237,6 +237,12 @@ def _offload_lines(c: CloudSpec) -> list[str]:
             f"{c.input_shape} ({c.offload}), output `{c.output_name}`, {c.macs:,} MACs per sample.")
     if c.encoding == "fp32":
         return [head, f"- Offload per sample: {offload.bytes_per_sample(c):,} bytes as FP32."]
+    if c.encoding not in ("fp16", "uint8"):  # packed / entropy coded: a BYTES payload per sample
+        level = {"tensor(uint8)": "UINT8", "tensor(float16)": "FP16"}.get(offload.onnx_input_type(c), "FP32")
+        head = (f"- **Cloud** (`cloud.onnx`, FP32 compute, opset {ONNX_OPSET}): input `{c.input_name}` "
+                f"{level} levels {c.input_shape} ({c.offload}; the cloud unpacks the BYTES payloads into them, "
+                f"the graph decodes them), output `{c.output_name}`, {c.macs:,} MACs per sample.")
+        return [head, f"- Offload per sample: {offload.describe(c)}"]
     dtype = offload.wire_datatype(c)
     head = (f"- **Cloud** (`cloud.onnx`, FP32 compute, opset {ONNX_OPSET}): input `{c.input_name}` "
             f"{dtype} {c.input_shape} ({c.offload}, decoded inside the graph), output `{c.output_name}`, "

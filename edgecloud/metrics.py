@@ -74,6 +74,56 @@ class Metrics:
             "edgecloud_exit_threshold", "Current exit threshold per exit", ["model", "exit"],
             registry=r,
         )
+        # ---- online exit control (edge daemon, controlled models only; updated every step) ----
+        self.shadow_samples = Counter(
+            "edgecloud_shadow_samples",
+            "Edge-exited samples also sent to the cloud as shadow samples (the agreement signal)",
+            ["model"], registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "edgecloud_shadow_dropped",
+            "Shadow samples drawn but dropped because the shadow queue was full",
+            ["model"], registry=r,
+        )
+        self.shadow_bytes = Counter(
+            "edgecloud_shadow_bytes",
+            "Bytes of shadow samples sent to the cloud (also in edgecloud_offload_bytes_total)",
+            ["model"], registry=r,
+        )
+        self.shadow_rate = Gauge(
+            "edgecloud_shadow_rate", "Current shadow rate (share of edge-exited samples shadowed)",
+            ["model"], registry=r,
+        )
+        self.agreement = Gauge(
+            "edgecloud_agreement",
+            "Agreement with the cloud at the current threshold: scope system (all answers) or exit "
+            "(edge-exited answers); stat estimate or lower_bound (1 - delta confidence)",
+            ["model", "scope", "stat"], registry=r,
+        )
+        self.control_target = Gauge(
+            "edgecloud_control_target",
+            "Budget target (agreement share, energy J/inference, uplink bytes/s, p99 latency s)",
+            ["model", "budget"], registry=r,
+        )
+        self.control_value = Gauge(
+            "edgecloud_control_value", "The controller's estimate of a budget's value at the "
+            "current threshold (same units as the target; NaN: no data yet)",
+            ["model", "budget"], registry=r,
+        )
+        self.control_violation = Gauge(
+            "edgecloud_control_violation", "1 when a budget is not met at the current threshold",
+            ["model", "budget"], registry=r,
+        )
+        self.control_unreachable = Gauge(
+            "edgecloud_control_unreachable",
+            "1 when no threshold would meet a budget (given the higher-priority budgets)",
+            ["model", "budget"], registry=r,
+        )
+        self.control_backoff = Gauge(
+            "edgecloud_control_backoff",
+            "1 while a cloud saturation report (RESOURCE_EXHAUSTED, breaker open) caps offloads",
+            ["model"], registry=r,
+        )
 
     def child(self, family: str, *labels: str) -> Any:
         """``getattr(self, family).labels(*labels)``, looked up once: prometheus_client's

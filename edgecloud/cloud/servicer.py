@@ -2,8 +2,11 @@
 
 Every ModelInfer is validated before it reaches a queue (so one bad request never fails a
 batch), then goes through one :class:`DynamicBatcher` per model. Each model serves one input
-``[N] + input_shape`` of its offload's wire datatype (FP32, FP16 or UINT8: the manifest's
-``cloud.encoding``, see :mod:`edgecloud.offload`) and two FP32 outputs ``[N, C]``: the logits
+of its offload's wire datatype (the manifest's ``cloud.encoding``, see :mod:`edgecloud.offload`):
+``[N] + input_shape`` of FP32, FP16 or UINT8, or for the bit-packed and entropy-coded encodings
+a BYTES tensor ``[N]``, one payload per sample, unpacked here (per request, so a bad payload is
+that request's INVALID_ARGUMENT) into the level tensor the ONNX session takes; and two FP32
+outputs ``[N, C]``: the logits
 (manifest ``cloud.output_name``, usually ``LOGITS``) and their softmax ``probabilities``.
 Replies use ``raw_output_contents`` only (what tritonclient's ``as_numpy`` reads).
 """
@@ -17,13 +20,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import grpc
 import numpy as np
 
-from edgecloud import __version__
+from edgecloud import __version__, offload
 from edgecloud.batching import DynamicBatcher
 from edgecloud.cim.energy import EnergyTable
 from edgecloud.cloud.sessions import PROBABILITIES, CloudModel
 from edgecloud.config import BatchingConfig
 from edgecloud.metrics import Metrics
-from edgecloud.offload import FLOAT_DATATYPES
 from edgecloud.protocol import pb, pb_grpc
 from edgecloud.protocol.codec import decode_inputs, encode_response
 from edgecloud.protocol.errors import (
@@ -120,7 +122,7 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=model.name,
             versions=[model.version],
             platform=PLATFORM,
-            inputs=[tm(name=model.input_name, datatype=model.datatype, shape=[-1, *model.input_shape])],
+            inputs=[tm(name=model.input_name, datatype=model.datatype, shape=[-1, *model.wire_shape])],
             outputs=[
                 tm(name=model.output_name, datatype="FP32", shape=[-1, model.num_classes]),
                 tm(name=PROBABILITIES, datatype="FP32", shape=[-1, model.num_classes]),
@@ -154,10 +156,12 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"{model.name!r} takes {model.datatype} (cloud.encoding={model.spec.encoding!r})"
             )
         shape = [int(d) for d in tensor.shape]
-        if len(shape) != 1 + len(model.input_shape) or shape[1:] != model.input_shape:
+        wire_shape = model.wire_shape
+        if len(shape) != 1 + len(wire_shape) or shape[1:] != wire_shape:
             raise InvalidArgument(
                 f"input {model.input_name!r} has shape {shape}; model {model.name!r} takes "
-                f"[N, {', '.join(map(str, model.input_shape))}]"
+                + (f"[N, {', '.join(map(str, wire_shape))}]" if wire_shape else
+                   f"[N] (one {model.spec.encoding} payload per sample)")
             )
         if shape[0] < 1:
             raise InvalidArgument(f"input {model.input_name!r}: batch size must be >= 1, got {shape[0]}")
@@ -167,7 +171,12 @@ class CloudServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"{self.batching.max_request_batch}"
             )
         array = decode_inputs(request)[model.input_name]  # checks byte count vs shape
-        if model.datatype in FLOAT_DATATYPES and not np.isfinite(array).all():
+        if array.dtype == object:  # BYTES payloads -> the level tensor the session takes
+            try:
+                array = offload.unpack(array, model.spec)
+            except ValueError as exc:
+                raise InvalidArgument(f"input {model.input_name!r} ({model.spec.encoding}): {exc}") from None
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
             raise InvalidArgument(f"input {model.input_name!r} holds {bad} NaN/Inf value(s)")
         return array

@@ -2,9 +2,11 @@
 
 To the cloud a bundle's cloud part is just an ONNX model with one input
 (``manifest.cloud.input_name``, shape ``[N] + cloud.input_shape``) and logits out. The input
-has the offload's wire datatype (``cloud.encoding``: FP32, FP16 or UINT8, see
-:mod:`edgecloud.offload`); a compact encoding is decoded inside the ONNX graph, so the cloud
-runs what it receives as is. It may be the tail of a split network (input: intermediate
+is the offload's level tensor (``cloud.encoding``'s base: FP32, FP16, or UINT8 levels for every
+uintK, see :mod:`edgecloud.offload`), decoded to float inside the ONNX graph. For fp32, fp16 and
+uint8 that is the wire tensor itself; the packed and entropy-coded encodings arrive as a BYTES
+tensor (one payload per sample) that :meth:`CloudModel.run` (or the servicer, per request)
+unpacks in numpy first (:func:`edgecloud.offload.unpack`). It may be the tail of a split network (input: intermediate
 features) or a whole model (input: the raw sample); both load the same way. The session's
 threading comes from :class:`CloudConfig`: ``intra_op_threads`` and
 ``session.intra_op.allow_spinning`` (spinning starves other processes on a 2-core machine, so
@@ -68,24 +70,43 @@ class CloudModel:
 
     @property
     def datatype(self) -> str:
-        """The OIP datatype of the input on the wire (FP32, FP16 or UINT8)."""
+        """The OIP datatype of the input on the wire (FP32, FP16, UINT8 or BYTES)."""
         return offload.wire_datatype(self.spec)
+
+    @property
+    def wire_shape(self) -> list[int]:
+        """One sample's shape on the wire: ``input_shape``, or ``[]`` for BYTES (one payload)."""
+        return offload.wire_shape(self.spec)
+
+    def levels(self, batch: np.ndarray) -> np.ndarray:
+        """What the ONNX session takes, from the wire tensor (BYTES payloads are unpacked),
+        from the level tensor itself, or from float features (quantized exactly as the edge
+        encodes them: the lossless layer gives the same levels back). ValueError if none fits."""
+        spec = self.spec
+        batch = np.asarray(batch)
+        if batch.dtype == offload.wire_dtype(spec):
+            return offload.unpack(batch, spec)
+        shape = [*batch.shape[1:]]
+        if batch.dtype == offload.level_dtype(spec) and shape == list(self.input_shape):
+            bits = offload.uint_bits(spec)
+            if bits is not None and bits < 8 and batch.size and int(batch.max()) > offload.levels(spec):
+                raise ValueError(f"model {self.name!r}: {spec.encoding} levels lie in 0..{offload.levels(spec)}, "
+                                 f"got {int(batch.max())}")
+            return batch
+        if batch.dtype.kind == "f":
+            return offload.quantize(batch, spec)
+        raise ValueError(
+            f"model {self.name!r} takes {self.datatype} (or float features to encode), got {batch.dtype}"
+        )
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Logits and softmax probabilities, FP32 [N, C].
 
-        ``batch`` is the wire tensor. Float features (from an in-process caller such as the
-        evaluator) are encoded first, exactly as the edge would send them.
+        ``batch`` is the wire tensor, or the level tensor it unpacks to. Float features (from an
+        in-process caller such as the evaluator) are encoded first, exactly as the edge would
+        send them.
         """
-        batch = np.asarray(batch)
-        if batch.dtype != offload.wire_dtype(self.spec):
-            if batch.dtype.kind != "f":
-                raise ValueError(
-                    f"model {self.name!r} takes {self.datatype} (or float features to encode), "
-                    f"got {batch.dtype}"
-                )
-            batch = offload.encode(batch, self.spec)
-        batch = np.ascontiguousarray(batch)
+        batch = np.ascontiguousarray(self.levels(batch))
         (logits,) = self.session.run([self.onnx_output], {self.input_name: batch})
         logits = np.asarray(logits, dtype=np.float32).reshape(batch.shape[0], -1)
         return {self.output_name: logits, PROBABILITIES: softmax(logits)}
@@ -163,7 +184,7 @@ def load_cloud_model(bundle: Bundle, config: CloudConfig) -> CloudModel:
         macs=int(spec.macs), max_batch_size=max_batch, offload=spec.offload, outputs=outputs,
     )
     # Warm up (first run allocates the arena) and check the class count on the way.
-    probe = model.run(np.zeros([1, *spec.input_shape], dtype=offload.wire_dtype(spec)))[spec.output_name]
+    probe = model.run(np.zeros([1, *spec.input_shape], dtype=offload.level_dtype(spec)))[spec.output_name]
     if probe.shape[1] != model.num_classes:
         raise ValueError(
             f"bundle {m.name!r}: {path.name} gives {probe.shape[1]} logits but the manifest "

@@ -2,7 +2,9 @@
 
 ``serve`` flags override the config file and ``EDGECLOUD_EDGE__...`` environment variables;
 ``--threshold MODEL:EXIT=VALUE`` pins one exit's threshold over both (also across SIGHUP
-reloads). ``set-threshold`` and ``thresholds`` talk to a running daemon's admin API.
+reloads); ``--target-agreement A`` puts every served model with a gated exit under online exit
+control at agreement A. ``set-threshold``, ``thresholds`` and ``budgets`` talk to a running
+daemon's admin API.
 """
 
 from __future__ import annotations
@@ -136,8 +138,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = overrides_from_args(args)
     pins = parse_threshold_pins(args.threshold)
+    target = getattr(args, "target_agreement", None)
+    if target is not None and not 0.0 < target <= 1.0:
+        raise ValueError(f"--target-agreement must lie in (0, 1], got {target}")
     settings = load_settings(args.config, overrides)
-    return run_edge(settings, args.ready_file, args.config, overrides=overrides, threshold_pins=pins)
+    return run_edge(settings, args.ready_file, args.config, overrides=overrides, threshold_pins=pins,
+                    target_agreement=target)
 
 
 def _admin_stub(args: argparse.Namespace):
@@ -211,6 +217,73 @@ def _thresholds(args: argparse.Namespace) -> int:
     return 0
 
 
+_BUDGET_FLAGS = ("agreement", "delta", "energy_j", "uplink_bytes_s", "p99_latency_ms")
+
+
+def _control_rows(states: Any) -> list[dict[str, Any]]:
+    def opt(msg: Any, name: str) -> float | None:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    return [
+        {
+            "model": s.model, "exit_index": s.exit_index, "exit_name": s.exit_name,
+            "policy": s.policy, "threshold": opt(s, "threshold"), "shadow_rate": s.shadow_rate,
+            "window_samples": s.window_samples, "window_shadowed": s.window_shadowed,
+            "agreement": s.agreement, "agreement_lower": s.agreement_lower,
+            "exit_agreement": s.exit_agreement, "exit_agreement_lower": s.exit_agreement_lower,
+            "exit_share": s.exit_share, "backoff": s.backoff, "steps": s.steps,
+            "targets": {**{name: opt(s.targets, name) for name in _BUDGET_FLAGS},
+                        "priority": list(s.targets.priority)},
+            "budgets": [
+                {"name": b.name, "target": b.target, "value": b.value, "bound": opt(b, "bound"),
+                 "met": b.met, "reachable": b.reachable, "message": b.message}
+                for b in s.budgets
+            ],
+        }
+        for s in states
+    ]
+
+
+def _print_control(states: Any, as_json: bool) -> None:
+    rows = _control_rows(states)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        threshold = "none" if row["threshold"] is None else format(row["threshold"], "g")
+        print(f"{row['model']} exit {row['exit_index']}:{row['exit_name']} ({row['policy']}) "
+              f"threshold={threshold} shadow_rate={row['shadow_rate']:g} "
+              f"agreement={row['agreement']:.4g} (lower {row['agreement_lower']:.4g}) "
+              f"exit_share={row['exit_share']:.4g} steps={row['steps']}"
+              f"{' BACKOFF' if row['backoff'] else ''}")
+        for b in row["budgets"]:
+            state = "met" if b["met"] else ("VIOLATED" if b["reachable"] else "UNREACHABLE")
+            note = f" ({b['message']})" if b["message"] else ""
+            print(f"  {b['name']}: target {b['target']:g} value {b['value']:.4g} {state}{note}")
+
+
+def _budgets(args: argparse.Namespace) -> int:
+    from edgecloud.protocol import admin_pb2
+
+    given = {name: getattr(args, name) for name in _BUDGET_FLAGS if getattr(args, name) is not None}
+    priority = [p.strip() for p in args.priority.split(",")] if args.priority else []
+    channel, stub = _admin_stub(args)
+    with channel:
+        if given or priority or args.clear:
+            if not args.model:
+                raise ValueError("--model is required to change budgets")
+            request = admin_pb2.SetBudgetsRequest(
+                model=args.model, budgets=admin_pb2.Budgets(**given, priority=priority),
+                clear=list(args.clear or []),
+            )
+            states = [_rpc(stub.SetBudgets, request, args.address).model]
+        else:
+            states = _rpc(stub.GetControl, admin_pb2.GetControlRequest(model=args.model or ""),
+                          args.address).models
+    _print_control(states, args.json)
+    return 0
+
+
 def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", required=True, help="edge daemon host:port")
     p.add_argument("--token", help="bearer token of the edge daemon")
@@ -264,6 +337,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "against small adversarial perturbations; default: each bundle's input.bits)")
     serve.add_argument("--threshold", action="append", metavar="MODEL:EXIT=VALUE",
                        help="pin an exit threshold (repeatable; VALUE none = no gate)")
+    serve.add_argument("--target-agreement", type=float, metavar="A",
+                       help="online exit control: hold agreement with the cloud >= A (in (0, 1], "
+                            "with confidence 0.95) on every served model with a gated exit, by "
+                            "moving its first gated exit's threshold (other budgets and settings: "
+                            "the edge.control config section)")
     serve.add_argument("--token", help="bearer token required on every RPC except health")
     serve.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
     serve.add_argument("--tls-key", help="server private key (PEM)")
@@ -298,5 +376,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _client_flags(show)
     show.add_argument("--model", help="one model (default: all)")
     show.set_defaults(func=_thresholds)
+
+    budgets = sub.add_parser(
+        "budgets", help="show the online exit controllers' state and budgets of a running daemon, "
+                        "or change a model's budgets (any budget flag given)")
+    _client_flags(budgets)
+    budgets.add_argument("--model", help="one model (default: every controlled model; required "
+                                         "to change budgets)")
+    budgets.add_argument("--agreement", type=float, metavar="A", help="agreement budget, in (0, 1]")
+    budgets.add_argument("--delta", type=float, metavar="D", help="risk of the agreement guarantee")
+    budgets.add_argument("--energy-j", type=float, metavar="J", help="mean energy per inference")
+    budgets.add_argument("--uplink-bytes-s", type=float, metavar="B", help="uplink bytes per second")
+    budgets.add_argument("--p99-latency-ms", type=float, metavar="MS", help="p99 latency")
+    budgets.add_argument("--priority", metavar="LIST",
+                         help="comma list of agreement,energy,uplink,latency (first wins)")
+    budgets.add_argument("--clear", action="append", metavar="BUDGET",
+                         choices=["agreement", "energy", "uplink", "latency"],
+                         help="remove a budget (repeatable)")
+    budgets.set_defaults(func=_budgets)
 
     parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])

@@ -90,6 +90,17 @@ class SampleResults:
     cloud: np.ndarray          # [N] bool: answered by the cloud
 
 
+class NeverExit(ExitPolicy):
+    """No edge exit answers: route() sends every sample to the cloud (as
+    ``edgecloud.evaluate.cache._StopAt(n, None)`` does)."""
+
+    def __init__(self, kind: str, n_exits: int) -> None:
+        super().__init__(kind, [None] * n_exits)
+
+    def confident(self, probs: torch.Tensor, exit_index: int) -> torch.Tensor:
+        return torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
+
+
 class EdgeRunner:
     """One bundle's edge model, prepared on a backend, with a live exit policy."""
 
@@ -164,11 +175,14 @@ class EdgeRunner:
         return tensor
 
     # ---- step 1: the edge ----------------------------------------------------------------
-    def run(self, x: np.ndarray, exit0_threshold: float | None = None) -> EdgeResult:
-        """Run the edge part on a batch; ``exit0_threshold`` overrides exit 0 for this call only."""
-        policy = self.policy
+    def run(
+        self, x: np.ndarray, exit0_threshold: float | None = None, *, policy: ExitPolicy | None = None
+    ) -> EdgeResult:
+        """Run the edge part on a batch; ``exit0_threshold`` overrides exit 0 for this call only,
+        ``policy`` replaces the live policy for this call only (a per-request threshold)."""
+        policy = policy if policy is not None else self.policy
         if exit0_threshold is not None:
-            policy = ExitPolicy(kind=self.policy.kind, thresholds=list(self.policy.thresholds))
+            policy = ExitPolicy(kind=policy.kind, thresholds=list(policy.thresholds))
             policy.set_threshold(0, exit0_threshold)
         n = int(x.shape[0])
         tensor = self.to_tensor(x)
@@ -198,6 +212,21 @@ class EdgeRunner:
             offload = offload.astype(np.float32)
         energy = {k: np.asarray(v, dtype=np.float64) for k, v in self.meter.per_component(log).items()}
         return EdgeResult(probs, exit_index, best_exit, offload_index, offload, energy, compute_s)
+
+    # ---- the cloud input of samples an exit answered (shadow samples) ---------------------
+    def offload_for(self, x: np.ndarray) -> np.ndarray:
+        """The cloud input of these samples, in their order, as if no edge exit had answered
+        them: an exited sample got no offload tensor from route(), so route() runs again with a
+        policy whose exits never answer (:class:`NeverExit`). Used for shadow samples; the
+        energy this second pass records is not returned (the data plane documents why)."""
+        result = self.run(x, policy=NeverExit(self.policy.kind, len(self.exit_names)))
+        self._check_offload(result)
+        if result.offload_index.shape[0] != x.shape[0]:
+            raise RuntimeError(
+                f"model {self.name!r}: route() with no exit answering offloaded "
+                f"{result.offload_index.shape[0]} of {x.shape[0]} samples"
+            )
+        return result.offload[np.argsort(result.offload_index, kind="stable")]
 
     # ---- fixed-shape rows for the micro-batcher -------------------------------------------
     def run_checked(self, x: np.ndarray) -> EdgeResult:
@@ -262,8 +291,15 @@ class EdgeRunner:
     # ---- the wire ------------------------------------------------------------------------
     def encode_offload(self, features: np.ndarray) -> np.ndarray:
         """Float cloud input -> the tensor sent to the cloud, per the manifest's
-        ``cloud.encoding`` (FP32 as is, FP16, or UINT8 with its scale and zero point)."""
+        ``cloud.encoding`` (FP32 as is, FP16, UINT8 with its scale and zero point, or for the
+        packed / entropy-coded encodings an object array [K] of per-sample ``bytes`` payloads,
+        sent as an OIP BYTES tensor; see :mod:`edgecloud.offload`)."""
         return offload.encode(features, self.manifest.cloud)
+
+    def wire_bytes(self, wire: np.ndarray) -> np.ndarray:
+        """Bytes the radio sends for every row of an encoded payload (``encode_offload``'s
+        output): [K] int64, what :meth:`complete` takes as ``sent_bytes``."""
+        return offload.wire_bytes(wire, self.manifest.cloud)
 
     # ---- step 2: combine with the cloud --------------------------------------------------
     def complete(
@@ -271,11 +307,16 @@ class EdgeRunner:
         edge: EdgeResult,
         cloud_probs: np.ndarray | None,
         transmitted: bool,
+        *,
+        sent_bytes: np.ndarray | None = None,
     ) -> SampleResults:
         """Final answers: cloud probabilities for offloaded rows if the cloud answered, else the
-        best edge exit (degraded). Radio energy counts if the features were sent at all (the
-        encoded bytes, see :meth:`encode_offload`); cloud compute only for samples the cloud
-        answered."""
+        best edge exit (degraded). Radio energy counts if the features were sent at all: the
+        bytes actually sent x 8 x ``radio_bit``, per offloaded row ``sent_bytes`` (in
+        ``edge.offload_index`` order, :meth:`wire_bytes` of the payload; a scalar is the total
+        of all rows, spread evenly over them) or, when None, the
+        encoding's fixed bytes per sample (a variable-length encoding, ``+zstd``, needs
+        ``sent_bytes``); cloud compute only for samples the cloud answered."""
         n = edge.size
         probs = edge.probs.copy()
         exit_index = edge.exit_index.copy()
@@ -287,8 +328,22 @@ class EdgeRunner:
         cloud_j = np.zeros(n, dtype=np.float64)
         if rows.size:
             if transmitted:
-                per_sample_bits = float(self.offload_bytes_per_sample) * 8.0
-                radio[rows] = per_sample_bits * self.radio_joules_per_bit
+                if sent_bytes is not None:
+                    sent = np.asarray(sent_bytes, dtype=np.float64)
+                    if sent.ndim == 0:  # one total for the whole payload: spread over its rows
+                        sent = np.full(rows.shape[0], float(sent) / rows.shape[0])
+                    sent = sent.reshape(-1)
+                    if sent.shape[0] != rows.shape[0]:
+                        raise ValueError(f"model {self.name!r}: sent_bytes has {sent.shape[0]} rows for "
+                                         f"{rows.shape[0]} offloaded samples")
+                    radio[rows] = sent * 8.0 * self.radio_joules_per_bit
+                elif not offload.fixed_length(self.manifest.cloud):
+                    raise ValueError(
+                        f"model {self.name!r}: cloud.encoding {self.manifest.cloud.encoding!r} sends "
+                        "variable-length payloads; pass complete(..., sent_bytes=runner.wire_bytes(wire))")
+                else:
+                    per_sample_bits = float(self.offload_bytes_per_sample) * 8.0
+                    radio[rows] = per_sample_bits * self.radio_joules_per_bit
             if cloud_probs is not None:
                 probs[rows] = cloud_probs
                 exit_index[rows] = self.cloud_exit
@@ -337,4 +392,4 @@ class EdgeRunner:
         return "cloud"
 
 
-__all__ = ["EdgeRunner", "EdgeResult", "SampleResults", "policy_from_manifest", "softmax_np"]
+__all__ = ["EdgeRunner", "EdgeResult", "NeverExit", "SampleResults", "policy_from_manifest", "softmax_np"]

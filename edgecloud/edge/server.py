@@ -19,9 +19,10 @@ from typing import Any, TextIO
 
 from edgecloud.bundle import ModelRepository, cloud_name_for
 from edgecloud.cim.energy import EnergyMeter, EnergyTable
-from edgecloud.config import EdgeConfig, Settings, load_settings
+from edgecloud.config import ControlConfig, EdgeConfig, Settings, load_settings
 from edgecloud.edge.admin import ADMIN_SERVICE_NAME, EdgeAdminServicer
 from edgecloud.edge.cloud_client import CloudClient, CloudModel
+from edgecloud.edge.dataplane import ControllerFactory, ControlSpec, control_spec
 from edgecloud.edge.runner import EdgeRunner, policy_from_manifest
 from edgecloud.edge.servicer import EdgeServicer
 from edgecloud.grpc_server import GrpcServer
@@ -110,14 +111,44 @@ def _check_names(kind: str, names: list[str], served: list[str]) -> None:
         raise ValueError(f"{kind} names unknown model(s) {unknown}; served: {', '.join(served)}")
 
 
+def control_specs(
+    edge: EdgeConfig,
+    runners: Mapping[str, EdgeRunner],
+    target_agreement: float | None = None,
+) -> dict[str, ControlSpec]:
+    """The controlled models: ``edge.control`` entries, plus (``--target-agreement A``) every
+    served model with a gated exit and a cloud part, at agreement A (over a configured entry's
+    agreement too: flags win). ValueError naming the key when a model cannot be controlled."""
+    configs: dict[str, ControlConfig] = dict(edge.control)
+    if target_agreement is not None:
+        if not 0.0 < target_agreement <= 1.0:
+            raise ValueError(f"--target-agreement must lie in (0, 1], got {target_agreement}")
+        for name, runner in runners.items():
+            base = configs.get(name)
+            if base is None and (runner.manifest.edge_only
+                                 or all(t is None for t in runner.thresholds())):
+                continue  # nothing to control: no cloud part or no gated exit
+            configs[name] = (base or ControlConfig()).model_copy(update={"agreement": target_agreement})
+        if not configs:
+            raise ValueError("--target-agreement: no served model has a gated exit and a cloud part")
+    return {name: control_spec(config, runners[name], f"edge.control.{name}")
+            for name, config in configs.items()}
+
+
 def build_edge_server(
     settings: Settings,
     *,
     ready_file: str | Path | None = None,
     threshold_pins: ThresholdPins | None = None,
     out: TextIO | None = None,
+    target_agreement: float | None = None,
+    controller_factory: ControllerFactory | None = None,
+    shadow_queue_size: int | None = None,
 ) -> GrpcServer:
-    """The edge daemon as an unstarted :class:`GrpcServer` (``.servicer`` is the EdgeServicer)."""
+    """The edge daemon as an unstarted :class:`GrpcServer` (``.servicer`` is the EdgeServicer).
+
+    ``target_agreement``: ``--target-agreement`` (see :func:`control_specs`);
+    ``controller_factory``/``shadow_queue_size``: the data plane's (tests)."""
     edge = settings.edge
     apply_compute_settings(edge)
     repository = ModelRepository(edge.repository)
@@ -129,6 +160,7 @@ def build_edge_server(
     _check_names("edge.thresholds", list(edge.thresholds), names)
     _check_names("--threshold", list(threshold_pins or {}), names)
     _check_names("edge.cloud.model_names (--cloud-model-name)", list(edge.cloud.model_names), names)
+    _check_names("edge.control", list(edge.control), names)
 
     options = dict(edge.backend.options)
     table_path = options.pop("energy_table", None)
@@ -158,11 +190,17 @@ def build_edge_server(
                 input_name=spec.input_name, output_name=spec.output_name,
                 num_classes=runner.num_classes,
             ))
+    control = control_specs(edge, runners, target_agreement)
+    if control and cloud is None:
+        raise ValueError(f"online exit control of {', '.join(sorted(control))} needs a cloud "
+                         "(edge.cloud.address / --cloud): the cloud's answers are its signal")
     servicer = EdgeServicer(
         runners, metrics=metrics, batching=edge.batching, cloud=cloud,
-        backend_name=edge.backend.name,
+        backend_name=edge.backend.name, control=control, controller_factory=controller_factory,
+        shadow_queue_size=shadow_queue_size,
     )
-    admin = EdgeAdminServicer(runners, on_change=servicer.publish_thresholds)
+    admin = EdgeAdminServicer(runners, on_change=servicer.publish_thresholds,
+                              dataplane=servicer.dataplane)
     return GrpcServer(
         "edge", edge.server, servicer, metrics=metrics,
         extra_services=[(admin_pb2_grpc.add_EdgeAdminServicer_to_server, admin, ADMIN_SERVICE_NAME)],
@@ -188,6 +226,9 @@ def reload_thresholds(
         for name, runner in runners.items()
     }
     for name, values in fresh.items():
+        controlled = servicer.dataplane.controlled_exit(name)
+        if controlled is not None:  # the controller owns that threshold: keep its value
+            values[controlled] = runners[name].thresholds()[controlled]
         runners[name].set_thresholds(values)
         servicer.publish_thresholds(runners[name])
     log.info("thresholds reloaded from %s: %s", config_path, fresh)
@@ -200,10 +241,12 @@ def run_edge(
     *,
     overrides: dict[str, Any] | None = None,
     threshold_pins: ThresholdPins | None = None,
+    target_agreement: float | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; SIGHUP re-reads thresholds from ``config_path`` (and is
-    ignored, not fatal, without one)."""
-    server = build_edge_server(settings, ready_file=ready_file, threshold_pins=threshold_pins)
+    ignored, not fatal, without one; a controlled exit keeps the controller's threshold)."""
+    server = build_edge_server(settings, ready_file=ready_file, threshold_pins=threshold_pins,
+                               target_agreement=target_agreement)
     previous = None
     if threading.current_thread() is threading.main_thread():
 

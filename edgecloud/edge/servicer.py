@@ -1,16 +1,25 @@
-"""The edge daemon's Open Inference Protocol servicer.
+"""The edge daemon's Open Inference Protocol servicer: a thin protocol adapter.
 
-ModelInfer: validate -> micro-batch the edge part across concurrent requests -> offload the
-undecided samples through the cloud client -> answer. Every failure on the cloud side turns
-into a degraded local answer (the best edge exit, marked), never into an error: once a
-request passed validation and found room in the queue it is always answered.
+ModelInfer: validate and decode the request (tensors and parameters) -> the data plane
+(:class:`edgecloud.edge.dataplane.EdgeDataPlane`: micro-batching, offloads, shadow sampling,
+online exit control) -> encode the response. Every failure on the cloud side turns into a
+degraded local answer (the best edge exit, marked), never into an error: once a request passed
+validation and found room in the queue it is always answered.
 
 Outputs (raw contents, per sample): ``probabilities`` FP32 [N, C], ``class_index`` INT32 [N],
 ``exit_index`` INT32 [N] (edge exits 0.., cloud = number of edge exits), ``confidence`` FP32
 [N] (max probability), ``energy_joules`` FP64 [N]. Response parameters: ``degraded`` (bool),
 ``degraded_samples``, ``cloud_samples``, ``edge_samples`` (int64; they sum to N; edge_samples
-counts samples an edge exit answered by policy), ``cloud_latency_ms``, ``edge_compute_ms``
-(double), ``backend`` (string) and, when degraded, ``degraded_reason`` (string).
+counts samples an edge exit answered by policy), ``offload_bytes`` (int64: bytes this request's
+offloaded samples put on the wire; shadow sends are not included), ``cloud_latency_ms``,
+``edge_compute_ms`` (double), ``backend`` (string) and, when degraded, ``degraded_reason``
+(string: a gRPC code, ``CIRCUIT_OPEN``, ``NO_CLOUD``, or ``DEADLINE`` when the request's
+``deadline_ms`` left no time for a cloud round trip).
+
+Request parameters: ``exit_threshold`` (number: exit 0's threshold for this request),
+``tolerated_disagreement`` (number in [0, 1], controlled models only: this request's threshold
+of the controlled exit is the controller's ``threshold_for(1 - value)``), ``deadline_ms``
+(number > 0: answer within this many ms of arrival; see the data plane).
 """
 
 from __future__ import annotations
@@ -19,16 +28,22 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import grpc
 import numpy as np
 
 from edgecloud import __version__
-from edgecloud.batching import DynamicBatcher
 from edgecloud.config import BatchingConfig
-from edgecloud.edge.cloud_client import CloudClient, CloudUnavailable
-from edgecloud.edge.runner import EdgeResult, EdgeRunner, SampleResults
+from edgecloud.edge.cloud_client import CloudClient
+from edgecloud.edge.dataplane import (
+    ControlSpec,
+    ControllerFactory,
+    EdgeDataPlane,
+    EdgeModel,
+    RequestLimits,
+    threshold_gauge_value,  # noqa: F401 - re-exported (it lived here before the data plane)
+)
+from edgecloud.edge.runner import EdgeRunner
 from edgecloud.exits import ExitPolicy
 from edgecloud.metrics import Metrics
 from edgecloud.protocol import codec, pb, pb_grpc
@@ -46,44 +61,10 @@ OUTPUTS: dict[str, str] = {  # name -> datatype, in response order
 }
 ACCEPTED_DATATYPES = ("FP32", "UINT8")
 THRESHOLD_PARAMETER = "exit_threshold"
+TOLERATED_DISAGREEMENT_PARAMETER = "tolerated_disagreement"
+DEADLINE_PARAMETER = "deadline_ms"
+NUMBER_KINDS = ("double_param", "int64_param", "uint64_param")
 UNKNOWN_MODEL_LABEL = "unknown"  # metric label for names we do not serve (keeps labels bounded)
-
-
-def threshold_gauge_value(kind: str, threshold: float | None) -> float:
-    """Gauge value of a threshold; an ungated exit shows the value that lets everything out."""
-    if threshold is not None:
-        return float(threshold)
-    return math.inf if kind == "entropy" else 0.0
-
-
-class EdgeModel:
-    """One served bundle: its runner and the micro-batcher in front of it."""
-
-    def __init__(self, runner: EdgeRunner, batching: BatchingConfig, metrics: Metrics) -> None:
-        self.runner = runner
-        self.name = runner.name
-        self.max_request_batch = batching.max_request_batch
-        self.batcher = DynamicBatcher(
-            runner.run_rows,
-            solo_fn=runner.run_checked,  # a request alone in its batch: no rows round trip
-            max_batch_size=batching.max_batch_size,
-            max_queue_delay_s=batching.max_queue_delay_ms / 1000.0,
-            max_queue_size=batching.max_queue_size,
-            name=runner.name,
-            metrics=metrics,
-        )
-        self._metrics = metrics
-        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
-
-    def metric(self, metric: str, *labels: str) -> Any:
-        """``metrics.<metric>.labels(model, *labels)``, cached: prometheus_client's labels()
-        validates and locks on every call, several times per request otherwise."""
-        key = (metric, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = getattr(self._metrics, metric).labels(self.name, *labels)
-            self._children[key] = child
-        return child
 
 
 class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -97,32 +78,30 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
         batching: BatchingConfig,
         cloud: CloudClient | None = None,
         backend_name: str = "digital",
+        control: Mapping[str, ControlSpec] | None = None,
+        controller_factory: ControllerFactory | None = None,
+        shadow_queue_size: int | None = None,
     ) -> None:
+        extra = {} if shadow_queue_size is None else {"shadow_queue_size": shadow_queue_size}
+        self.dataplane = EdgeDataPlane(
+            runners, metrics=metrics, batching=batching, cloud=cloud, control=control,
+            controller_factory=controller_factory, **extra,
+        )
         self.metrics = metrics
         self.cloud = cloud
         self.backend_name = backend_name
-        self.models: dict[str, EdgeModel] = {
-            name: EdgeModel(runner, batching, metrics) for name, runner in runners.items()
-        }
+        self.models: dict[str, EdgeModel] = self.dataplane.models
         self._closing = False
-        for model in self.models.values():
-            self.publish_thresholds(model.runner)
 
     # ---- life cycle ----------------------------------------------------------------------
     def close(self) -> None:
-        """Drain the edge batchers, then the cloud link (called by GrpcServer after stop)."""
+        """Drain the data plane (called by GrpcServer after stop)."""
         self._closing = True
-        for model in self.models.values():
-            model.batcher.close(timeout=10.0)
-        if self.cloud is not None:
-            self.cloud.close()
+        self.dataplane.close()
 
     def publish_thresholds(self, runner: EdgeRunner) -> None:
         """Copy a model's current thresholds into the edgecloud_exit_threshold gauge."""
-        for index, value in enumerate(runner.thresholds()):
-            self.metrics.exit_threshold.labels(model=runner.name, exit=runner.exit_label(index)).set(
-                threshold_gauge_value(runner.policy.kind, value)
-            )
+        self.dataplane.publish_thresholds(runner)
 
     # ---- health and metadata -------------------------------------------------------------
     def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
@@ -174,8 +153,8 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
         label = request.model_name if request.model_name in self.models else UNKNOWN_MODEL_LABEL
         try:
             model = self._model(request.model_name, request.model_version)
-            x, exit0 = self._validate(model, request)
-            response = self._infer(model, request, x, exit0, context, start)
+            x, limits = self._validate(model, request)
+            response = self._infer(model, request, x, limits, context, start)
         except InferenceError as exc:
             self.metrics.requests.labels(model=label, status=exc.code.name).inc()
             context.abort(exc.code, exc.message)
@@ -199,9 +178,9 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         return model
 
-    def _validate(self, model: EdgeModel, request: pb.ModelInferRequest) -> tuple[np.ndarray, float | None]:
-        """The input batch (FP32 or UINT8, shape [N, *sample]) and the per-request exit-0
-        threshold; raises InvalidArgument naming the first problem found."""
+    def _validate(self, model: EdgeModel, request: pb.ModelInferRequest) -> tuple[np.ndarray, RequestLimits]:
+        """The input batch (FP32 or UINT8, shape [N, *sample]) and the per-request limits from
+        the request parameters; raises InvalidArgument naming the first problem found."""
         runner = model.runner
         spec = runner.manifest.input
         names = [t.name for t in request.inputs]
@@ -251,8 +230,54 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     f"input {spec.name!r}: FP32 pixels must lie in [0, 1] (normalisation happens "
                     f"inside the model); got values in [{lo:g}, {hi:g}]"
                 )
-        exit0 = self._threshold_parameter(runner, request)
-        return x, exit0
+        return x, self._limits(model, request)
+
+    def _limits(self, model: EdgeModel, request: pb.ModelInferRequest) -> RequestLimits:
+        exit0 = self._threshold_parameter(model.runner, request)
+        tolerated = self._number_parameter(request, TOLERATED_DISAGREEMENT_PARAMETER)
+        if tolerated is not None:
+            if not 0.0 <= tolerated <= 1.0:
+                raise InvalidArgument(
+                    f"parameter {TOLERATED_DISAGREEMENT_PARAMETER!r} must lie in [0, 1] (a share "
+                    f"of answers), got {tolerated:g}"
+                )
+            controlled = self.dataplane.controlled_exit(model.name)
+            if controlled is None:
+                raise InvalidArgument(
+                    f"parameter {TOLERATED_DISAGREEMENT_PARAMETER!r}: model {model.name!r} has no "
+                    f"controller (configure edge.control.{model.name} or --target-agreement); use "
+                    f"{THRESHOLD_PARAMETER!r} instead"
+                )
+            if exit0 is not None and controlled == 0:
+                raise InvalidArgument(
+                    f"parameters {THRESHOLD_PARAMETER!r} and {TOLERATED_DISAGREEMENT_PARAMETER!r} "
+                    "both set exit 0's threshold; give one of them"
+                )
+        deadline_ms = self._number_parameter(request, DEADLINE_PARAMETER)
+        if deadline_ms is not None and not (math.isfinite(deadline_ms) and deadline_ms > 0):
+            raise InvalidArgument(
+                f"parameter {DEADLINE_PARAMETER!r} must be a number of milliseconds > 0, got "
+                f"{deadline_ms:g}"
+            )
+        return RequestLimits(
+            exit0=exit0, tolerated_disagreement=tolerated,
+            deadline_s=None if deadline_ms is None else deadline_ms / 1000.0,
+        )
+
+    @staticmethod
+    def _number_parameter(request: pb.ModelInferRequest, name: str) -> float | None:
+        if name not in request.parameters:
+            return None
+        param = request.parameters[name]
+        kind = param.WhichOneof("parameter_choice")
+        if kind not in NUMBER_KINDS:
+            raise InvalidArgument(
+                f"parameter {name!r} must be a number (double), got {kind or 'nothing'}"
+            )
+        value = float(getattr(param, kind))
+        if math.isnan(value):
+            raise InvalidArgument(f"parameter {name!r} must be a number, got NaN")
+        return value
 
     @staticmethod
     def _threshold_parameter(runner: EdgeRunner, request: pb.ModelInferRequest) -> float | None:
@@ -260,7 +285,7 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
             return None
         param = request.parameters[THRESHOLD_PARAMETER]
         kind = param.WhichOneof("parameter_choice")
-        if kind not in ("double_param", "int64_param", "uint64_param"):
+        if kind not in NUMBER_KINDS:
             raise InvalidArgument(
                 f"parameter {THRESHOLD_PARAMETER!r} must be a number (double), got {kind or 'nothing'}"
             )
@@ -271,66 +296,20 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument(f"parameter {THRESHOLD_PARAMETER!r}: {exc}") from exc
         return value
 
-    def _edge(self, model: EdgeModel, x: np.ndarray, exit0: float | None) -> tuple[EdgeResult, float]:
-        """Edge part of one request; returns the result and its queue time."""
-        if exit0 is not None:  # a private policy: run alone, not in a shared batch
-            return model.runner.run(x, exit0_threshold=exit0), 0.0
-        # ResourceExhausted when full: explicit overload. inline: an idle batcher runs this
-        # request in this handler thread (no hand-off to the worker and back); a busy one
-        # queues it, so concurrent requests still share batches.
-        future = model.batcher.submit(x, inline=True)
-        out = future.result()  # an EdgeResult when the batch was this request alone, else rows
-        edge = out if isinstance(out, EdgeResult) else model.runner.from_rows(out)
-        return edge, future.queue_s
-
     def _infer(
         self,
         model: EdgeModel,
         request: pb.ModelInferRequest,
         x: np.ndarray,
-        exit0: float | None,
+        limits: RequestLimits,
         context: grpc.ServicerContext,
         start: float,
     ) -> pb.ModelInferResponse:
-        name = model.name
-        runner = model.runner
-        edge, queue_s = self._edge(model, x, exit0)
-        model.metric("latency", "queue").observe(queue_s)
-        model.metric("latency", "edge_compute").observe(edge.compute_s)
-
-        cloud_probs: np.ndarray | None = None
-        transmitted = False
-        cloud_latency_ms = 0.0
-        reason = ""
-        if edge.offload_index.size:
-            if self.cloud is None:
-                reason = "NO_CLOUD"
-            else:
-                try:
-                    wire = runner.encode_offload(edge.offload)  # what the radio carries
-                    reply = self.cloud.infer(name, wire, context.time_remaining())
-                    cloud_probs, transmitted = reply.probs, True
-                    cloud_latency_ms = reply.latency_s * 1000.0
-                    model.metric("latency", "cloud_round_trip").observe(reply.latency_s)
-                except CloudUnavailable as exc:
-                    reason, transmitted = exc.code, exc.transmitted
-                    log.debug("cloud unavailable for %s: %s", name, exc)
-        results = runner.complete(edge, cloud_probs, transmitted)
-        self._count(model, results)
-
-        n_degraded = int(results.degraded.sum())
-        n_cloud = int(results.cloud.sum())
-        parameters: dict[str, Any] = {
-            "degraded": n_degraded > 0,
-            "degraded_samples": n_degraded,
-            "cloud_samples": n_cloud,
-            "edge_samples": int(results.exit_index.shape[0]) - n_degraded - n_cloud,
-            "cloud_latency_ms": float(cloud_latency_ms),
-            "edge_compute_ms": float(edge.compute_s * 1000.0),
-            "backend": self.backend_name,
-        }
-        if n_degraded:
-            parameters["degraded_reason"] = reason
+        outcome = self.dataplane.infer(model, x, limits, time_remaining=context.time_remaining(),
+                                       start=start)
+        results = outcome.results
+        parameters = dict(outcome.parameters)
+        parameters["backend"] = self.backend_name
         outputs = {
             "probabilities": results.probabilities,
             "class_index": results.class_index,
@@ -339,26 +318,6 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
             "energy_joules": results.energy_joules,
         }
         return codec.encode_response(
-            name, outputs, request_id=request.id, model_version=runner.manifest.version,
+            model.name, outputs, request_id=request.id, model_version=model.runner.manifest.version,
             parameters=parameters, requested=[o.name for o in request.outputs],
         )
-
-    @staticmethod
-    def _count(model: EdgeModel, results: SampleResults) -> None:
-        runner = model.runner
-        exits = results.exit_index
-        if exits.size and int(exits.min()) >= 0:
-            counts = np.bincount(exits, minlength=runner.cloud_exit + 1)
-            pairs = [(int(i), int(counts[i])) for i in np.flatnonzero(counts)]
-        else:  # not expected after complete(); counted as before, under the exit's label
-            values, counts = np.unique(exits, return_counts=True)
-            pairs = list(zip(values.tolist(), counts.tolist()))
-        for exit_index, count in pairs:
-            model.metric("samples", runner.exit_label(exit_index)).inc(count)
-        degraded = int(results.degraded.sum())
-        if degraded:
-            model.metric("degraded_samples").inc(degraded)
-        for component, joules in results.energy.items():
-            total = float(joules.sum())
-            if total > 0:
-                model.metric("energy", component).inc(total)

@@ -43,7 +43,9 @@ from tqdm import tqdm
 from edgecloud.data.dataset import ImageDataset
 from edgecloud.data.loader import Loader
 from edgecloud.edge.runner import EdgeRunner, softmax_np
-from edgecloud.evaluate.evaluator import EvalConfig, baseline_joules, make_policy, make_runner
+from edgecloud.evaluate.evaluator import (
+    EvalConfig, baseline_joules, baselines, make_policy, make_runner, offload_round_trip,
+)
 from edgecloud.evaluate.results import SampleTable, summarize
 from edgecloud.evaluate.source import CloudPart, ModelSource, make_cloud
 from edgecloud.exits import ExitPolicy
@@ -85,6 +87,7 @@ class OutputCache:
     energy_at: list[dict[str, np.ndarray]]  # per destination (edge exits..., cloud): component -> [N] J
     baseline_j: float
     seed: int
+    all_cloud_j: float | None = None   # the all-cloud baseline (evaluator.baselines), for the ratio
 
     @property
     def num_exits(self) -> int:
@@ -110,7 +113,7 @@ class OutputCache:
         return SampleTable(self.labels.copy(), pred.astype(np.int64), exits, energy)
 
     def metrics(self, policy: ExitPolicy) -> dict:
-        return summarize(self.replay(policy), self.exit_names, self.baseline_j)
+        return summarize(self.replay(policy), self.exit_names, self.baseline_j, all_cloud_j=self.all_cloud_j)
 
     def entropies(self, exit_index: int = 0) -> np.ndarray:
         from edgecloud.exits import softmax_entropy
@@ -163,10 +166,11 @@ def build_cache(source: ModelSource, data: ImageDataset, config: EvalConfig | No
         with _policy(runner, _StopAt(n_exits, None)):
             edge = runner.run(pixels)
         _check_route(runner, edge.exit_index, -1)
-        logits = cloud.logits(edge.offload)
+        logits, sent = offload_round_trip(runner, cloud, edge)  # the encoded payload, its bytes
         order = np.argsort(edge.offload_index)  # rows back into batch order
         cloud_logits.append(logits[order])
-        energy_parts[n_exits].append(runner.complete(edge, softmax_np(logits), transmitted=True).energy)
+        energy_parts[n_exits].append(
+            runner.complete(edge, softmax_np(logits), transmitted=True, sent_bytes=sent).energy)
 
     def join(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         keys = sorted({k for p in parts for k in p})
@@ -184,4 +188,5 @@ def build_cache(source: ModelSource, data: ImageDataset, config: EvalConfig | No
         energy_at=[join(p) for p in energy_parts],
         baseline_j=baseline_joules(source, meter),
         seed=config.seed,
+        all_cloud_j=ends["all_cloud"]["total_j"] if (ends := baselines(source, meter)) else None,
     )

@@ -30,13 +30,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from edgecloud.cim.energy import EnergyMeter, EnergyTable
 from edgecloud.data.dataset import ImageDataset
 from edgecloud.data.loader import Loader
 from edgecloud.distributed.executor import run_tasks
-from edgecloud.edge.runner import EdgeRunner, softmax_np
+from edgecloud.edge.runner import EdgeResult, EdgeRunner, softmax_np
 from edgecloud.evaluate.results import SampleTable, aggregate, summarize
 from edgecloud.evaluate.source import CloudKind, CloudPart, ModelSource, make_cloud
 from edgecloud.exits import ExitPolicy
@@ -110,6 +111,35 @@ def baseline_joules(source: ModelSource, meter: EnergyMeter) -> float:
     return float(source.manifest.reference_macs) * meter.table.per_event("mac_fp32")
 
 
+def baselines(source: ModelSource, meter: EnergyMeter) -> dict[str, Any] | None:
+    """Energy per inference of the two ends of the design space (None when the manifest does
+    not know the full-precision network's MACs, ``reference_macs`` = 0):
+
+    - ``all_cloud``: the device sends every raw input as uint8 (1 byte per pixel value, its
+      ``input.shape``) over the radio and the cloud runs the full-precision network; edge
+      compute 0.
+    - ``all_device``: the full-precision network runs on the device (its MACs x ``mac_fp32``,
+      :func:`baseline_joules`); nothing is sent.
+    """
+    m = source.manifest
+    macs = int(m.reference_macs)
+    if macs <= 0:
+        return None
+    mac_j = meter.table.per_event("mac_fp32")
+    raw_bytes = int(np.prod(m.input.shape, dtype=np.int64))
+    radio_j = raw_bytes * 8 * meter.table.per_event("radio_bit")
+    network = m.reference_network or "this network"
+    return {
+        "all_cloud": {"edge_compute_j": 0.0, "radio_j": radio_j, "cloud_j": macs * mac_j,
+                      "total_j": radio_j + macs * mac_j, "bytes_per_inference": raw_bytes, "cloud_macs": macs,
+                      "what": f"raw uint8 input ({raw_bytes:,} B) over the radio, {network} at full precision "
+                              "in the cloud"},
+        "all_device": {"edge_compute_j": macs * mac_j, "radio_j": 0.0, "cloud_j": 0.0, "total_j": macs * mac_j,
+                       "bytes_per_inference": 0, "edge_macs": macs,
+                       "what": f"{network} at full precision on the device (MACs x mac_fp32)"},
+    }
+
+
 def make_runner(source: ModelSource, config: EvalConfig, seed: int, policy: ExitPolicy,
                 meter: EnergyMeter) -> EdgeRunner:
     """A fresh chip: a new backend instance with ``seed`` programmed onto a fresh model."""
@@ -160,16 +190,28 @@ def crossbar_cost(runner: EdgeRunner, meter: EnergyMeter) -> dict[str, Any]:
             "edap_energy_j": cost.energy_j, "cost": detail}
 
 
+def offload_round_trip(runner: EdgeRunner, cloud: CloudPart, edge: EdgeResult) -> tuple[np.ndarray, np.ndarray]:
+    """(cloud logits, bytes sent per row) of ``edge``'s offloaded rows, as the daemon does it:
+    the edge encodes (``encode_offload``), the radio carries ``wire_bytes`` of that payload, the
+    cloud decodes the payload itself."""
+    if not edge.offload_index.size:
+        return np.zeros((0, runner.num_classes), np.float32), np.zeros(0, np.int64)
+    wire = runner.encode_offload(edge.offload)
+    return cloud.wire_logits(wire), runner.wire_bytes(wire)
+
+
 def run_chip(runner: EdgeRunner, cloud: CloudPart, data: ImageDataset, batch_size: int,
              progress: bool = False, desc: str = "eval") -> SampleTable:
-    """Every sample through edge -> (cloud) exactly as the daemon runs it (the cloud always answers)."""
+    """Every sample through edge -> (cloud) exactly as the daemon runs it (the cloud always
+    answers); radio energy from the bytes of the encoded payload actually sent."""
     parts: list[SampleTable] = []
     loader = Loader(data, batch_size)
     for x, y in tqdm(loader, desc=desc, total=len(loader), disable=not progress, leave=False,
                      file=sys.stderr, unit="batch"):
         edge = runner.run(x.numpy())
-        cloud_probs = softmax_np(cloud.logits(edge.offload)) if edge.offload_index.size else None
-        done = runner.complete(edge, cloud_probs, transmitted=True)
+        logits, sent = offload_round_trip(runner, cloud, edge)
+        cloud_probs = softmax_np(logits) if edge.offload_index.size else None
+        done = runner.complete(edge, cloud_probs, transmitted=True, sent_bytes=sent)
         parts.append(SampleTable(y.numpy(), done.class_index, done.exit_index, done.energy))
     return SampleTable.concat(parts)
 
@@ -221,6 +263,8 @@ def evaluate(source: ModelSource, data: ImageDataset, config: EvalConfig | None 
     meter = config.meter()
     policy = make_policy(source, config.thresholds)
     baseline = baseline_joules(source, meter)
+    ends = baselines(source, meter)
+    all_cloud = ends["all_cloud"]["total_j"] if ends else None
     exit_names = [e.name for e in source.manifest.exits]
     seeds = list(range(config.seed, config.seed + config.chips))
     jobs = [ChipJob(source, config, s, first=s == seeds[0]) for s in seeds]
@@ -230,7 +274,7 @@ def evaluate(source: ModelSource, data: ImageDataset, config: EvalConfig | None 
     results = run_tasks(eval_chip, jobs, shared=data, workers=config.workers, ray=config.ray,
                         progress=config.progress and fan_out, desc="chips")
     tables = [r.table for r in results]
-    per_chip = [{"seed": r.seed, **summarize(r.table, exit_names, baseline)} for r in results]
+    per_chip = [{"seed": r.seed, **summarize(r.table, exit_names, baseline, all_cloud_j=all_cloud)} for r in results]
     effective, costs = results[0].backend_options, results[0].costs
     cloud_kind = results[0].cloud_kind
     info = {
@@ -251,6 +295,7 @@ def evaluate(source: ModelSource, data: ImageDataset, config: EvalConfig | None 
         "adc_law": meter.table.adc_law,  # how ADC conversion energy scales with bits (edgecloud.cim.energy)
         **costs,
         "baseline_network": source.manifest.reference_network or "this network",
+        "baselines": ends,  # all-cloud and all-device energy per inference (constants)
         "samples": len(data),
     }
     summary = aggregate([{k: v for k, v in chip.items() if k not in ("seed", "samples")} for chip in per_chip])

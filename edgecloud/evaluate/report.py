@@ -51,6 +51,7 @@ def eval_table(report: dict[str, Any]) -> str:
         ]
     else:
         lines.append("full-precision baseline unknown (manifest reference_macs = 0)")
+    lines += energy_split_lines(report)
     if report.get("latency_s") is not None:
         lines += [
             "",
@@ -60,6 +61,34 @@ def eval_table(report: dict[str, Any]) -> str:
             f"EDAP {report['edap']:.4g} J*s*mm^2",
         ]
     return "\n".join(lines)
+
+
+def energy_split_lines(report: dict[str, Any]) -> list[str]:
+    """Energy per inference split into edge compute, radio and cloud, next to the all-cloud and
+    all-device baselines (``report['baselines']``), with this deployment's total over each."""
+    s, chips = report["summary"], int(report["chips"])
+    split = s.get("energy_split_j")
+    if not split:
+        return []
+    head = f"{'energy per inference (J)':<34}{'edge compute':>14}{'radio':>12}{'cloud':>12}{'total':>12}{'this / it':>11}"
+    lines = ["", head]
+    cells = "".join(f"{_pm(split.get(k), '.4g', 1):>{w}}" for k, w in
+                    (("edge_compute", 14), ("radio", 12), ("cloud", 12), ("total", 12)))
+    lines.append(f"  {'this bundle (edge + cloud)':<32}{cells}{'':>11}")
+    ends = report.get("baselines")
+    if not ends:
+        lines.append("  baselines unknown (manifest reference_macs = 0)")
+        return lines
+    labels = {"all_cloud": f"all-cloud (raw {ends['all_cloud']['bytes_per_inference']:,} B + FP)",
+              "all_device": "all-device (FP network)"}
+    ratio_keys = {"all_cloud": "energy_vs_all_cloud", "all_device": "energy_vs_all_device"}
+    for key in ("all_cloud", "all_device"):
+        b = ends[key]
+        cells = "".join(f"{format(b[k], '.4g'):>{w}}" for k, w in
+                        (("edge_compute_j", 14), ("radio_j", 12), ("cloud_j", 12), ("total_j", 12)))
+        lines.append(f"  {labels[key]:<32}{cells}{_pm(s.get(ratio_keys[key]), '.3g', chips):>11}")
+    lines.append(f"  all-cloud: {ends['all_cloud']['what']}; all-device: {ends['all_device']['what']}")
+    return lines
 
 
 def sweep_table(rows: list[dict[str, Any]], exit_names: list[str], operating: dict[str, Any]) -> str:

@@ -50,7 +50,8 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
-def summarize(table: SampleTable, exit_names: list[str], baseline_j: float) -> dict[str, Any]:
+def summarize(table: SampleTable, exit_names: list[str], baseline_j: float,
+              all_cloud_j: float | None = None) -> dict[str, Any]:
     """Accuracy overall and per exit, exit shares, mean energy per sample by component.
 
     ``baseline_j``: energy per sample of the whole network in full precision
@@ -58,6 +59,12 @@ def summarize(table: SampleTable, exit_names: list[str], baseline_j: float) -> d
     (all components, radio included); ``compute_energy_ratio`` leaves the radio out (the
     "computational energy" the hybrid-net paper reports); ``compute_energy_reduction`` is its
     inverse (the paper's "5.5x").
+
+    ``energy_split_j`` splits the mean energy per inference into ``edge_compute`` (every edge
+    component), ``radio`` and ``cloud``; ``energy_vs_all_device`` = total / ``baseline_j`` (the
+    full-precision network on the device, = ``energy_ratio``) and ``energy_vs_all_cloud`` = total
+    / ``all_cloud_j`` (raw input over the radio + the full-precision network in the cloud; see
+    :func:`edgecloud.evaluate.evaluator.baselines`).
     """
     n = len(table)
     names = list(exit_names) + ["cloud"]
@@ -88,6 +95,10 @@ def summarize(table: SampleTable, exit_names: list[str], baseline_j: float) -> d
         "energy_ratio": _ratio(total, baseline_j),
         "compute_energy_ratio": _ratio(compute, baseline_j),
         "compute_energy_reduction": reduction,
+        "energy_split_j": {"edge_compute": edge_compute, "radio": radio, "cloud": energy.get(CLOUD, 0.0),
+                           "total": total},
+        "energy_vs_all_device": _ratio(total, baseline_j),
+        "energy_vs_all_cloud": _ratio(total, all_cloud_j) if all_cloud_j is not None else None,
     }
 
 

@@ -157,11 +157,21 @@ class CloudPart:
 
     kind: CloudKind
     _fn: Any
+    _wire_fn: Any = None
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         if x.shape[0] == 0:
             return np.zeros((0, 0), dtype=np.float32)
         return self._fn(np.ascontiguousarray(x, dtype=np.float32))
+
+    def wire_logits(self, wire: np.ndarray) -> np.ndarray:
+        """Logits from the encoded payload the edge sends (``EdgeRunner.encode_offload``), decoded
+        as the cloud server decodes it."""
+        if wire.shape[0] == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        if self._wire_fn is None:
+            raise RuntimeError(f"the {self.kind} cloud part takes no wire payloads")
+        return self._wire_fn(wire)
 
 
 def make_cloud(source: ModelSource, kind: CloudKind | None, model: nn.Module | None = None) -> CloudPart:
@@ -182,19 +192,25 @@ def make_cloud(source: ModelSource, kind: CloudKind | None, model: nn.Module | N
         from edgecloud.config import CloudConfig
 
         served = load_cloud_model(source, CloudConfig(allow_spinning=False))
-        return CloudPart("onnx", lambda x: served.run(x)[served.output_name])
+        return CloudPart("onnx", lambda x: served.run(x)[served.output_name],
+                         lambda wire: served.run(wire)[served.output_name])
     if kind == "torch":
         module = copy.deepcopy((model if model is not None else source.build_model()).cloud_module())
         module = module.float().eval()
         spec = source.manifest.cloud
 
+        def run_wire(wire: np.ndarray) -> np.ndarray:
+            from edgecloud import offload
+
+            x = np.ascontiguousarray(offload.decode(wire, spec), dtype=np.float32)
+            with torch.inference_mode():
+                return module(torch.from_numpy(x)).float().numpy()
+
         def run(x: np.ndarray) -> np.ndarray:
             from edgecloud import offload
 
             # through the wire encoding (cloud.encoding), as the ONNX cloud decodes its input
-            x = np.ascontiguousarray(offload.decode(offload.encode(x, spec), spec), dtype=np.float32)
-            with torch.inference_mode():
-                return module(torch.from_numpy(x)).float().numpy()
+            return run_wire(offload.encode(x, spec))
 
-        return CloudPart("torch", run)
+        return CloudPart("torch", run, run_wire)
     raise ValueError(f"cloud must be 'onnx' or 'torch', got {kind!r}")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x12\x65\x64gecloud.admin.v1\"%\n\x14GetThresholdsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\\\n\rExitThreshold\x12\x12\n\nexit_index\x18\x01 \x01(\x05\x12\x11\n\texit_name\x18\x02 \x01(\t\x12\x16\n\tthreshold\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"b\n\x0fModelThresholds\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x30\n\x05\x65xits\x18\x03 \x03(\x0b\x32!.edgecloud.admin.v1.ExitThreshold\"L\n\x15GetThresholdsResponse\x12\x33\n\x06models\x18\x01 \x03(\x0b\x32#.edgecloud.admin.v1.ModelThresholds\"d\n\x13SetThresholdRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nexit_index\x18\x02 \x01(\x05\x12\x0f\n\x05value\x18\x03 \x01(\x01H\x00\x12\x0f\n\x05\x63lear\x18\x04 \x01(\x08H\x00\x42\x08\n\x06\x63hange\"J\n\x14SetThresholdResponse\x12\x32\n\x05model\x18\x01 \x01(\x0b\x32#.edgecloud.admin.v1.ModelThresholds2\xd8\x01\n\tEdgeAdmin\x12\x66\n\rGetThresholds\x12(.edgecloud.admin.v1.GetThresholdsRequest\x1a).edgecloud.admin.v1.GetThresholdsResponse\"\x00\x12\x63\n\x0cSetThreshold\x12\'.edgecloud.admin.v1.SetThresholdRequest\x1a(.edgecloud.admin.v1.SetThresholdResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x12\x65\x64gecloud.admin.v1\"%\n\x14GetThresholdsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\\\n\rExitThreshold\x12\x12\n\nexit_index\x18\x01 \x01(\x05\x12\x11\n\texit_name\x18\x02 \x01(\t\x12\x16\n\tthreshold\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"b\n\x0fModelThresholds\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x30\n\x05\x65xits\x18\x03 \x03(\x0b\x32!.edgecloud.admin.v1.ExitThreshold\"L\n\x15GetThresholdsResponse\x12\x33\n\x06models\x18\x01 \x03(\x0b\x32#.edgecloud.admin.v1.ModelThresholds\"d\n\x13SetThresholdRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nexit_index\x18\x02 \x01(\x05\x12\x0f\n\x05value\x18\x03 \x01(\x01H\x00\x12\x0f\n\x05\x63lear\x18\x04 \x01(\x08H\x00\x42\x08\n\x06\x63hange\"J\n\x14SetThresholdResponse\x12\x32\n\x05model\x18\x01 \x01(\x0b\x32#.edgecloud.admin.v1.ModelThresholds\"\xe3\x01\n\x07\x42udgets\x12\x16\n\tagreement\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05\x64\x65lta\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\x08\x65nergy_j\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0euplink_bytes_s\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x1b\n\x0ep99_latency_ms\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x08priority\x18\x06 \x03(\tB\x0c\n\n_agreementB\x08\n\x06_deltaB\x0b\n\t_energy_jB\x11\n\x0f_uplink_bytes_sB\x11\n\x0f_p99_latency_ms\"\x8a\x01\n\x0c\x42udgetStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\x01\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x12\n\x05\x62ound\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x0b\n\x03met\x18\x05 \x01(\x08\x12\x11\n\treachable\x18\x06 \x01(\x08\x12\x0f\n\x07message\x18\x07 \x01(\tB\x08\n\x06_bound\"\xb7\x03\n\x0c\x43ontrolState\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nexit_index\x18\x02 \x01(\x05\x12\x11\n\texit_name\x18\x03 \x01(\t\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x16\n\tthreshold\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bshadow_rate\x18\x06 \x01(\x01\x12\x16\n\x0ewindow_samples\x18\x07 \x01(\x03\x12\x17\n\x0fwindow_shadowed\x18\x08 \x01(\x03\x12\x11\n\tagreement\x18\t \x01(\x01\x12\x17\n\x0f\x61greement_lower\x18\n \x01(\x01\x12\x16\n\x0e\x65xit_agreement\x18\x0b \x01(\x01\x12\x1c\n\x14\x65xit_agreement_lower\x18\x0c \x01(\x01\x12\x12\n\nexit_share\x18\r \x01(\x01\x12\x31\n\x07\x62udgets\x18\x0e \x03(\x0b\x32 .edgecloud.admin.v1.BudgetStatus\x12\x0f\n\x07\x62\x61\x63koff\x18\x0f \x01(\x08\x12\r\n\x05steps\x18\x10 \x01(\x03\x12,\n\x07targets\x18\x11 \x01(\x0b\x32\x1b.edgecloud.admin.v1.BudgetsB\x0c\n\n_threshold\"\"\n\x11GetControlRequest\x12\r\n\x05model\x18\x01 \x01(\t\"F\n\x12GetControlResponse\x12\x30\n\x06models\x18\x01 \x03(\x0b\x32 .edgecloud.admin.v1.ControlState\"_\n\x11SetBudgetsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12,\n\x07\x62udgets\x18\x02 \x01(\x0b\x32\x1b.edgecloud.admin.v1.Budgets\x12\r\n\x05\x63lear\x18\x03 \x03(\t\"E\n\x12SetBudgetsResponse\x12/\n\x05model\x18\x01 \x01(\x0b\x32 .edgecloud.admin.v1.ControlState2\x96\x03\n\tEdgeAdmin\x12\x66\n\rGetThresholds\x12(.edgecloud.admin.v1.GetThresholdsRequest\x1a).edgecloud.admin.v1.GetThresholdsResponse\"\x00\x12\x63\n\x0cSetThreshold\x12\'.edgecloud.admin.v1.SetThresholdRequest\x1a(.edgecloud.admin.v1.SetThresholdResponse\"\x00\x12]\n\nGetControl\x12%.edgecloud.admin.v1.GetControlRequest\x1a&.edgecloud.admin.v1.GetControlResponse\"\x00\x12]\n\nSetBudgets\x12%.edgecloud.admin.v1.SetBudgetsRequest\x1a&.edgecloud.admin.v1.SetBudgetsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETTHRESHOLDREQUEST']._serialized_end=446
   _globals['_SETTHRESHOLDRESPONSE']._serialized_start=448
   _globals['_SETTHRESHOLDRESPONSE']._serialized_end=522
-  _globals['_EDGEADMIN']._serialized_start=525
-  _globals['_EDGEADMIN']._serialized_end=741
+  _globals['_BUDGETS']._serialized_start=525
+  _globals['_BUDGETS']._serialized_end=752
+  _globals['_BUDGETSTATUS']._serialized_start=755
+  _globals['_BUDGETSTATUS']._serialized_end=893
+  _globals['_CONTROLSTATE']._serialized_start=896
+  _globals['_CONTROLSTATE']._serialized_end=1335
+  _globals['_GETCONTROLREQUEST']._serialized_start=1337
+  _globals['_GETCONTROLREQUEST']._serialized_end=1371
+  _globals['_GETCONTROLRESPONSE']._serialized_start=1373
+  _globals['_GETCONTROLRESPONSE']._serialized_end=1443
+  _globals['_SETBUDGETSREQUEST']._serialized_start=1445
+  _globals['_SETBUDGETSREQUEST']._serialized_end=1540
+  _globals['_SETBUDGETSRESPONSE']._serialized_start=1542
+  _globals['_SETBUDGETSRESPONSE']._serialized_end=1611
+  _globals['_EDGEADMIN']._serialized_start=1614
+  _globals['_EDGEADMIN']._serialized_end=2020
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,16 @@ class EdgeAdminStub:
                 request_serializer=admin__pb2.SetThresholdRequest.SerializeToString,
                 response_deserializer=admin__pb2.SetThresholdResponse.FromString,
                 _registered_method=True)
+        self.GetControl = channel.unary_unary(
+                '/edgecloud.admin.v1.EdgeAdmin/GetControl',
+                request_serializer=admin__pb2.GetControlRequest.SerializeToString,
+                response_deserializer=admin__pb2.GetControlResponse.FromString,
+                _registered_method=True)
+        self.SetBudgets = channel.unary_unary(
+                '/edgecloud.admin.v1.EdgeAdmin/SetBudgets',
+                request_serializer=admin__pb2.SetBudgetsRequest.SerializeToString,
+                response_deserializer=admin__pb2.SetBudgetsResponse.FromString,
+                _registered_method=True)
 
 
 class EdgeAdminServicer:
@@ -63,6 +73,22 @@ class EdgeAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetControl(self, request, context):
+        """State and budgets of the controlled models (one, or every one when `model` is empty).
+        NOT_FOUND for a model not served or not under online control.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetBudgets(self, request, context):
+        """Change a controlled model's budgets (validated: INVALID_ARGUMENT naming the problem;
+        NOT_FOUND for a model not served or not controlled); the next step acts on them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +101,16 @@ def add_EdgeAdminServicer_to_server(servicer, server):
                     servicer.SetThreshold,
                     request_deserializer=admin__pb2.SetThresholdRequest.FromString,
                     response_serializer=admin__pb2.SetThresholdResponse.SerializeToString,
+            ),
+            'GetControl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetControl,
+                    request_deserializer=admin__pb2.GetControlRequest.FromString,
+                    response_serializer=admin__pb2.GetControlResponse.SerializeToString,
+            ),
+            'SetBudgets': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBudgets,
+                    request_deserializer=admin__pb2.SetBudgetsRequest.FromString,
+                    response_serializer=admin__pb2.SetBudgetsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +167,60 @@ class EdgeAdmin:
             '/edgecloud.admin.v1.EdgeAdmin/SetThreshold',
             admin__pb2.SetThresholdRequest.SerializeToString,
             admin__pb2.SetThresholdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetControl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgecloud.admin.v1.EdgeAdmin/GetControl',
+            admin__pb2.GetControlRequest.SerializeToString,
+            admin__pb2.GetControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgecloud.admin.v1.EdgeAdmin/SetBudgets',
+            admin__pb2.SetBudgetsRequest.SerializeToString,
+            admin__pb2.SetBudgetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

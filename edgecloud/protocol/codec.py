@@ -32,6 +32,12 @@ DATATYPES: dict[str, tuple[np.dtype, str | None]] = {
     "FP64": (np.dtype("<f8"), "fp64_contents"),
 }
 
+# BYTES: variable-length elements (numpy object arrays of ``bytes``). In raw contents every
+# element is its 4-byte little-endian length followed by its bytes (as Triton and tritonclient
+# serialise it); typed contents use ``bytes_contents``.
+BYTES = "BYTES"
+_OBJECT = np.dtype(object)
+
 _NUMPY_TO_OIP = {dt.str if dt.kind != "b" else "|b1": name for name, (dt, _) in DATATYPES.items()}
 
 
@@ -41,7 +47,9 @@ _DTYPE_TO_OIP = {dt: name for name, (dt, _) in DATATYPES.items()}
 
 
 def datatype_of(array: np.ndarray) -> str:
-    """The OIP datatype string for a numpy array."""
+    """The OIP datatype string for a numpy array (an object array: ``BYTES``)."""
+    if array.dtype == _OBJECT:
+        return BYTES
     name = _DTYPE_TO_OIP.get(array.dtype)
     if name is not None:
         return name
@@ -59,6 +67,40 @@ def dtype_of(datatype: str) -> np.dtype:
         raise InvalidArgument(
             f"unsupported datatype {datatype!r}; supported: {', '.join(DATATYPES)}"
         ) from exc
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """A BYTES tensor's raw contents: per element (C order) a 4-byte little-endian length, then
+    the bytes (``bytes``/``bytearray``; ``str`` as UTF-8)."""
+    parts: list[bytes] = []
+    for item in np.asarray(array, dtype=object).reshape(-1):
+        data = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(len(data).to_bytes(4, "little"))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes(name: str, blob: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """The object array of ``shape`` held by a BYTES tensor's raw contents; InvalidArgument
+    naming the tensor if the lengths do not add up to exactly ``prod(shape)`` elements."""
+    count = math.prod(shape)
+    out = np.empty(count, dtype=object)
+    view = memoryview(blob)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(view):
+            raise InvalidArgument(f"input {name!r}: BYTES raw data ends after {i} of {count} elements")
+        size = int.from_bytes(view[pos:pos + 4], "little")
+        pos += 4
+        if pos + size > len(view):
+            raise InvalidArgument(f"input {name!r}: BYTES element {i} claims {size} bytes, "
+                                  f"{len(view) - pos} left")
+        out[i] = bytes(view[pos:pos + size])
+        pos += size
+    if pos != len(view):
+        raise InvalidArgument(f"input {name!r}: {len(view) - pos} bytes of raw data after the "
+                              f"{count} BYTES elements of shape {list(shape)}")
+    return out.reshape(shape)
 
 
 def _check_shape(name: str, shape: Iterable[int]) -> tuple[int, ...]:
@@ -81,9 +123,27 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         name = tensor.name
         if name in arrays:
             raise InvalidArgument(f"input {name!r} appears twice")
-        dtype = dtype_of(tensor.datatype)
         shape = _check_shape(name, tensor.shape)
         count = math.prod(shape)  # 1 for a scalar shape ()
+        if tensor.datatype == BYTES:
+            if raw:
+                if tensor.HasField("contents"):
+                    raise InvalidArgument(
+                        f"input {name!r}: typed contents and raw_input_contents cannot be mixed"
+                    )
+                arrays[name] = deserialize_bytes(name, raw[index], shape)
+            else:
+                values = tensor.contents.bytes_contents
+                if len(values) != count:
+                    raise InvalidArgument(
+                        f"input {name!r}: {len(values)} typed values, but shape {list(shape)} "
+                        f"holds {count} elements"
+                    )
+                array = np.empty(count, dtype=object)
+                array[:] = [bytes(v) for v in values]
+                arrays[name] = array.reshape(shape)
+            continue
+        dtype = dtype_of(tensor.datatype)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidArgument(
@@ -162,10 +222,14 @@ def encode_response(
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
         response.outputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
-        response.raw_output_contents.append(array.tobytes())
+        response.raw_output_contents.append(_raw(array))
     for key, value in (parameters or {}).items():
         set_parameter(response.parameters, key, value)
     return response
+
+
+def _raw(array: np.ndarray) -> bytes:
+    return serialize_bytes(array) if array.dtype == _OBJECT else array.tobytes()
 
 
 def encode_request(
@@ -181,7 +245,7 @@ def encode_request(
     for name, array in inputs.items():
         array = np.ascontiguousarray(array)
         request.inputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
-        request.raw_input_contents.append(array.tobytes())
+        request.raw_input_contents.append(_raw(array))
     for name in outputs or ():
         request.outputs.add(name=name)
     for key, value in (parameters or {}).items():
@@ -194,8 +258,13 @@ def decode_response(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     raw = response.raw_output_contents
     for index, tensor in enumerate(response.outputs):
-        dtype = dtype_of(tensor.datatype)
         shape = tuple(tensor.shape)
+        if tensor.datatype == BYTES:
+            out[tensor.name] = (deserialize_bytes(tensor.name, raw[index], shape) if raw else
+                                np.array([bytes(v) for v in tensor.contents.bytes_contents],
+                                         dtype=object).reshape(shape))
+            continue
+        dtype = dtype_of(tensor.datatype)
         if raw:
             out[tensor.name] = np.frombuffer(raw[index], dtype=dtype).reshape(shape)
         else:
