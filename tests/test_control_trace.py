@@ -1,0 +1,265 @@
+"""edgecloud.control.trace: deterministic drifting streams, windowing, the hindsight oracle, and
+one small run of benchmarks/controller.py against real servers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecloud.control import trace
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CIFAR = REPO_ROOT.parent / "shared" / "datasets" / "cifar10"
+BUNDLE = REPO_ROOT / "models" / "cifar10-hybrid-resnet20-4bit"
+
+
+def _data(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 3, 8, 8), dtype=np.uint8)
+    labels = np.arange(n) % 10
+    return images, labels
+
+
+SPEC = trace.TraceSpec((
+    trace.Segment("clean", 120),
+    trace.Segment("noise", 80, sigma=0.08),
+    trace.Segment("blur", 60, blur=1.0),
+    trace.Segment("classes", 90, classes=(2, 3, 4)),
+    trace.Segment("slowdown", 50, delay_ms=30.0),
+    trace.Segment("noise", 40, sigma=0.1, ramp=20),
+), seed=7)
+
+
+# ---- the stream ------------------------------------------------------------------------------
+def test_same_spec_and_seed_give_identical_bytes():
+    images, labels = _data()
+    a = trace.build_stream(SPEC, images, labels)
+    b = trace.build_stream(trace.TraceSpec.from_dict(json.loads(json.dumps(SPEC.to_dict()))),
+                           images.copy(), labels.copy())
+    assert a.images.dtype == np.uint8 and a.images.shape == (SPEC.length, 3, 8, 8)
+    assert a.images.tobytes() == b.images.tobytes()
+    assert np.array_equal(a.source_index, b.source_index)
+    assert np.array_equal(a.labels, b.labels)
+
+
+def test_another_seed_gives_another_stream():
+    images, labels = _data()
+    a = trace.build_stream(SPEC, images, labels)
+    other = trace.TraceSpec(SPEC.segments, seed=8)
+    b = trace.build_stream(other, images, labels)
+    assert a.images.tobytes() != b.images.tobytes()
+    assert not np.array_equal(a.source_index, b.source_index)
+
+
+def test_segments_have_their_lengths_kinds_and_effects():
+    images, labels = _data()
+    stream = trace.build_stream(SPEC, images, labels)
+    bounds = SPEC.bounds()
+    assert bounds[0] == (0, 120) and bounds[-1][1] == SPEC.length == len(stream) == 440
+    for i, ((start, stop), seg) in enumerate(zip(bounds, SPEC.segments)):
+        assert stop - start == seg.length
+        assert (stream.segment[start:stop] == i).all()
+        assert stream.segment_at(start).kind == seg.kind
+        src = stream.source_index[start:stop]
+        assert np.array_equal(stream.labels[start:stop], labels[src])
+        clean = images[src]
+        changed = stream.images[start:stop] != clean
+        if seg.kind in ("clean", "classes", "slowdown"):
+            assert not changed.any()  # untouched pixels
+        else:
+            assert changed.mean() > 0.3
+    # a segment draws without replacement while its pool lasts
+    assert len(set(stream.source_index[:120].tolist())) == 120
+    classes = stream.labels[bounds[3][0]:bounds[3][1]]
+    assert set(classes.tolist()) == {2, 3, 4}
+    # ramp: the first noisy sample of the ramped segment is perturbed less than the last ones
+    start, stop = bounds[5]
+    diff = np.abs(stream.images[start:stop].astype(int) - images[stream.source_index[start:stop]].astype(int))
+    assert diff[0].mean() < diff[-10:].mean()
+
+
+def test_segment_validation_and_parsing():
+    with pytest.raises(ValueError):
+        trace.Segment("noise", 10)            # noise needs a sigma
+    with pytest.raises(ValueError):
+        trace.Segment("fog", 10)
+    with pytest.raises(ValueError):
+        trace.Segment("clean", 0)
+    spec = trace.parse_segments("clean:100;noise:50:sigma=0.08;classes:30:classes=2/3;slowdown:20:delay_ms=40", seed=3)
+    assert [s.kind for s in spec.segments] == ["clean", "noise", "classes", "slowdown"]
+    assert spec.segments[1].sigma == 0.08 and spec.segments[2].classes == (2, 3)
+    assert spec.segments[3].delay_ms == 40 and spec.seed == 3 and spec.length == 200
+    assert trace.parse_segments("drift").length == trace.preset("drift").length
+    assert trace.parse_segments(json.dumps(SPEC.to_dict()["segments"]), seed=7) == SPEC
+
+
+def test_gaussian_blur_keeps_constant_images_and_mass():
+    x = np.full((1, 1, 6, 6), 0.4)
+    assert np.allclose(trace.gaussian_blur(x, 1.0), 0.4)
+    rng = np.random.default_rng(0)
+    y = rng.random((2, 3, 9, 9))
+    blurred = trace.gaussian_blur(y, 1.0)
+    assert blurred.shape == y.shape and blurred.std() < y.std()
+
+
+# ---- windows and settling --------------------------------------------------------------------
+def test_windowing_math():
+    assert trace.window_slices(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    v = np.array([1, 1, 0, 0, 1, 0, 1, 1, 1, 0], dtype=float)
+    assert np.allclose(trace.window_means(v, 4), [0.5, 0.75, 0.5])
+    spec = trace.TraceSpec((trace.Segment("clean", 300), trace.Segment("noise", 250, sigma=0.1),
+                            trace.Segment("slowdown", 150, delay_ms=10),
+                            trace.Segment("slowdown", 100, delay_ms=50)))
+    # onsets: start, noise at 300 (window 3), back to clean data at 550 (window 5); a change of
+    # delay alone is no data drift
+    assert trace.onset_windows(spec, 100) == [0, 3, 5]
+    mask = trace.settled_mask(spec, 100, 2)
+    assert mask.tolist() == [False, False, True, False, False, False, False, True]
+
+
+def _ref(score, agrees, edge_j=1.0, off_j=10.0, policy="entropy") -> trace.Reference:
+    score = np.asarray(score, dtype=float)
+    n = score.size
+    cloud = np.zeros(n, dtype=np.int64)
+    edge = np.where(np.asarray(agrees, dtype=bool), 0, 1)
+    return trace.Reference(policy, score, edge, cloud, np.full(n, edge_j), np.full(n, off_j),
+                           np.full(n, 100.0))
+
+
+def test_evaluate_threshold_per_window():
+    ref = _ref([0.1, 0.5, 0.9, 0.2, 0.3, 0.8], [1, 0, 1, 1, 1, 0])
+    ws = trace.evaluate_threshold(ref, 0.6, 3)
+    # window 0: exits 0.1 (agrees) and 0.5 (disagrees); 0.9 offloaded
+    assert np.allclose(ws.agreement, [2 / 3, 1.0])
+    assert np.allclose(ws.exit_share, [2 / 3, 2 / 3])
+    assert np.allclose(ws.energy_j, [(1 + 1 + 11) / 3, (1 + 1 + 11) / 3])
+    assert np.allclose(ws.bytes, [100 / 3, 100 / 3])
+    per = trace.evaluate_threshold(ref, [0.0, 1.0], 3)  # one threshold per window
+    assert np.allclose(per.exit_share, [0, 1]) and np.allclose(per.agreement, [1, 2 / 3])
+    maxp = trace.evaluate_threshold(_ref([0.9, 0.4], [1, 1], policy="max_prob"), 0.5, 2)
+    assert np.allclose(maxp.exit_share, [0.5])
+
+
+def test_oracle_picks_lowest_energy_threshold_meeting_target():
+    # sorted by entropy: agrees, agrees, disagrees, agrees, agrees, disagrees, ...
+    score = np.array([0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    agrees = np.array([1, 1, 0, 1, 1, 0, 1, 1, 1, 1], dtype=bool)
+    exit_j, off_j = np.full(10, 1.0), np.full(10, 11.0)
+    # target 0.9: at most 1 disagreement among exited -> exit the 5 lowest (k=5), not 6+
+    choice = trace.oracle_threshold(score, agrees, exit_j, off_j, 0.9)
+    assert choice.exit_share == 0.5 and choice.agreement == pytest.approx(0.9)
+    assert 0.4 < choice.threshold <= 0.5
+    assert choice.energy_j == pytest.approx((5 * 1 + 5 * 11) / 10)
+    # brute force over a fine grid: nothing feasible is cheaper
+    ref = _ref(score, agrees)
+    for t in np.linspace(0, 1.2, 241):
+        ws = trace.evaluate_threshold(ref, t, 10)
+        if ws.agreement[0] >= 0.9:
+            assert ws.energy_j[0] >= choice.energy_j - 1e-12
+    # the oracle's threshold reproduces its numbers
+    ws = trace.evaluate_threshold(ref, choice.threshold, 10)
+    assert ws.agreement[0] == pytest.approx(choice.agreement)
+    assert ws.energy_j[0] == pytest.approx(choice.energy_j)
+    # target 1.0: exit only the samples before the first disagreement
+    assert trace.oracle_threshold(score, agrees, exit_j, off_j, 1.0).exit_share == 0.2
+    # everything agrees: exit everything
+    all_ok = trace.oracle_threshold(score, np.ones(10, bool), exit_j, off_j, 0.99)
+    assert all_ok.exit_share == 1.0 and all_ok.threshold > 0.9
+    # the first sample disagrees and the target is 1: nothing exits, threshold 0
+    none = trace.oracle_threshold(score, ~np.eye(10, dtype=bool)[0], exit_j, off_j, 1.0)
+    assert none.exit_share == 0.0 and none.threshold == 0.0
+
+
+def test_oracle_respects_ties_and_per_sample_energy():
+    score = np.array([0.1, 0.1, 0.3, 0.4])
+    agrees = np.array([1, 0, 1, 1], dtype=bool)
+    # cutting between the tied 0.1s is not realisable: target 0.75 allows the tie group
+    choice = trace.oracle_threshold(score, agrees, np.zeros(4), np.ones(4), 0.75)
+    assert choice.exit_share == 1.0
+    choice = trace.oracle_threshold(score, agrees, np.zeros(4), np.ones(4), 0.8)
+    assert choice.exit_share == 0.0  # exiting the tie group already costs 1 disagreement of 4
+    # max_prob policy: most confident = highest score; exit when score >= t
+    p = np.array([0.99, 0.95, 0.6, 0.5])
+    ok = np.array([1, 1, 0, 1], dtype=bool)
+    c = trace.oracle_threshold(p, ok, np.zeros(4), np.ones(4), 1.0, policy="max_prob")
+    assert c.exit_share == 0.5 and 0.6 < c.threshold <= 0.95
+    assert trace.exits_at(p, c.threshold, "max_prob").tolist() == [True, True, False, False]
+
+
+def test_oracle_windows_meet_target_per_window():
+    rng = np.random.default_rng(1)
+    score = rng.random(400)
+    agrees = rng.random(400) > score * 0.2  # confident samples agree more
+    ref = _ref(score, agrees)
+    ws = trace.oracle_windows(ref, 100, 0.95)
+    assert (ws.agreement >= 0.95).all()
+    static = trace.evaluate_threshold(ref, 0.5, 100)
+    assert (ws.energy_j[static.agreement >= 0.95] <= static.energy_j[static.agreement >= 0.95] + 1e-12).all()
+
+
+def test_reference_round_trips(tmp_path):
+    ref = _ref([0.1, 0.2], [1, 0])
+    ref.static_threshold = 0.5
+    ref.save(str(tmp_path / "ref.npz"))
+    back = trace.Reference.load(str(tmp_path / "ref.npz"))
+    assert back.policy == "entropy" and back.static_threshold == 0.5
+    assert np.array_equal(back.score, ref.score) and np.array_equal(back.edge_class, ref.edge_class)
+
+
+def test_metric_helpers():
+    before = {("edgecloud_energy_joules_total", (("component", "shadow_radio"), ("model", "m"))): 1.0,
+              ("edgecloud_energy_joules_total", (("component", "radio"), ("model", "m"))): 5.0}
+    after = {k: v * 3 for k, v in before.items()}
+    assert trace.metric_delta(before, after, "edgecloud_energy_joules_total", model="m",
+                              component="shadow_radio") == 2.0
+    assert trace.metric_value(after, "edgecloud_energy_joules_total", model="m") == 18.0
+    assert trace.label_values(after, "edgecloud_energy_joules_total", "component") == ["radio", "shadow_radio"]
+
+
+def test_replayer_requests_never_straddle_windows_or_segments():
+    images, labels = _data()
+    stream = trace.build_stream(SPEC, images, labels)
+    rep = trace.Replayer("127.0.0.1:1", "m", "INPUT", stream, batch=32, window=100)
+    reqs = rep.requests()
+    assert reqs[0][0] == 0 and reqs[-1][1] == len(stream)
+    assert all(a < b <= a + 32 for a, b in reqs)
+    assert all(b == c for (_, b), (c, _) in zip(reqs, reqs[1:]))  # contiguous, in order
+    cuts = set(range(0, len(stream), 100)) | {s for s, _ in SPEC.bounds()}
+    for a, b in reqs:
+        assert not any(a < c < b for c in cuts)
+
+
+# ---- the benchmark against real servers -----------------------------------------------------
+@pytest.mark.skipif(not CIFAR.is_dir() or not (BUNDLE / "manifest.yaml").is_file(),
+                    reason="needs ../shared/datasets/cifar10 and models/cifar10-hybrid-resnet20-4bit")
+def test_controller_benchmark_quick(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "controller.py"), "--quick", "--json",
+         "--data-root", str(CIFAR), "--out", str(out)],
+        capture_output=True, text=True, timeout=170, cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("target", "windows", "controlled_meet_share", "static_meet_share",
+                "energy_vs_oracle", "shadow_share", "settling", "cpu"):
+        assert key in summary, key
+    assert summary["target"] == 0.97 and summary["windows"] == 10
+    assert summary["errors"] is None
+    assert summary["server_exit_codes"] == {"static": 0, "controlled": 0, "cloud": 0}
+    pw = summary["per_window"]
+    for mode in ("static", "controlled", "oracle"):
+        assert len(pw[f"{mode}_agreement"]) == 10
+    # the served static run answers exactly as the offline reference says it would
+    assert summary["static_served_vs_offline_max_agreement_gap"] <= 0.02
+    assert all(t == pytest.approx(0.5813) for t in pw["static_threshold"])
+    assert all(a >= 0.97 for a in pw["oracle_agreement"])
+    assert summary["shadow_share"] is not None and 0.0 <= summary["shadow_share"] <= 1.0
+    assert sum(pw["controlled_shadow_share"]) > 0  # the controller shadowed something
+    assert (out / "controller.png").stat().st_size > 0
+    assert len((out / "windows.csv").read_text().splitlines()) == 11
