@@ -60,7 +60,7 @@ from serving import cpu_info  # noqa: E402  (the CPU, named as every benchmark n
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = ROOT / "models" / "cifar10-hybrid-resnet20-4bit"
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
-MODES = ("static", "controlled")
+MODES = ("static", "controlled", "offline")  # offline: the controller replayed on the reference, no servers
 
 
 def lscpu_model() -> str:
@@ -99,6 +99,32 @@ def control_section(args: argparse.Namespace) -> dict[str, Any]:
     }
     section.update(_control_overrides(args.control))
     return section
+
+
+# ---- the controller replayed offline ---------------------------------------------------------
+def offline_windows(args: argparse.Namespace, ref, window: int) -> dict[str, np.ndarray]:
+    """Per-window numbers of the real controller driven by the reference (no servers; see
+    :mod:`edgecloud.control.offline`): seconds instead of minutes, for choosing settings."""
+    from edgecloud.config import ControlConfig
+    from edgecloud.control import trace
+    from edgecloud.control.controller import from_config
+    from edgecloud.control.offline import replay_offline
+
+    budgets, settings = from_config(ControlConfig(**control_section(args)), "--control")
+    run = replay_offline(ref, budgets, settings, batch=args.batch)
+    rows: dict[str, list[float]] = {k: [] for k in (
+        "agreement", "exit_share", "energy_j", "bytes", "threshold", "shadow_share", "shadow_energy_j")}
+    agrees = np.where(run.exited, ref.edge_agrees, True)
+    shadow_j = np.where(run.shadowed, ref.offload_j, 0.0)
+    for s in trace.window_slices(len(ref), window):
+        rows["agreement"].append(float(agrees[s].mean()))
+        rows["exit_share"].append(float(run.exited[s].mean()))
+        rows["energy_j"].append(float(run.energy_j[s].mean()))
+        rows["bytes"].append(float(run.sent_bytes[s].mean()))
+        rows["threshold"].append(float(run.threshold[s.stop - 1]))
+        rows["shadow_share"].append(float(run.shadowed[s].mean()))
+        rows["shadow_energy_j"].append(float(shadow_j[s].mean()))
+    return {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()}
 
 
 # ---- one served run --------------------------------------------------------------------------
@@ -262,7 +288,8 @@ def write_csv(path: Path, spec, window: int, settled: np.ndarray, runs: dict[str
     header = ["window", "start", "stop", "segment", "kind", "settled"]
     extra = {"controlled": ("shadow_share", "shadow_energy_j", "degraded_share", "latency_p50_ms",
                             "latency_p99_ms", "agreement_lower_gauge"),
-             "static": ("degraded_share", "latency_p50_ms", "latency_p99_ms")}
+             "static": ("degraded_share", "latency_p50_ms", "latency_p99_ms"),
+             "offline": ("shadow_share", "shadow_energy_j")}
     for mode, values in runs.items():
         header += [f"{mode}_{c}" for c in COLUMNS + extra.get(mode, ())]
     with path.open("w", newline="") as fh:
@@ -286,7 +313,8 @@ def plot(path: Path, spec, window: int, settled: np.ndarray, target: float,
     n = len(settled)
     x = np.arange(n) + 0.5
     fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
-    style = {"static": ("tab:gray", "--"), "controlled": ("tab:blue", "-"), "oracle": ("tab:green", ":")}
+    style = {"static": ("tab:gray", "--"), "controlled": ("tab:blue", "-"), "oracle": ("tab:green", ":"),
+             "offline": ("tab:purple", "-.")}
     for ax in axes:
         for w in np.flatnonzero(~settled):
             ax.axvspan(w, w + 1, color="0.92", lw=0)
@@ -359,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="windows after each drift onset left out of the headline "
                              "(default: ceil(control window / window size))")
     parser.add_argument("--modes", default="static,controlled",
-                        help="served runs, comma list of static, controlled")
+                        help="comma list of static, controlled (served runs) and offline (the "
+                        "controller replayed on the reference without servers, in seconds; the "
+                        "headline uses it when there is no served controlled run)")
     parser.add_argument("--cloud-timeout", type=float, default=2.0, help="edge->cloud deadline, s")
     parser.add_argument("--drain-s", type=float, default=1.0,
                         help="wait after the replay for shadow answers in flight")
@@ -446,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     served: dict[str, dict] = {}
     codes: dict[str, int] = {}
     errors: dict[str, str] = {}
-    if modes:
+    served_modes = [m for m in modes if m != "offline"]
+    if served_modes:
         with tempfile.TemporaryDirectory(prefix="edgecloud-controller-") as tmp:
             workdir = Path(tmp)
             cloud = start_server("cloud", ["--repository", str(bundle.path.parent), "--model",
@@ -454,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "--intra-op-threads", "1"], workdir)
             relay = ThreadedRelay(("127.0.0.1", 0), ("127.0.0.1", int(cloud.info["grpc_port"])), 0.0)
             try:
-                for mode in modes:
+                for mode in served_modes:
                     try:
                         served[mode] = replay_mode(mode, args, bundle, stream, cloud, relay, workdir, say)
                     except Exception as exc:  # noqa: BLE001 - the other mode's numbers still count
@@ -467,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 relay.close()
                 codes["cloud"] = cloud.stop()
+    if "offline" in modes:
+        runs["offline"] = offline_windows(args, ref, window)
     runs["oracle"] = as_dict(oracle)
     runs_offline_static = as_dict(static_offline)
 
@@ -476,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         static_source = "offline"
     static = runs["static"]
     controlled = runs.get("controlled")
+    controlled_source = "served"
+    if controlled is None and "offline" in runs:  # no served controlled run: the offline replay
+        controlled, controlled_source = runs["offline"], "offline"
     head = headline(args.target, settled, static, controlled, runs["oracle"], window)
     every = headline(args.target, np.ones(n_windows, dtype=bool), static, controlled, runs["oracle"], window)
     consistency = None
@@ -484,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {
         "benchmark": "controller", "bundle": manifest.name, "policy": manifest.policy,
         "target": args.target, "delta": args.delta,
-        "static_threshold": static_t, "static_source": static_source, "window_size": window,
+        "static_threshold": static_t, "static_source": static_source,
+        "controlled_source": controlled_source if controlled is not None else None,
+        "window_size": window,
         "windows": n_windows,
         "settled_windows": head["windows"],
         "settling": {
@@ -514,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             **{f"static_offline_{k}": v for k, v in runs_offline_static.items()},
         },
         "static_served_vs_offline_max_agreement_gap": consistency,
-        "control": control_section(args) if "controlled" in modes else None,
+        "control": control_section(args) if {"controlled", "offline"} & set(modes) else None,
         "stream": {**spec.to_dict(), "samples": spec.length, "dataset": "cifar10 test"},
         "batch": args.batch, "rate": args.rate, "modes": modes, "errors": errors or None,
         "replay_wall_s": {m: round(served[m]["result"].wall_s, 1) for m in served},

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -572,4 +572,27 @@ def _check_settings(s: ControlSettings) -> None:
         raise ValueError("backoff_factor must lie in [0, 1] and backoff_s be >= 0")
 
 
-__all__ = ["BudgetStatus", "ControlSettings", "ControlState", "ExitController", "Observations"]
+def from_config(config: Any, key: str = "control") -> tuple[Budgets, ControlSettings]:
+    """The budgets and settings of an ``edge.control.<model>`` entry
+    (:class:`edgecloud.config.ControlConfig`); ValueError naming ``key`` when the budgets are
+    invalid. Shared by the daemon and the offline replay, so both read a config the same way."""
+    try:
+        budgets = Budgets(
+            agreement=config.agreement, delta=config.delta, energy_j=config.energy_j,
+            uplink_bytes_s=config.uplink_bytes_s,
+            p99_latency_s=None if config.p99_latency_ms is None else config.p99_latency_ms / 1000.0,
+            priority=tuple(config.priority),
+        )
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from exc
+    settings = ControlSettings(
+        window=config.window, min_samples=config.min_samples, interval_s=config.interval_s,
+        step_samples=config.step_samples, shadow_min=config.shadow_min,
+        shadow_max=config.shadow_max, shadow_target=config.shadow_target, bound=config.bound,
+        act_on=config.act_on, max_step=config.max_step, backoff_s=config.backoff_s,
+        backoff_factor=config.backoff_factor, seed=config.seed,
+    )
+    return budgets, settings
+
+
+__all__ = ["BudgetStatus", "ControlSettings", "ControlState", "ExitController", "Observations", "from_config"]

@@ -188,8 +188,7 @@ class ControlSpec:
 def control_spec(config: Any, runner: EdgeRunner, key: str) -> ControlSpec:
     """A :class:`ControlSpec` from an ``edge.control.<model>`` entry; ValueError naming ``key``
     and the field when the model cannot be controlled that way."""
-    from edgecloud.control.budgets import Budgets
-    from edgecloud.control.controller import ControlSettings
+    from edgecloud.control.controller import from_config
 
     if runner.manifest.edge_only:
         raise ValueError(f"{key}: model {runner.name!r} is an edge-only bundle (no cloud part); "
@@ -209,22 +208,7 @@ def control_spec(config: Any, runner: EdgeRunner, key: str) -> ControlSpec:
         if thresholds[exit_index] is None:
             raise ValueError(f"{key}.exit_index: exit {exit_index} of model {runner.name!r} has no "
                              "threshold (it answers everything that reaches it); give it one")
-    try:
-        budgets = Budgets(
-            agreement=config.agreement, delta=config.delta, energy_j=config.energy_j,
-            uplink_bytes_s=config.uplink_bytes_s,
-            p99_latency_s=None if config.p99_latency_ms is None else config.p99_latency_ms / 1000.0,
-            priority=tuple(config.priority),
-        )
-    except ValueError as exc:
-        raise ValueError(f"{key}: {exc}") from exc
-    settings = ControlSettings(
-        window=config.window, min_samples=config.min_samples, interval_s=config.interval_s,
-        step_samples=config.step_samples, shadow_min=config.shadow_min,
-        shadow_max=config.shadow_max, shadow_target=config.shadow_target, bound=config.bound,
-        act_on=config.act_on, max_step=config.max_step, backoff_s=config.backoff_s,
-        backoff_factor=config.backoff_factor, seed=config.seed,
-    )
+    budgets, settings = from_config(config, key)
     return ControlSpec(budgets=budgets, settings=settings, exit_index=exit_index)
 
 
