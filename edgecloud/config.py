@@ -282,6 +282,8 @@ class ControlConfig(_Strict):
     backoff_factor: float = Field(0.5, ge=0, le=1, description="the cap: this share of the "
                                   "offload share before the saturation report")
     seed: int = Field(0, description="seed of the shadow draws")
+    curve_memory: int = Field(0, ge=0, description="samples over which the exits' disagreement "
+                              "rate is bounded (model-based, > window; 0: off)")
 
     @field_validator("priority")
     @classmethod

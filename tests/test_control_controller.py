@@ -303,3 +303,24 @@ def test_concurrent_use_is_safe():
         t.join()
     assert not errors
     assert c.step().window_samples == 2000      # 4,500 observed, the window keeps the last 2,000
+
+
+def test_curve_memory_holds_a_stable_stream_and_backs_off_when_the_curve_rises():
+    budgets = Budgets(agreement=0.97, delta=0.1)
+    mem = controller(budgets, seed=5, curve_memory=8000)
+    b = Stream(mem, seed=7).run([0.25] * 100)
+    assert status(b[-1], "agreement").met
+    assert 0.3 < b[-1].exit_share < 1.0
+    # the curve triples: the check sees it in the offloaded labels, the exits shrink
+    stream = Stream(mem, seed=8)
+    after = stream.run([0.75] * 30)
+    assert after[-1].exit_share < b[-1].exit_share
+    assert after[-1].agreement >= 0.97
+
+
+def test_curve_memory_is_validated_and_off_by_default():
+    assert ControlSettings().curve_memory == 0
+    with pytest.raises(ValueError, match="curve_memory"):
+        controller(Budgets(agreement=0.97), curve_memory=-1)
+    with pytest.raises(ValueError, match="curve_memory"):
+        controller(Budgets(agreement=0.97), curve_memory=8000, bound="anytime")

@@ -20,6 +20,7 @@ from edgecloud.control.estimate import (
     anytime_delta,
     binomial_count_upper,
     candidate_thresholds,
+    curve_rose,
     estimate,
     exit_counts,
     exits_at,
@@ -228,3 +229,84 @@ def test_mixture_quantile_moves_between_the_two_groups():
     assert q[1] < 0.011            # 0.5 % slow samples still fit under the 1 % tail
     assert q[2] >= 0.19 and q[3] == pytest.approx(np.quantile(slow, 0.99), abs=1e-3)
     assert np.isnan(mixture_quantile(fast, np.array([]), np.array([0.2]))[0])
+
+
+# ---- curve memory (estimate(..., memory=...), memory_count_upper, curve_rose) ----------------
+
+def memory_window(rng, n_mem: int, n_win: int, *, level: float = 1.0, rise: float = 1.0,
+                  shift: float = 0.0, p: float = 0.08, t_old: float = 0.8):
+    """A memory of ``n_mem`` samples ending with a window of ``n_win``: the older part ran at
+    threshold ``t_old`` (so its offloaded samples above it are labelled), the window at T0.
+    The window's curve is ``rise`` x the older one's; its scores are shifted by ``shift``
+    (a change of the score distribution alone)."""
+    s = rng.uniform(0.0, 2.0, n_mem)
+    s[-n_win:] = 2.0 * (s[-n_win:] / 2.0) ** (1.0 - shift)   # shift > 0: less confident
+    q = level * (s / 2.0) ** 2
+    q[-n_win:] = np.clip(q[-n_win:] * rise, 0.0, 1.0)
+    d = (rng.random(n_mem) < q).astype(float)
+    thr = np.full(n_mem, t_old)
+    thr[-n_win:] = T0
+    ex = s < thr
+    sh = ex & (rng.random(n_mem) < p)
+    obs = np.where(~ex | sh, d, np.nan)
+    mem = WindowData.of(s, ex, sh, np.where(ex, p, 1.0), obs)
+    win = WindowData.of(s[-n_win:], ex[-n_win:], sh[-n_win:], mem.shadow_prob[-n_win:],
+                        obs[-n_win:])
+    return mem, win, s[-n_win:], d[-n_win:]
+
+
+def test_memory_bound_covers_the_window_when_the_curve_is_stable():
+    """Stream i.i.d. (the stated assumption holds in distribution): redraw the stream and the
+    shadows; the memory-based bound covers the window's true disagreement at >= 1 - delta."""
+    rng = np.random.default_rng(41)
+    delta, reps = 0.1, 500
+    hit = np.empty((reps, CANDS.size), dtype=bool)
+    width = np.zeros((2, CANDS.size))
+    for r in range(reps):
+        mem, win, s, d = memory_window(rng, 12000, 3000)
+        target = truth(s, d, CANDS)
+        e = estimate(win, "entropy", CANDS, delta=delta, memory=mem)
+        own = estimate(win, "entropy", CANDS, delta=delta)
+        hit[r] = e.disagree_upper >= target - 1e-12
+        width += np.stack([e.disagree_upper - target, own.disagree_upper - target]) / reps
+        np.testing.assert_allclose(e.disagree, own.disagree)   # the point estimate is the window's
+    slack = 3 * math.sqrt(delta * (1 - delta) / reps)
+    assert np.all(hit.mean(axis=0) >= 1 - delta - slack), hit.mean(axis=0)
+    # and it is what the memory is for: a tighter bound below and at T0 (at T0 the memory's
+    # exit side also holds older offloaded samples nearer the threshold: conservative there)
+    assert np.all(width[0, :3] < width[1, :3]), width
+
+
+def test_memory_count_upper_is_the_rate_bound_scaled_to_the_window():
+    rng = np.random.default_rng(42)
+    mem, win, s, d = memory_window(rng, 8000, 2000)
+    e = estimate(win, "entropy", CANDS, delta=0.05, memory=mem)
+    assert np.all(np.diff(e.disagree_upper) >= -1e-12)   # still grows with the exits
+    assert np.all(e.disagree_upper <= 1.0)
+    # a memory no longer than the window is ignored (today's bound)
+    same = estimate(win, "entropy", CANDS, delta=0.05, memory=win)
+    own = estimate(win, "entropy", CANDS, delta=0.05)
+    np.testing.assert_array_equal(same.disagree_upper, own.disagree_upper)
+
+
+def test_curve_rose_detects_a_rise_and_ignores_a_score_shift():
+    rng = np.random.default_rng(43)
+    reps, level = 200, 0.05
+    alarms = {"stable": 0, "shift": 0, "rise": 0}
+    for _ in range(reps):
+        for case, kw in (("stable", {}), ("shift", {"shift": 0.3}), ("rise", {"rise": 1.5})):
+            mem, _, _, _ = memory_window(rng, 12000, 3000, level=0.6, **kw)
+            alarms[case] += curve_rose(mem, 3000, "entropy", level)
+    slack = 3 * math.sqrt(level * (1 - level) / reps)
+    assert alarms["stable"] / reps <= level + slack
+    assert alarms["shift"] / reps <= level + slack   # post-stratified: the mix alone is no rise
+    assert alarms["rise"] / reps >= 0.9
+
+
+def test_a_rise_falls_back_to_the_window_bound():
+    rng = np.random.default_rng(44)
+    mem, win, s, d = memory_window(rng, 12000, 3000, level=0.6, rise=3.0)
+    assert curve_rose(mem, 3000, "entropy")
+    e = estimate(win, "entropy", CANDS, delta=0.05, memory=mem)
+    own = estimate(win, "entropy", CANDS, delta=0.05)
+    np.testing.assert_array_equal(e.disagree_upper, own.disagree_upper)

@@ -71,3 +71,19 @@ def test_from_config_maps_the_daemon_config() -> None:
 def test_offline_replay_rejects_a_bad_batch() -> None:
     with pytest.raises(ValueError, match="batch"):
         replay_offline(synthetic_reference(100), Budgets(agreement=0.97), _settings(), batch=0)
+
+
+def test_offline_replay_with_curve_memory_holds_the_agreement_through_drift() -> None:
+    n, drift = 16000, 8000
+    ref = synthetic_reference(n, seed=1, drift_at=drift)
+    run = replay_offline(ref, Budgets(agreement=0.97, delta=0.05), _settings(curve_memory=12000))
+    agrees = np.where(run.exited, ref.edge_agrees, True)
+    settled = np.r_[4000:drift, drift + 4000:n]
+    assert agrees[settled].mean() >= 0.97
+    assert np.nanmean(run.threshold[n - 1000:]) < np.nanmean(run.threshold[drift - 1000:drift])
+
+
+def test_from_config_maps_curve_memory() -> None:
+    _, settings = from_config(ControlConfig(agreement=0.97, curve_memory=16000), "edge.control.m")
+    assert settings.curve_memory == 16000
+    assert from_config(ControlConfig(agreement=0.97), "m")[1].curve_memory == 0

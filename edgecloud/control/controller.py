@@ -20,6 +20,14 @@ rate varied; with ``anytime`` also when the exits adapted to the draws and simul
 all steps). That the *next* samples behave like the window is an assumption (stationarity over
 about one window), not a guarantee. Energy, uplink and latency are point estimates.
 
+Curve memory (``curve_memory`` > ``window``; off by default). The exited part of the agreement
+bound then uses the disagreement *rate* on the exit side of each threshold, bounded exactly on the
+last ``curve_memory`` samples (several windows of shadows, plus their free offloaded labels) and
+applied to the window's own exits. This adds an ASSUMPTION: the window's exits disagree at a rate
+no higher than the memory's at the same threshold. A check on the free offloaded labels
+(:func:`edgecloud.control.estimate.curve_rose`, post-stratified by score) falls back to the
+window's own exact bound when the curve rose. See :func:`edgecloud.control.estimate.memory_count_upper`.
+
 Contract with the data plane: ``shadow_prob`` must be the probability a sample really had of
 being labelled by a shadow. A shadow that was drawn but never sent (queue full, send failed)
 should be reported ``shadowed=True`` with ``disagree`` NaN (a label failure: re-weighted in the
@@ -75,6 +83,9 @@ class ControlSettings:
     backoff_s: float = 10.0        # how long a cloud saturation report caps offloads
     backoff_factor: float = 0.5    # the cap: this share of the offload share before the report
     seed: int = 0                  # shadow draws
+    curve_memory: int = 0          # samples (> window) over which the exits' disagreement RATE
+    # per threshold is bounded (clopper-pearson only; 0: off, today's bound). Model-based: see
+    # edgecloud.control.estimate.memory_count_upper for the assumption and its check
 
 
 @dataclass
@@ -129,6 +140,7 @@ class ControlState:
 _COLUMNS = ("score", "exited", "shadowed", "shadow_prob", "disagree", "compute_j", "radio_j",
             "sent_bytes", "latency_s", "time_s")
 _DTYPES = {"exited": bool, "shadowed": bool, "sent_bytes": np.int64}
+_MEM_COLUMNS = ("score", "exited", "shadowed", "shadow_prob", "disagree")
 _RATE_STEP = math.sqrt(2.0)  # shadow rates are quantised to shadow_min * sqrt(2)^k
 
 
@@ -195,6 +207,7 @@ class ExitController:
         self._lock = threading.RLock()
         self._rng = np.random.default_rng(settings.seed)
         self._data = {c: np.zeros(0, dtype=_DTYPES.get(c, np.float64)) for c in _COLUMNS}
+        self._mem = {c: np.zeros(0, dtype=_DTYPES.get(c, np.float64)) for c in _MEM_COLUMNS}
         self._version = 0
         self._cache: tuple | None = None
         self._shadow = float(self._rates(np.array([1.0]))[0])
@@ -249,6 +262,9 @@ class ExitController:
         with self._lock:
             for c in _COLUMNS:
                 self._data[c] = np.concatenate([self._data[c], rows[c]])[-keep:]
+            if self._settings.curve_memory > keep:
+                for c in _MEM_COLUMNS:
+                    self._mem[c] = np.concatenate([self._mem[c], rows[c]])[-self._settings.curve_memory:]
             self._version += 1
 
     # ---- control -------------------------------------------------------------------------
@@ -347,6 +363,14 @@ class ExitController:
         d = self._data
         return WindowData.of(d["score"], d["exited"], d["shadowed"], d["shadow_prob"], d["disagree"])
 
+    def _memory(self) -> WindowData | None:
+        """The longer memory for the disagreement curve (None: off, or not longer than the
+        window yet)."""
+        m = self._mem
+        if self._settings.curve_memory <= self._settings.window or m["score"].shape[0] <= self._n():
+            return None
+        return WindowData.of(m["score"], m["exited"], m["shadowed"], m["shadow_prob"], m["disagree"])
+
     def _sample_rate(self) -> float:
         """Samples per second over the window's time span (NaN: one batch time only)."""
         t = self._data["time_s"]
@@ -378,7 +402,8 @@ class ExitController:
     def _scan(self, thresholds: np.ndarray, backoff: bool) -> _Scan:
         d = self._data
         est = estimate(self._window(), self._kind, thresholds, delta=self._budgets.delta,
-                       bound=self._settings.bound, looks=max(1, self._looks))
+                       bound=self._settings.bound, looks=max(1, self._looks),
+                       memory=self._memory())
         share = est.exit_share
         offload = 1.0 - share
         rate = (np.full(share.shape, self._settings.shadow_min) if backoff
@@ -568,6 +593,10 @@ def _check_settings(s: ControlSettings) -> None:
         raise ValueError(f"unknown act_on {s.act_on!r}; use 'bound' or 'estimate'")
     if s.max_step is not None and not s.max_step > 0:
         raise ValueError("max_step must be > 0 (or None)")
+    if s.curve_memory < 0:
+        raise ValueError("curve_memory must be >= 0 (0: off)")
+    if s.curve_memory and s.bound != "clopper-pearson":
+        raise ValueError("curve_memory works with bound='clopper-pearson' only")
     if not 0.0 <= s.backoff_factor <= 1.0 or s.backoff_s < 0:
         raise ValueError("backoff_factor must lie in [0, 1] and backoff_s be >= 0")
 
@@ -591,6 +620,7 @@ def from_config(config: Any, key: str = "control") -> tuple[Budgets, ControlSett
         shadow_max=config.shadow_max, shadow_target=config.shadow_target, bound=config.bound,
         act_on=config.act_on, max_step=config.max_step, backoff_s=config.backoff_s,
         backoff_factor=config.backoff_factor, seed=config.seed,
+        curve_memory=getattr(config, "curve_memory", 0),
     )
     return budgets, settings
 

@@ -58,6 +58,12 @@ measured operating point (4,000-sample window, 2,852 exits, 58 disagreeing, 200 
 disagreement bound is 3.2 % with ``clopper-pearson``, 7.0 % with ``anytime`` at the first look and
 14 % at the 1,000th (true 1.44 %); 800 shadows per window give 2.0 %, 3.1 % and 4.8 %.
 
+Curve memory (optional, ``estimate(..., memory=...)``). The exited part of the bound can use the
+disagreement *rate* on the exit side of each threshold, bounded exactly on a longer memory and
+applied to the window's exit count: tighter (several windows of labels), but model-based, see
+:func:`memory_count_upper` (assumption) and :func:`curve_rose` (its check, which falls back to
+the bound above).
+
 Scanning thresholds. The candidates are ordered from the fewest exits to the most and tested in
 that order, stopping at the first one whose bound fails (fixed-sequence testing, as in
 Learn-then-Test, Angelopoulos et al. 2021, and "Fast yet Safe", Jazbec et al. 2024). Because
@@ -73,7 +79,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import special
+from scipy import special, stats
 
 from edgecloud.exits import PolicyKind
 
@@ -271,11 +277,19 @@ def estimate(
     delta: float = 0.05,
     bound: BoundKind | None = "clopper-pearson",
     looks: int = 1,
+    memory: WindowData | None = None,
+    check_level: float = 0.05,
 ) -> Estimates:
     """Estimate and (1 - delta) upper bound of ``D(t)`` at every threshold (vectorised).
 
     ``looks``: how many times the controller has looked so far (``anytime`` only).
     ``bound=None``: the point estimate only (upper bound NaN), for cheap look-ups.
+    ``memory``: a longer stretch of the stream ending with this window (``clopper-pearson``
+    only): unless :func:`curve_rose` (at ``check_level``) says the disagreement curve rose in
+    this window, the exited part of the bound uses the memory's exit-side disagreement *rate*
+    (:func:`memory_count_upper`: model-based, with a stated assumption). The check reads only
+    offloaded samples' labels, not the shadow draws, so whichever bound it selects keeps its own
+    level ``delta`` (no split). The point estimate is the window's own either way (unbiased).
     """
     t = as_threshold_array(thresholds)
     n = window.n
@@ -315,13 +329,105 @@ def estimate(
     if bound is None:
         return Estimates(t, n, k, d_hat, np.full(t.shape, np.nan))
     if bound == "clopper-pearson":
-        k_up = binomial_count_upper(x.astype(np.int64), cap, p_min, delta)
+        if memory is not None and memory.n > n and not curve_rose(memory, n, kind, check_level):
+            k_up = memory_count_upper(memory, kind, t, n_ex, x.astype(np.int64), cap, delta=delta)
+        else:
+            k_up = binomial_count_upper(x.astype(np.int64), cap, p_min, delta)
     elif bound == "anytime":
         k_up = bennett_count_upper(ht_pess, cap, p_min, anytime_delta(delta, looks))
     else:
         raise ValueError(f"unknown bound {bound!r}; use 'clopper-pearson' or 'anytime'")
     upper = (a_known + a_failed + k_up) / n
     return Estimates(t, n, k, d_hat, np.minimum(upper, 1.0))
+
+
+def memory_count_upper(
+    memory: WindowData, kind: PolicyKind, t: np.ndarray, n_ex: np.ndarray, x: np.ndarray,
+    cap: np.ndarray, *, delta: float,
+) -> np.ndarray:
+    """Upper bound on the window's disagreeing exits at each threshold, from a longer memory.
+
+    Why: ~100 shadows per window leave the exact bound 2-3x the truth, while the rate at which
+    samples on the exit side of a threshold disagree changes more slowly than the window's
+    score distribution. So that rate is bounded on the memory (``M`` samples, several windows:
+    several times the shadows, and every offloaded sample of the memory is labelled for free) and
+    applied to the window's own exit count.
+
+    The memory part is exact and design-based: at threshold ``t`` the memory holds ``N_m``
+    samples on the exit side of ``t``; the offloaded-then ones among them are labelled (``A_m``
+    disagree; a failed label counts as a disagreement), and the exited-then ones' disagreeing
+    count is bounded by the same Clopper-Pearson construction as the window's (``K_m``, level
+    ``delta``, smallest shadow probability among them). So ``rho = (A_m + K_m) / N_m`` bounds the
+    memory's exit-side disagreement rate at ``t`` with probability ``>= 1 - delta`` over the
+    memory's shadow draws.
+
+    ASSUMPTION (not guaranteed): the window's exited samples on the exit side of ``t`` disagree at
+    a rate no higher than the memory's samples on the exit side of ``t`` (the curve did not rise
+    over the memory's span and the window's exits are not less confident than the memory's exit
+    side). Then the window's count is at most ``floor(n_ex * rho)``, returned capped at ``cap``
+    and at least ``x`` (the disagreements seen). :func:`estimate` checks the first half of the
+    assumption with :func:`curve_rose` and otherwise uses the window's own bound.
+    """
+    key = confidence_key(kind, memory.score)
+    order = np.argsort(-key, kind="stable")
+    k = exit_counts(kind, np.sort(key), t)
+    ex, sh = memory.exited, memory.shadowed
+    labelled = ~np.isnan(memory.disagree)
+    d1 = labelled & (memory.disagree > 0.5)
+    p = np.where(ex, memory.shadow_prob, 1.0)
+
+    def at(values: np.ndarray) -> np.ndarray:
+        return _prefix(order, values.astype(np.float64))[k]
+
+    n_ex_m = at(ex)
+    m_m = at(sh)
+    x_m = at(sh & (d1 | ~labelled))
+    cap_m = (n_ex_m - (m_m - x_m)).astype(np.int64)
+    p_run = np.concatenate([[1.0], np.minimum.accumulate(np.where(ex, p, np.inf)[order])])
+    p_min = np.where(np.isfinite(p_run[k]), p_run[k], 1.0)
+    k_m = binomial_count_upper(x_m.astype(np.int64), cap_m, p_min, delta)
+    a_m = at(~ex & (d1 | ~labelled))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.where(k > 0, (a_m + k_m) / k, 1.0)
+    k_model = np.floor(n_ex * rho + 1e-9).astype(np.int64)
+    return np.maximum(np.minimum(k_model, np.asarray(cap, np.int64)), np.asarray(x, np.int64))
+
+
+def curve_rose(memory: WindowData, n_recent: int, kind: PolicyKind, level: float = 0.05,
+               bins: int = 16) -> bool:
+    """Did the disagreement-by-score curve rise in the last ``n_recent`` samples of ``memory``?
+
+    Uses the free labels only: offloaded samples (the cloud answered them all). The older part
+    of the memory gives a disagreement rate per score bin (``bins`` quantile bins of its
+    offloaded scores); the recent offloaded samples' expected disagreeing count under those
+    rates is ``E = sum r_b(i)`` (post-stratified, so a shift of the score distribution alone
+    does not trigger it), with variance ``V = sum r (1 - r)``; the curve "rose" when the observed
+    count exceeds ``E`` by more than the one-sided normal quantile at ``level`` times ``sqrt(V)``
+    (``V`` adds the older rates' own sampling variance). Bins: 16 (a rate that varies inside a
+    bin lets a pure score shift raise false alarms; a false alarm only falls back to the
+    window's own exact bound, so it costs energy, never coverage).
+
+    What it can see: the curve above the threshold (where labels are free). The assumption it
+    supports is that a rise of the curve below the threshold shows above it too.
+    """
+    old, new = slice(0, memory.n - n_recent), slice(memory.n - n_recent, memory.n)
+    lab = ~memory.exited & ~np.isnan(memory.disagree)
+    key = confidence_key(kind, memory.score)
+    k_old, d_old = key[old][lab[old]], memory.disagree[old][lab[old]]
+    k_new, d_new = key[new][lab[new]], memory.disagree[new][lab[new]]
+    if k_old.size < bins or k_new.size == 0:
+        return False
+    edges = np.quantile(k_old, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+    b_old, b_new = np.searchsorted(edges, k_old), np.searchsorted(edges, k_new)
+    n_old = np.maximum(np.bincount(b_old, minlength=bins), 1)
+    rate = np.bincount(b_old, weights=d_old, minlength=bins) / n_old
+    r = rate[b_new]
+    n_new = np.bincount(b_new, minlength=bins)
+    e = float(r.sum())
+    # Var(observed) + Var(expected): the older rates are estimates too
+    v = float((r * (1.0 - r)).sum() + (n_new ** 2 * rate * (1.0 - rate) / n_old).sum())
+    z = stats.norm.isf(level)
+    return float(d_new.sum()) > e + z * math.sqrt(max(v, 1e-12))
 
 
 def fixed_sequence(passes: np.ndarray) -> int:
@@ -354,6 +460,7 @@ def mixture_quantile(
 __all__ = [
     "ANYTIME_LAMBDAS", "BoundKind", "Estimates", "WindowData", "anytime_delta",
     "bennett_count_upper", "binomial_count_upper", "candidate_thresholds", "confidence_key",
-    "estimate", "exit_counts", "exits_at", "fixed_sequence", "mixture_quantile",
+    "curve_rose",
+    "estimate", "exit_counts", "exits_at", "fixed_sequence", "memory_count_upper", "mixture_quantile",
     "most_conservative",
 ]
