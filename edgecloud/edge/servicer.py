@@ -279,17 +279,11 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument(f"parameter {name!r} must be a number, got NaN")
         return value
 
-    @staticmethod
-    def _threshold_parameter(runner: EdgeRunner, request: pb.ModelInferRequest) -> float | None:
-        if THRESHOLD_PARAMETER not in request.parameters:
+    @classmethod
+    def _threshold_parameter(cls, runner: EdgeRunner, request: pb.ModelInferRequest) -> float | None:
+        value = cls._number_parameter(request, THRESHOLD_PARAMETER)
+        if value is None:
             return None
-        param = request.parameters[THRESHOLD_PARAMETER]
-        kind = param.WhichOneof("parameter_choice")
-        if kind not in NUMBER_KINDS:
-            raise InvalidArgument(
-                f"parameter {THRESHOLD_PARAMETER!r} must be a number (double), got {kind or 'nothing'}"
-            )
-        value = float(getattr(param, kind))
         try:
             ExitPolicy(kind=runner.policy.kind, thresholds=[value])  # validates the value
         except ValueError as exc:
