@@ -95,7 +95,7 @@ class EdgeAdminServicer(admin_pb2_grpc.EdgeAdminServicer):
 
     # ---- online exit control ---------------------------------------------------------------
     def _controls(self) -> Mapping[str, Any]:
-        return getattr(self.dataplane, "controls", None) or {}
+        return self.dataplane.controls if self.dataplane is not None else {}
 
     def _control(self, name: str, context: grpc.ServicerContext) -> Any:
         self._runner(name, context)

@@ -54,7 +54,6 @@ call ran out of it, the edge answers with its best exit, ``degraded_reason`` ``D
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import queue
@@ -101,18 +100,6 @@ def policy_score(kind: str, probs: np.ndarray) -> np.ndarray:
     return p.max(axis=1) if p.shape[0] else np.zeros(0)
 
 
-def row_bytes(runner: EdgeRunner, wire: Any) -> np.ndarray:
-    """Bytes every row of an encoded payload puts on the radio ([K] int64): the runner's
-    ``wire_bytes`` (exact for variable-length encodings), else the tensor's bytes split evenly."""
-    if hasattr(runner, "wire_bytes"):
-        return np.asarray(runner.wire_bytes(wire), dtype=np.int64).reshape(-1)
-    k = int(wire.shape[0])
-    share, extra = divmod(int(wire.nbytes), max(k, 1))
-    out = np.full(k, share, dtype=np.int64)
-    out[:extra] += 1
-    return out
-
-
 class EdgeModel:
     """One served bundle: its runner and the micro-batcher in front of it."""
 
@@ -134,7 +121,6 @@ class EdgeModel:
         self._latency_lock = threading.Lock()
         self._round_trips: deque[tuple[float, float]] = deque(maxlen=LATENCY_HISTORY)
         # complete() counts the bytes actually sent when it takes them (variable-length encodings)
-        self.complete_takes_bytes = "sent_bytes" in inspect.signature(runner.complete).parameters
 
     def metric(self, metric: str, *labels: str) -> Any:
         """``metrics.<metric>.labels(model, *labels)``, cached: prometheus_client's labels()
@@ -518,7 +504,7 @@ class EdgeDataPlane:
             else:
                 try:
                     wire = runner.encode_offload(edge.offload)  # what the radio carries
-                    sent_rows = row_bytes(runner, wire)
+                    sent_rows = runner.wire_bytes(wire)
                     reply = self.cloud.infer(name, wire, remaining)
                     cloud_probs, transmitted = reply.probs, True
                     cloud_latency_ms = reply.latency_s * 1000.0
@@ -590,9 +576,8 @@ class EdgeDataPlane:
     @staticmethod
     def _complete(model: EdgeModel, edge: EdgeResult, cloud_probs: np.ndarray | None,
                   transmitted: bool, sent_rows: np.ndarray) -> SampleResults:
-        if model.complete_takes_bytes and transmitted and sent_rows.size:
-            return model.runner.complete(edge, cloud_probs, transmitted, sent_bytes=sent_rows)
-        return model.runner.complete(edge, cloud_probs, transmitted)
+        sent = sent_rows if transmitted and sent_rows.size else None
+        return model.runner.complete(edge, cloud_probs, transmitted, sent_bytes=sent)
 
     @staticmethod
     def _count(model: EdgeModel, results: SampleResults) -> None:
@@ -672,7 +657,7 @@ class EdgeDataPlane:
             try:
                 features = runner.offload_for(job.x)
                 wire = runner.encode_offload(features)
-                per_row = row_bytes(runner, wire)
+                per_row = runner.wire_bytes(wire)
                 reply = self.cloud.infer(model.name, wire, None)
                 transmitted = True
             except CloudUnavailable as exc:
