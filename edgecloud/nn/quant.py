@@ -23,6 +23,11 @@ Weight encodings:
 - ``weight_bits == 1``: w_int = sign(W - mean) in {-1, +1}, w_scale = mean |W| per filter.
 - ``weight_bits == k > 1``: symmetric, w_int in [-(2^(k-1) - 1), 2^(k-1) - 1], per-filter
   scale = max |W| / (2^(k-1) - 1).
+
+Two-step binary training (Real-to-Binary, Martinez et al. 2020; ReActNet, Liu et al. 2020): while
+a binary-weight layer's ``real_weights`` is set (:func:`set_real_weights`), it uses its float
+weights as they are (w_int = W, w_scale = 1), with its activations still quantized; the identity
+above holds with a float "integer" product, so only training may use it, never a backend.
 """
 
 from __future__ import annotations
@@ -102,6 +107,9 @@ class QuantLayerMixin:
     act_bits: int
     mvm_fn: MvmFn | None  # set by a backend; None = digital reference
     act_range: nn.Parameter | None  # learned clip of k-bit inputs (``learn_range``); None: 1
+    # Two-step binary training, phase 1: binary-weight layers use their float weights (not in the
+    # state_dict: the training loop sets it per epoch; see :func:`set_real_weights`).
+    real_weights: bool = False
 
     # ---- weights -------------------------------------------------------------------------
     def float_weight(self) -> torch.Tensor:
@@ -119,6 +127,8 @@ class QuantLayerMixin:
         """
         w = self.float_weight()
         dims = tuple(range(1, w.dim()))
+        if self.weight_bits == 1 and self.real_weights:
+            return w, torch.ones(w.shape[0], dtype=w.dtype, device=w.device)
         if self.weight_bits == 1:
             centred = w - w.mean(dim=dims, keepdim=True)
             scale = centred.abs().mean(dim=dims)
@@ -298,6 +308,17 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", weight_bits={self.weight_bits}, act_bits={self.act_bits}"
+
+
+def set_real_weights(module: nn.Module, on: bool) -> int:
+    """Switch every binary-weight layer of ``module`` to its float weights (``on``; phase 1 of
+    two-step binary training) or back to binary weights; returns how many layers it set."""
+    n = 0
+    for _, layer in quant_layers(module):
+        if layer.weight_bits == 1:
+            layer.real_weights = on
+            n += 1
+    return n
 
 
 def quant_layers(module: nn.Module) -> Iterator[tuple[str, QuantLayerMixin]]:

@@ -22,6 +22,17 @@ each kernel configuration of the recipe's sandwich in turn and accumulates the g
 losses, each divided by their number, before the one optimiser step (the teacher, with
 ``distill``, runs once per batch); between steps the supernet sits at its largest kernels. The
 per-epoch training loss and accuracy are those of each step's last sub-network.
+
+Airbench options (all off by default; :mod:`edgecloud.train.ema`): with ``optim.lookahead`` the
+slow weights are updated after the optimiser step (before the masks are re-applied); with
+``optim.ema`` the average is updated after it, validation measures the average, the checkpoint's
+``model`` holds the average (what ``load_checkpoint``, ``init`` and ``distill`` then use) and
+``train_model`` the trained weights a resume continues from, and the returned model (and the one
+family stages continue from) is the average. ``optim.binary_weights_from_epoch`` switches the
+binary-weight layers from real to binary weights at that epoch (:func:`edgecloud.nn.quant.set_real_weights`;
+derived from the epoch, so a resume needs no state). ``eval.tta_flip`` adds ``val_accuracy_tta``
+(mean logits of each image and its mirror) to the history. A model with ``init_from_data``
+(the ``resnet`` family's ``whiten_stem``) is initialised from the training images on a fresh run.
 """
 
 from __future__ import annotations
@@ -89,6 +100,23 @@ def load_splits(recipe: Recipe, with_test: bool = True) -> Splits:
 def build_model(recipe: Recipe) -> nn.Module:
     seed_everything(recipe.seed)
     return create_model(recipe.family, **recipe.arch)
+
+
+@torch.no_grad()
+def evaluate_accuracy_tta(model: nn.Module, ds: ImageDataset, batch_size: int = 500) -> list[float]:
+    """Accuracy of every output on ``ds`` when each image's logits are averaged with its mirror's
+    (airbench's test-time flip); a measurement only: the bundle serves single views."""
+    model.eval()
+    correct: list[int] = []
+    for x, y in Loader(ds, batch_size):
+        plain, mirrored = model(x), model(x.flip(-1))
+        plain = plain if isinstance(plain, (list, tuple)) else [plain]
+        mirrored = mirrored if isinstance(mirrored, (list, tuple)) else [mirrored]
+        if not correct:
+            correct = [0] * len(plain)
+        for i, (a, b) in enumerate(zip(plain, mirrored)):
+            correct[i] += int(((a.float() + b.float()).argmax(1) == y).sum())
+    return [c / max(len(ds), 1) for c in correct]
 
 
 def make_optimizer(model: nn.Module, o: OptimSpec) -> torch.optim.Optimizer:
@@ -231,9 +259,11 @@ def run_training(
     if o.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loader = Loader(splits.train, o.batch_size, shuffle=True, drop_last=len(splits.train) > o.batch_size,
-                    crop_padding=recipe.data.crop_padding, hflip=recipe.data.hflip, seed=recipe.seed,
+                    crop_padding=recipe.data.crop_padding, flip=recipe.data.flip_mode, seed=recipe.seed,
                     channels_last=o.channels_last)
     ckpt_path = out / CHECKPOINT
+    if hasattr(model, "init_from_data") and not (resume and ckpt_path.is_file()):
+        model.init_from_data(splits.train.images)  # data-dependent layers (patch whitening); resumes load them
     if recipe.init and not (resume and ckpt_path.is_file()):
         left = init_from_run(model, recipe.init.checkpoint)
         if progress and left:
@@ -258,6 +288,18 @@ def run_training(
                        f"{prune_record['sparsity']:.4f} of {prune_record['weights']} weights pruned")
     opt = make_optimizer(model, o)
     sched = make_scheduler(opt, o, o.epochs * len(loader))
+    ema = lookahead = None
+    if o.ema is not None or o.lookahead is not None:
+        from edgecloud.train.ema import Lookahead, WeightEMA, optimizer_params
+
+        ema = WeightEMA(model, o.ema) if o.ema is not None else None
+        lookahead = Lookahead(optimizer_params(opt), o.lookahead) if o.lookahead is not None else None
+    two_step = o.binary_weights_from_epoch is not None
+    if two_step:
+        from edgecloud.nn.quant import set_real_weights
+
+        if not set_real_weights(model, False):
+            raise ValueError("optim.binary_weights_from_epoch: the model has no binary-weight layer")
     history: list[dict[str, Any]] = []
     start_epoch, wall = 0, 0.0
     if resume and ckpt_path.is_file():
@@ -265,7 +307,7 @@ def run_training(
         saved = training_fields(ckpt["recipe"])
         if saved != recipe.training_dump():
             raise ValueError(f"{ckpt_path} was written by a different recipe/settings; resume with the same ones")
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.get("train_model", ckpt["model"]))  # with EMA, "model" is the average
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start_epoch, history, wall = ckpt["epoch"], ckpt["history"], ckpt["wall_time_s"]
@@ -276,6 +318,10 @@ def run_training(
             if "masks" not in ckpt:
                 raise ValueError(f"{ckpt_path} holds no pruning masks but the recipe has masks")
             masks = ckpt["masks"]
+        if ema is not None and "ema" in ckpt:  # absent after family stages: the average is in "model"
+            ema.load_state_dict(ckpt["ema"])
+        if lookahead is not None and "lookahead" in ckpt:
+            lookahead.load_state_dict(ckpt["lookahead"])
     if masks is not None:
         from edgecloud.codesign.dub import apply_masks, mask_gradients
     if penalty_kwargs is not None:
@@ -290,6 +336,9 @@ def run_training(
         for mod in frozen:
             mod.eval()  # BN statistics stay those of the trained part
         loader.set_epoch(epoch)
+        if two_step:  # phase 1 (real weights) before binary_weights_from_epoch
+            for net in (model, *([ema.module] if ema is not None else [])):
+                set_real_weights(net, epoch < o.binary_weights_from_epoch)
         total, count, correct, penalty_sum, steps = 0.0, 0, 0, 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{o.epochs}", disable=not progress, leave=False,
                    mininterval=1.0, dynamic_ncols=True)
@@ -324,17 +373,28 @@ def run_training(
             if o.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             opt.step()
+            global_step = epoch * len(loader) + step + 1
+            if lookahead is not None:
+                lookahead.step(global_step)
             if masks is not None:
                 apply_masks(model, masks)
             sched.step()
+            if ema is not None:
+                ema.step(model, global_step)
             total += float(loss.detach()) * len(y)
             count += len(y)
             correct += int((outputs[-1].detach().argmax(1) == y).sum())
             bar.set_postfix(loss=f"{total / count:.3f}", acc=f"{correct / count:.3f}", refresh=False)
-        val_acc = evaluate_accuracy(model, splits.val) if len(splits.val) else []
+        if ema is not None and ema.ready:
+            ema.sync_buffers(model)
+        judged = ema.module if ema is not None and ema.ready else model
+        val_acc = evaluate_accuracy(judged, splits.val) if len(splits.val) else []
+        val_tta = evaluate_accuracy_tta(judged, splits.val) if recipe.eval.tta_flip and len(splits.val) else None
         wall += time.perf_counter() - t0
         record = {"epoch": epoch + 1, "loss": total / max(count, 1), "train_accuracy": correct / max(count, 1),
                   "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"], "wall_time_s": round(wall, 1)}
+        if val_tta is not None:
+            record["val_accuracy_tta"] = val_tta
         if penalty_kwargs is not None:
             record["prune_penalty"] = penalty_sum / max(steps, 1)
         history.append(record)
@@ -343,13 +403,21 @@ def run_training(
             tqdm.write(f"epoch {epoch + 1}/{o.epochs}: loss {record['loss']:.4f} val acc per exit [{accs}] "
                        f"({wall:.0f} s)")
         _save(ckpt_path, {
-            "recipe": recipe.model_dump(mode="json"), "epoch": epoch + 1, "model": model.state_dict(),
+            "recipe": recipe.model_dump(mode="json"), "epoch": epoch + 1, "model": judged.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
             "wall_time_s": wall, "torch_rng": torch.get_rng_state(),
             **({"adversary_rng": adversary.generator.get_state()} if adversary is not None else {}),
             **({"masks": masks} if masks is not None else {}),
+            **({"train_model": model.state_dict(), "ema": ema.state_dict()} if ema is not None else {}),
+            **({"lookahead": lookahead.state_dict()} if lookahead is not None else {}),
         })
         (out / "history.json").write_text(json.dumps(history, indent=1))
+    if two_step:  # the returned model, stages and exports run binary weights
+        for net in (model, *([ema.module] if ema is not None else [])):
+            set_real_weights(net, False)
+    if ema is not None and ema.ready:
+        ema.sync_buffers(model)
+        model.load_state_dict(ema.module.state_dict())
     if last == o.epochs and recipe.stages:
         done = 0
         if resume and ckpt_path.is_file():
@@ -467,8 +535,9 @@ def finalize(
                f"train split, stratified, seed {recipe.seed})"
                + (f"; metrics on the {len(splits.test)}-image test split" if splits.test is not None else ""))
     info = {"seed": recipe.seed, "recipe": recipe.name, "data_summary": summary,
-            "data": recipe.data.model_dump(mode="json"),
-            "optim": recipe.optim.model_dump(mode="json"), "torch": torch.__version__,
+            # new options left out when unset: the manifests of existing recipes stay as they were
+            **training_fields({"data": recipe.data.model_dump(mode="json"),
+                               "optim": recipe.optim.model_dump(mode="json")}), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     if split_model:
         info["offload"] = offload_record

@@ -9,6 +9,15 @@ a teacher's outputs, keep a part fixed. ``prune_regularizer`` and ``masks`` are 
 crossbar-attuned pruning (:mod:`edgecloud.codesign.dub`): train with a sparsity regulariser, then
 prune and fine-tune with the masks fixed. ``supernet`` trains a NAX weight-sharing supernet
 (:mod:`edgecloud.codesign.nax`): several kernel configurations per step.
+
+Sample-efficient training options (airbench, Jordan 2024, arXiv 2404.00498; all off by default):
+``optim.ema`` validates and returns an exponential moving average of the weights;
+``data.flip: alternating`` mirrors each image in every other epoch (random in epoch 0);
+``optim.lookahead`` pulls the weights towards slow weights every k steps (Zhang et al. 2019);
+``eval.tta_flip`` also records validation accuracy averaging the logits of image and mirror;
+``optim.binary_weights_from_epoch`` trains binary-weight layers with real weights first, binary
+ones from that epoch on (two-step training, Real-to-Binary / ReActNet); the ``resnet`` family's
+``arch.whiten_stem`` is airbench's frozen 2x2 patch-whitening first layer.
 """
 
 from __future__ import annotations
@@ -29,8 +38,43 @@ class DataSpec(BaseModel):
     root: str | None = None          # None: the data set's default folder / environment variable
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out of TRAIN for threshold selection
     crop_padding: int = 0
-    hflip: bool = False
+    hflip: bool = False              # random horizontal flips (same as ``flip: random``)
+    # "alternating" (airbench): epoch 0 flips a seeded random half of the images, every later epoch
+    # flips exactly the images the previous one did not; None: ``hflip`` decides ("random" is stored as
+    # hflip: true, so both spellings are one run and one checkpoint).
+    flip: Literal["random", "alternating"] | None = None
     train_limit: int | None = None   # use only the first N training samples (smoke runs)
+
+    @model_validator(mode="after")
+    def _check_flip(self) -> "DataSpec":
+        if self.hflip and self.flip not in (None, "random"):
+            raise ValueError(f"data: hflip: true is random flipping; it contradicts flip: {self.flip} (drop hflip)")
+        if self.flip == "random":  # stored as hflip: the same run, checkpoint and manifest as hflip: true
+            self.hflip, self.flip = True, None
+        return self
+
+    @property
+    def flip_mode(self) -> Literal["random", "alternating"] | None:
+        """The flip augmentation in effect (``hflip: true`` is ``random``)."""
+        return self.flip or ("random" if self.hflip else None)
+
+
+class EmaSpec(BaseModel):
+    """Exponential moving average of the weights (every ``every`` steps: avg = decay avg + (1 - decay) w;
+    BN statistics copied from the trained net); validation and the returned model use the average."""
+
+    model_config = ConfigDict(extra="forbid")
+    decay: float = Field(0.99, ge=0.0, lt=1.0)
+    every: int = Field(1, ge=1)  # optimiser steps between updates
+
+
+class LookaheadSpec(BaseModel):
+    """Lookahead (Zhang et al. 2019): every ``k`` steps the slow weights move ``alpha`` of the way to
+    the fast (trained) weights and the fast weights restart from them."""
+
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(5, ge=1)
+    alpha: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class OptimSpec(BaseModel):
@@ -51,6 +95,26 @@ class OptimSpec(BaseModel):
     # "bf16": autocast forward/backward in bfloat16 (AMX/AVX512-BF16 CPUs: ~1.8x faster for FP convs);
     # the weights, the optimiser and every evaluation stay float32.
     precision: Literal["fp32", "bf16"] = "fp32"
+    ema: EmaSpec | None = None              # validate / return an exponential moving average of the weights
+    lookahead: LookaheadSpec | None = None  # Lookahead around the optimiser
+    # Two-step binary training: before this epoch (0-based) binary-weight layers train with their real
+    # weights (binary activations as configured), from it on with binary weights. None: binary throughout.
+    binary_weights_from_epoch: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_two_step(self) -> "OptimSpec":
+        if self.binary_weights_from_epoch is not None and self.binary_weights_from_epoch >= self.epochs:
+            raise ValueError(f"optim.binary_weights_from_epoch ({self.binary_weights_from_epoch}) must be below "
+                             f"epochs ({self.epochs}): the last epoch must train the binary weights")
+        return self
+
+
+class EvalSpec(BaseModel):
+    """How validation accuracy is measured during training (no effect on the weights or the bundle)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # also record ``val_accuracy_tta``: argmax of the mean logits of each image and its mirror
+    tta_flip: bool = False
 
 
 class ThresholdSpec(BaseModel):
@@ -208,16 +272,27 @@ class SupernetSpec(BaseModel):
         default_factory=lambda: ["max", "min", "random", "random"], min_length=1)
 
 
-EXPORT_ONLY = ("offload", "baseline")  # recipe sections that change the bundle, not the training
+# Recipe sections that do not change what is trained: the bundle's export (offload, baseline) and
+# what validation measures (eval).
+EXPORT_ONLY = ("offload", "baseline", "eval")
 # Sections added after checkpoints already existed: left out of the comparison when unset, so
 # those checkpoints still resume.
 OPTIONAL_TRAINING = ("prune_regularizer", "masks", "supernet")
+# The same for fields added to a section: (section, field) -> the default that old checkpoints meant.
+OPTIONAL_FIELDS: dict[tuple[str, str], Any] = {
+    ("data", "flip"): None, ("optim", "ema"): None, ("optim", "lookahead"): None,
+    ("optim", "binary_weights_from_epoch"): None,
+}
 
 
 def training_fields(dump: dict[str, Any]) -> dict[str, Any]:
     """What of a recipe dump a checkpoint must match to be resumed (see :meth:`Recipe.training_dump`)."""
-    return {k: v for k, v in dump.items()
-            if k not in EXPORT_ONLY and not (k in OPTIONAL_TRAINING and v is None)}
+    out = {k: v for k, v in dump.items()
+           if k not in EXPORT_ONLY and not (k in OPTIONAL_TRAINING and v is None)}
+    for (section, name), default in OPTIONAL_FIELDS.items():
+        if isinstance(out.get(section), dict) and name in out[section] and out[section][name] == default:
+            out[section] = {k: v for k, v in out[section].items() if k != name}
+    return out
 
 
 class Recipe(BaseModel):
@@ -239,14 +314,15 @@ class Recipe(BaseModel):
     masks: MaskSpec | None = None          # fine-tune with fixed pruning masks
     supernet: SupernetSpec | None = None   # NAX: train an elastic-kernel supernet (sandwich rule)
     offload: OffloadSpec = Field(default_factory=OffloadSpec)  # wire encoding of the cloud input
+    eval: EvalSpec = Field(default_factory=EvalSpec)  # extra validation measurements (flip TTA)
     # The run whose network, at full precision, is the energy baseline of the bundle (default: this
     # network at full precision). Set it when the edge is wider than the network it replaces.
     baseline: str | None = None
 
     def training_dump(self) -> dict[str, Any]:
-        """The recipe as JSON without the export-only ``offload`` and ``baseline``: what a
-        checkpoint must match to be resumed (neither changes what is trained); unset sections of
-        ``OPTIONAL_TRAINING`` are left out too."""
+        """The recipe as JSON without the export-only ``offload`` and ``baseline`` and the
+        validation-only ``eval``: what a checkpoint must match to be resumed (none changes what is
+        trained); unset sections of ``OPTIONAL_TRAINING`` and unset ``OPTIONAL_FIELDS`` are left out too."""
         return training_fields(self.model_dump(mode="json"))
 
 
