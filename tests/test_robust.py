@@ -349,3 +349,14 @@ def test_edge_runner_discretises_requests(bundle) -> None:
     assert torch.equal(EdgeRunner(b, input_bits=8).to_tensor(u8), plain.to_tensor(u8))
     with pytest.raises(ValueError, match="1..16"):
         EdgeRunner(b, input_bits=0)
+
+
+def test_square_p_init_enters_the_cache_key_only_for_square_runs(bundle, cifar_root) -> None:
+    pgd = _config(bundle, cifar_root).key()
+    assert _config(bundle, cifar_root, square_p_init=0.05).key() == pgd  # PGD-only runs keep their keys
+    square = _config(bundle, cifar_root, attacks=["square"])
+    assert _config(bundle, cifar_root, attacks=["square"], square_p_init=0.05).key() != square.key()
+    with pytest.raises(ValueError, match="--square-p-init"):
+        _config(bundle, cifar_root, square_p_init=0.0)
+    with pytest.raises(ValueError, match="--queries"):
+        _config(bundle, cifar_root, queries=0)

@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=30, help="PGD iterations (default 30)")
     p.add_argument("--step-size", type=float, help="PGD step (default 2.5 eps / steps)")
     p.add_argument("--queries", type=int, default=1000, help="Square: queries per image (default 1000)")
+    p.add_argument("--square-p-init", type=float, default=0.8,
+                   help="Square: share of the image the first squares cover, halved on the paper's schedule "
+                        "(default 0.8, AutoAttack's CIFAR setting; the paper's ImageNet value is 0.05)")
     p.add_argument("--backend", default="digital,crossbar",
                    help="comma list of backends (default digital,crossbar); digital gives the white-box rows")
     p.add_argument("--backend-option", action="append", metavar="K=V", default=[],
@@ -103,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return RobustConfig(
         bundle=args.bundle, repository=args.repository, dataset=args.dataset, data_root=args.data_root,
         limit=args.limit, attacks=_split(args.attack), eps=parse_eps(args.eps), steps=args.steps,
-        step_size=args.step_size, queries=args.queries, backends=backends, backend_options=per_backend,
+        step_size=args.step_size, queries=args.queries, square_p_init=args.square_p_init, backends=backends, backend_options=per_backend,
         threats=_split(args.threat), chips=args.chips, eot_reads=args.eot_reads, eot_chips=args.eot_chips,
         output=args.output, input_bits=args.input_bits, transfer_from=args.transfer_from,
         stop_on_success=not args.no_early_stop, batch_size=args.batch_size, seed=args.seed, workers=args.workers,

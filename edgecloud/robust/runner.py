@@ -53,6 +53,7 @@ class RobustConfig:
     steps: int = 30
     step_size: float | None = None    # default 2.5 eps / steps
     queries: int = 1000               # Square: iterations (queries per image)
+    square_p_init: float = 0.8        # Square: share of the image the first squares cover (AutoAttack's CIFAR value)
     backends: list[str] = field(default_factory=lambda: ["digital", "crossbar"])
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per backend name
     threats: list[str] = field(default_factory=lambda: ["non-adaptive", "hardware-in-loop"])
@@ -75,9 +76,12 @@ class RobustConfig:
 
         Not the grid's axes (attacks, eps, backends, threats, chips): each row is measured on its
         own seeded sub-streams, so a run that widens the grid (adds a threat, an eps, a chip)
-        reuses every row an earlier run measured. Not workers, cache or progress either.
+        reuses every row an earlier run measured. Not workers, cache or progress either. Square's
+        ``square_p_init`` only where Square is among the attacks (PGD-only runs keep their keys).
         """
         settings = {k: v for k, v in asdict(self).items() if k not in GRID_AXES + ("workers", "cache", "ray")}
+        if "square" not in self.attacks:
+            settings.pop("square_p_init")
         bundle = Path(self.bundle)
         if (bundle / "edge.pt").is_file():  # a bundle folder: its weights are part of the key
             settings["weights"] = hashlib.sha256((bundle / "edge.pt").read_bytes()).hexdigest()
@@ -100,6 +104,10 @@ class RobustConfig:
             raise ValueError(f"--chips must be >= 1, got {self.chips}")
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.queries < 1:
+            raise ValueError(f"--queries must be >= 1, got {self.queries}")
+        if not 0 < self.square_p_init <= 1:
+            raise ValueError(f"--square-p-init must lie in (0, 1], got {self.square_p_init}")
         for backend in self.backends:
             check_threats(backend, self.threats)
 
@@ -205,7 +213,7 @@ def craft(model: Callable[[torch.Tensor], torch.Tensor], attack: str, x: torch.T
                                    generator=gen, stop_on_success=stop))
         elif attack == "square":
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-            out.append(attacks.square(model, xb, yb, eps, queries=config.queries, seed=seed,
+            out.append(attacks.square(model, xb, yb, eps, queries=config.queries, p_init=config.square_p_init, seed=seed,
                                       batch_size=config.batch_size))
         else:
             raise ValueError(f"unknown attack {attack!r}")
