@@ -263,3 +263,32 @@ def test_controller_benchmark_quick(tmp_path):
     assert sum(pw["controlled_shadow_share"]) > 0  # the controller shadowed something
     assert (out / "controller.png").stat().st_size > 0
     assert len((out / "windows.csv").read_text().splitlines()) == 11
+
+
+def test_segment_oracle_holds_one_threshold_per_stretch_and_meets_its_share():
+    rng = np.random.default_rng(0)
+    spec = trace.parse_segments("clean:400;blur:400:blur=1.0", seed=0)
+    score = rng.random(800)
+    # clean: disagreements only above 0.9; blur: disagreements spread from 0.3 up
+    agrees = np.ones(800, dtype=bool)
+    agrees[:400] = ~((score[:400] > 0.9) & (rng.random(400) < 0.5))
+    agrees[400:] = ~((score[400:] > 0.3) & (rng.random(400) < 0.2))
+    ref = _ref(score, agrees)
+    window, target = 100, 0.95
+    settled = trace.settled_mask(spec, window, 1)
+    seg = trace.segment_oracle_windows(ref, spec, window, target, settled, meet_share=0.8)
+    assert len(set(seg.threshold[:4])) == 1 and len(set(seg.threshold[4:])) == 1
+    assert seg.threshold[4] < seg.threshold[0]  # blur needs the stricter threshold
+    for rows in (np.arange(0, 4), np.arange(4, 8)):
+        judged = rows[settled[rows]]
+        assert (seg.agreement[judged] >= target).mean() >= 0.8
+    # hindsight per window needs no margin: never more energy than one threshold per stretch
+    oracle = trace.oracle_windows(ref, window, target)
+    assert oracle.energy_j[settled].mean() <= seg.energy_j[settled].mean() + 1e-12
+    # a looser threshold on the blur stretch would miss its share
+    looser = seg.threshold.copy()
+    looser[4:] = np.quantile(score, 0.995)
+    worse = trace.evaluate_threshold(ref, looser.tolist(), window)
+    assert (worse.agreement[4:][settled[4:]] >= target).mean() < 0.8
+    with pytest.raises(ValueError, match="settled"):
+        trace.segment_oracle_windows(ref, spec, window, target, settled[:-1])

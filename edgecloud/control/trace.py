@@ -525,6 +525,52 @@ def oracle_windows(ref: Reference, window: int, target: float) -> WindowStats:
     return evaluate_threshold(ref, thresholds, window)
 
 
+
+def segment_oracle_windows(ref: Reference, spec: TraceSpec, window: int, target: float,
+                           settled: np.ndarray, meet_share: float = 0.95,
+                           candidates: int = 1024) -> WindowStats:
+    """One threshold per stretch of stationary data, chosen in hindsight over the whole stretch.
+
+    Why: the per-window oracle needs no safety margin (it sees each window's own answers), so
+    no causal controller can match it. A controller that knew each stretch's true disagreement
+    curve exactly, but not which samples the next window draws, can do no better than one
+    threshold per stretch; this is that controller: per stretch (segments with the same data
+    parameters, split where they change), the lowest-energy threshold among ``candidates``
+    score quantiles whose agreement meets ``target`` in at least ``meet_share`` of the
+    stretch's ``settled`` windows (all of its windows where none is settled). Its distance from
+    the per-window oracle is the margin that window-to-window sampling alone costs.
+    """
+    slices = window_slices(len(ref), window)
+    settled = np.asarray(settled, dtype=bool)
+    if settled.shape != (len(slices),):
+        raise ValueError(f"settled: one value per window ({len(slices)}), got {settled.shape}")
+    onsets = onset_windows(spec, window) + [len(slices)]
+    grid = np.unique(np.quantile(ref.score, np.linspace(0.0, 1.0, candidates + 1)))
+    grid = np.concatenate([grid, [np.nextafter(grid[-1], np.inf)]])
+    if ref.policy == "max_prob":
+        grid = np.concatenate([[np.nextafter(1.0, 2.0)], grid])
+    # per window and candidate: agreement and mean energy (exits counted by sorting once)
+    agree = np.empty((len(slices), grid.size))
+    energy = np.empty_like(agree)
+    for w, sl in enumerate(slices):
+        score = ref.score[sl]
+        disagree = (~ref.edge_agrees[sl]).astype(np.float64)
+        saved = ref.offload_j[sl]
+        n = score.size
+        for j, t in enumerate(grid):
+            ex = exits_at(score, float(t), ref.policy)
+            agree[w, j] = 1.0 - disagree[ex].sum() / n
+            energy[w, j] = (ref.edge_j[sl].sum() + saved[~ex].sum()) / n
+    thresholds = np.empty(len(slices))
+    for start, stop in zip(onsets[:-1], onsets[1:]):
+        rows = np.arange(start, stop)
+        judged = rows[settled[rows]] if settled[rows].any() else rows
+        ok = (agree[judged] >= target - 1e-12).mean(axis=0) >= meet_share - 1e-12
+        cost = np.where(ok, energy[judged].mean(axis=0), np.inf)
+        j = int(np.argmin(cost)) if np.isfinite(cost).any() else 0  # grid[0]: nothing exits
+        thresholds[rows] = grid[j]
+    return evaluate_threshold(ref, thresholds.tolist(), window)
+
 # ---- metrics ---------------------------------------------------------------------------------
 MetricSnapshot = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
