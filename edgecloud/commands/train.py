@@ -28,6 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="train on only the first N training samples (smoke runs)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="override a recipe field before validation (repeatable): a dotted path and a YAML "
+                        "value, e.g. --set optim.ema.decay=0.99 --set data.flip=alternating "
+                        "--set 'optim.lookahead={k: 5, alpha: 0.5}'; recorded in the checkpoint and bundle, so "
+                        "a --resume with other values is refused. --epochs, --seed, --data-root and --limit "
+                        "are applied after these")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -40,6 +46,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
                         ("--limit", args.limit), ("--threads", args.threads)):
         if value is not None:
             parts += [flag, str(value)]
+    for item in getattr(args, "sets", None) or []:
+        parts += ["--set", item]
     parts += ["--resume"] * bool(args.resume) + ["--no-progress"] * bool(args.no_progress)
     return shlex.join(parts)
 
@@ -60,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list or not args.recipe:
         print("\n".join(list_recipes()))
         return 0 if args.list else 2
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.sets)  # --set applied to the YAML, then validated
     updates: dict = {}
     if args.seed is not None:
         updates["seed"] = args.seed

@@ -18,16 +18,19 @@ Sample-efficient training options (airbench, Jordan 2024, arXiv 2404.00498; all 
 ``optim.binary_weights_from_epoch`` trains binary-weight layers with real weights first, binary
 ones from that epoch on (two-step training, Real-to-Binary / ReActNet); the ``resnet`` family's
 ``arch.whiten_stem`` is airbench's frozen 2x2 patch-whitening first layer.
+
+``load_recipe(name, sets)`` applies ``--set KEY=VALUE`` overrides (dotted path, YAML value) to the
+recipe's YAML before validation, so an override is checked like the file and recorded with it.
 """
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgecloud.offload import DEFAULT_PERCENTILE
 
@@ -334,8 +337,85 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
-    """A shipped recipe by name (``fmnist-hybrid``) or any YAML file path."""
+def parse_set(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set`` -> (dotted key, value parsed as YAML: ``0.2``, ``true``, ``{k: 5}``)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ValueError(f"--set {item!r}: expected KEY=VALUE (a dotted recipe path, e.g. optim.lr=0.05)")
+    if not key or any(not part.strip() for part in key.split(".")):
+        raise ValueError(f"--set {item!r}: empty key or key part (expected e.g. optim.ema.decay=0.99)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"--set {key}: the value {text!r} is not valid YAML ({why})") from exc
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+    """A copy of the recipe dict with every ``--set KEY=VALUE`` applied in order.
+
+    Missing or null mappings on the way are created (``optim.ema.decay=0.99`` turns EMA on with
+    its other fields at their defaults); an integer part indexes a list (``optim.exit_weights.0``).
+    ``data.flip`` decides the flip mode: ``hflip`` (the old spelling of ``flip: random``) is
+    dropped with it unless it is set too, so ``data.flip=alternating`` works on an ``hflip: true`` recipe.
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    keys: list[str] = []
+    for item in sets:
+        key, value = parse_set(item)
+        parts = [p.strip() for p in key.split(".")]
+        node: Any = out
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[:depth]) or "the recipe"
+            if isinstance(node, list):
+                try:
+                    index = int(part)
+                    node[index]  # noqa: B018 - range check
+                except (ValueError, IndexError):
+                    raise ValueError(f"--set {key}: {where} is a list of {len(node)}; {part!r} is not an index "
+                                     f"in it") from None
+                if last:
+                    node[index] = value
+                else:
+                    if node[index] is None:
+                        node[index] = {}
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ValueError(f"--set {key}: {where} is {node!r}, not a mapping or a list")
+        keys.append(".".join(parts))
+    if "data.flip" in keys and "data.hflip" not in keys and isinstance(out.get("data"), dict):
+        out["data"].pop("hflip", None)
+    return out
+
+
+def _error_keys(exc: ValidationError, keys: list[str]) -> list[str]:
+    """The overridden keys a validation error is about (its location and the key share a prefix)."""
+    hits = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        for key in keys:
+            parts = key.split(".")
+            n = min(len(loc), len(parts))
+            if loc[:n] == parts[:n] and key not in hits:
+                hits.append(key)
+    return hits or keys
+
+
+def load_recipe(name_or_path: str | Path, sets: Sequence[str] = ()) -> Recipe:
+    """A shipped recipe by name (``fmnist-hybrid``) or any YAML file path, with ``--set KEY=VALUE``
+    overrides applied before validation (an invalid override is named in the error)."""
     path = Path(name_or_path)
     if not path.is_file():
         path = recipes_dir() / f"{name_or_path}.yaml"
@@ -345,7 +425,62 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         )
     with path.open() as fh:
         data = yaml.safe_load(fh)
+    if sets:
+        if not isinstance(data, dict):
+            raise ValueError(f"invalid recipe {path}: not a mapping")
+        changed = apply_overrides(data, sets)
+        try:
+            recipe = Recipe.model_validate(changed)
+        except ValidationError as exc:
+            try:
+                Recipe.model_validate(data)
+            except ValidationError:
+                pass  # the file itself is invalid: reported below
+            else:
+                keys = _error_keys(exc, [parse_set(item)[0] for item in sets])
+                raise ValueError(f"--set {', '.join(keys)}: invalid recipe {path} with this override: {exc}") from exc
+        else:
+            check_arch_sets(recipe, [parse_set(item)[0] for item in sets])
+            return recipe
     try:
         return Recipe.model_validate(data)
     except Exception as exc:
         raise ValueError(f"invalid recipe {path}: {exc}") from exc
+
+
+def check_arch_sets(recipe: Recipe, keys: Sequence[str]) -> None:
+    """``arch`` is free-form for pydantic: an overridden ``arch.NAME`` must be an argument of the family,
+    or the error would only come (as a TypeError) when the model is built."""
+    import inspect
+
+    from edgecloud.nets.registry import _REGISTRY, _load_families
+
+    whole = "family" in keys or "arch" in keys  # every arch argument is then up for checking
+    names = set(recipe.arch) if whole else {k.split(".")[1] for k in keys if k.startswith("arch.")}
+    if not names:
+        return
+    _load_families()
+    fn = _REGISTRY.get(recipe.family)
+    if fn is None:
+        raise ValueError(f"--set: unknown family {recipe.family!r}; known: {', '.join(sorted(_REGISTRY))}")
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(names - set(params))
+    if unknown:
+        raise ValueError(f"--set {', '.join('arch.' + n for n in unknown)}: family {recipe.family} has no argument "
+                         f"{', '.join(unknown)} (its arguments: {', '.join(params)})")
+
+
+def family_accepts(family: str, name: str) -> bool:
+    """Whether ``family``'s constructor takes the arch argument ``name`` (e.g. ``whiten_stem``)."""
+    import inspect
+
+    from edgecloud.nets.registry import _REGISTRY, _load_families
+
+    _load_families()
+    fn = _REGISTRY.get(family)
+    if fn is None:
+        return False
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
