@@ -39,7 +39,6 @@ import contextlib
 import csv
 import json
 import os
-import platform
 import re
 import shlex
 import sys
@@ -67,27 +66,6 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class Variant:
     name: str
     sets: list[str] = field(default_factory=list)
-
-
-def lscpu_model() -> str:
-    """The CPU's model name (``lscpu``, else /proc/cpuinfo, else platform): the JSON says where it ran."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                return value.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def airbench_variants(recipe: Recipe) -> list[Variant]:
@@ -334,7 +312,9 @@ def ablate(args: argparse.Namespace) -> int:
                    f"delta {row['delta_vs_base']:+.4f} (val) {row['delta_test_vs_base']:+.4f} (test), "
                    f"train {row['wall_s']} s, measured in {time.perf_counter() - t0:.0f} s")
     write_csv(out / "ablation.csv", rows)
-    cpu = lscpu_model()
+    from edgecloud.cim.cpu import cpu_info
+
+    cpu = cpu_info().model
     write_plot(out / "ablation.png", rows,
                f"{base.name}, {base.optim.epochs} epochs, seed {base.seed}; {cpu}, {torch.get_num_threads()} threads")
     if not args.json:
@@ -344,7 +324,7 @@ def ablate(args: argparse.Namespace) -> int:
                   f"{r['delta_vs_base']:>+8.4f} {r['delta_test_vs_base']:>+8.4f} {r['wall_s']:>8.1f}")
     summary = {
         "benchmark": "train_ablation", "recipe": base.name, "epochs": base.optim.epochs, "seed": base.seed,
-        "train_limit": base.data.train_limit, "common_sets": common, "cpu": cpu, "cores": os.cpu_count(),
+        "train_limit": base.data.train_limit, "common_sets": common, "cpu": cpu, "cpu_info": cpu_info().as_dict(), "cores": os.cpu_count(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "out": str(out),
         "csv": str(out / "ablation.csv"), "plot": str(out / "ablation.png"),
         "measured": "val_accuracy per exit; test_accuracy of the final exit alone in float (no bundle, no offload "
