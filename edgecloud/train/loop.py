@@ -102,21 +102,23 @@ def build_model(recipe: Recipe) -> nn.Module:
     return create_model(recipe.family, **recipe.arch)
 
 
-@torch.no_grad()
-def evaluate_accuracy_tta(model: nn.Module, ds: ImageDataset, batch_size: int = 500) -> list[float]:
-    """Accuracy of every output on ``ds`` when each image's logits are averaged with its mirror's
-    (airbench's test-time flip); a measurement only: the bundle serves single views."""
-    model.eval()
-    correct: list[int] = []
-    for x, y in Loader(ds, batch_size):
-        plain, mirrored = model(x), model(x.flip(-1))
+class FlipAveraged(nn.Module):
+    """Every output's logits averaged over the image and its mirror (airbench's test-time flip)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        plain, mirrored = self.model(x), self.model(x.flip(-1))
         plain = plain if isinstance(plain, (list, tuple)) else [plain]
         mirrored = mirrored if isinstance(mirrored, (list, tuple)) else [mirrored]
-        if not correct:
-            correct = [0] * len(plain)
-        for i, (a, b) in enumerate(zip(plain, mirrored)):
-            correct[i] += int(((a.float() + b.float()).argmax(1) == y).sum())
-    return [c / max(len(ds), 1) for c in correct]
+        return [(a.float() + b.float()) / 2 for a, b in zip(plain, mirrored)]
+
+
+def evaluate_accuracy_tta(model: nn.Module, ds: ImageDataset, batch_size: int = 500) -> list[float]:
+    """:func:`evaluate_accuracy` with flip TTA; a measurement only: the bundle serves single views."""
+    return evaluate_accuracy(FlipAveraged(model), ds, batch_size)
 
 
 def make_optimizer(model: nn.Module, o: OptimSpec) -> torch.optim.Optimizer:
