@@ -43,3 +43,17 @@ def create_model(name: str, **kwargs: Any) -> Any:
     except KeyError as exc:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}") from exc
     return fn(**kwargs)
+
+
+def model_arguments(name: str) -> set[str] | None:
+    """The keyword arguments family ``name`` takes (None: it takes any, through ``**kwargs``), so a
+    recipe's ``arch`` can be checked before a model is built; KeyError for an unknown family."""
+    import inspect
+
+    _load_families()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    params = inspect.signature(_REGISTRY[name]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)

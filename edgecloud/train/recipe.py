@@ -451,36 +451,28 @@ def load_recipe(name_or_path: str | Path, sets: Sequence[str] = ()) -> Recipe:
 def check_arch_sets(recipe: Recipe, keys: Sequence[str]) -> None:
     """``arch`` is free-form for pydantic: an overridden ``arch.NAME`` must be an argument of the family,
     or the error would only come (as a TypeError) when the model is built."""
-    import inspect
-
-    from edgecloud.nets.registry import _REGISTRY, _load_families
+    from edgecloud.nets.registry import model_arguments
 
     whole = "family" in keys or "arch" in keys  # every arch argument is then up for checking
     names = set(recipe.arch) if whole else {k.split(".")[1] for k in keys if k.startswith("arch.")}
     if not names:
         return
-    _load_families()
-    fn = _REGISTRY.get(recipe.family)
-    if fn is None:
-        raise ValueError(f"--set: unknown family {recipe.family!r}; known: {', '.join(sorted(_REGISTRY))}")
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(names - set(params))
+    try:
+        params = model_arguments(recipe.family)
+    except KeyError as exc:
+        raise ValueError(f"--set: {exc.args[0]}") from None
+    unknown = sorted(names - params) if params is not None else []
     if unknown:
         raise ValueError(f"--set {', '.join('arch.' + n for n in unknown)}: family {recipe.family} has no argument "
-                         f"{', '.join(unknown)} (its arguments: {', '.join(params)})")
+                         f"{', '.join(unknown)} (its arguments: {', '.join(sorted(params))})")
 
 
 def family_accepts(family: str, name: str) -> bool:
     """Whether ``family``'s constructor takes the arch argument ``name`` (e.g. ``whiten_stem``)."""
-    import inspect
+    from edgecloud.nets.registry import model_arguments
 
-    from edgecloud.nets.registry import _REGISTRY, _load_families
-
-    _load_families()
-    fn = _REGISTRY.get(family)
-    if fn is None:
+    try:
+        params = model_arguments(family)
+    except KeyError:
         return False
-    params = inspect.signature(fn).parameters
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return params is None or name in params
