@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import csv
 import json
-import os
 import re
 import shlex
 import sys
@@ -314,7 +313,8 @@ def ablate(args: argparse.Namespace) -> int:
     write_csv(out / "ablation.csv", rows)
     from edgecloud.cim.cpu import cpu_info
 
-    cpu = cpu_info().model
+    machine = cpu_info()
+    cpu = machine.model
     write_plot(out / "ablation.png", rows,
                f"{base.name}, {base.optim.epochs} epochs, seed {base.seed}; {cpu}, {torch.get_num_threads()} threads")
     if not args.json:
@@ -324,7 +324,7 @@ def ablate(args: argparse.Namespace) -> int:
                   f"{r['delta_vs_base']:>+8.4f} {r['delta_test_vs_base']:>+8.4f} {r['wall_s']:>8.1f}")
     summary = {
         "benchmark": "train_ablation", "recipe": base.name, "epochs": base.optim.epochs, "seed": base.seed,
-        "train_limit": base.data.train_limit, "common_sets": common, "cpu": cpu, "cpu_info": cpu_info().as_dict(), "cores": os.cpu_count(),
+        "train_limit": base.data.train_limit, "common_sets": common, "cpu": cpu, "cpu_info": machine.as_dict(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "out": str(out),
         "csv": str(out / "ablation.csv"), "plot": str(out / "ablation.png"),
         "measured": "val_accuracy per exit; test_accuracy of the final exit alone in float (no bundle, no offload "
