@@ -555,12 +555,12 @@ def segment_oracle_windows(ref: Reference, spec: TraceSpec, window: int, target:
     for w, sl in enumerate(slices):
         score = ref.score[sl]
         disagree = (~ref.edge_agrees[sl]).astype(np.float64)
-        saved = ref.offload_j[sl]
-        n = score.size
+        offload_j = ref.offload_j[sl]
+        n, edge_total, offload_total = score.size, ref.edge_j[sl].sum(), offload_j.sum()
         for j, t in enumerate(grid):
             ex = exits_at(score, float(t), ref.policy)
             agree[w, j] = 1.0 - disagree[ex].sum() / n
-            energy[w, j] = (ref.edge_j[sl].sum() + saved[~ex].sum()) / n
+            energy[w, j] = (edge_total + offload_total - offload_j[ex].sum()) / n
     thresholds = np.empty(len(slices))
     for start, stop in zip(onsets[:-1], onsets[1:]):
         rows = np.arange(start, stop)
