@@ -2,7 +2,8 @@
 
 What it does, in order:
 
-1. Builds a deterministic drifting stream from the CIFAR-10 test split
+1. Builds a deterministic drifting stream from the CIFAR-10 test split (``--split val``: from the
+   bundle's validation hold-out of the train split, where controller settings are chosen)
    (``edgecloud.control.trace``; default preset ``drift``: clean, Gaussian noise sigma 0.08,
    Gaussian blur 1 px, a 4-class mix, then clean data with a slow cloud link) and computes the
    offline reference: for every stream sample the cloud's answer (the bundle's cloud ONNX part on
@@ -367,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segments", default=None,
                         help="a preset (drift, quick), a JSON list of segments, or "
                              "'kind:length[:key=value,...];...' (default: drift; --quick: quick)")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="images the stream is drawn from: the test split (the measurement) or "
+                             "the bundle's validation hold-out of the train split (choose "
+                             "controller settings there, never on test)")
     parser.add_argument("--seed", type=int, default=0, help="stream seed")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply preset segment lengths")
     parser.add_argument("--window-size", type=int, default=None, help="samples per window (1000)")
@@ -447,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"cpu: {cpu['lscpu_model']}, {cpu['cores']} usable cores")
 
     t0 = time.monotonic()
-    stream = trace.load_stream(spec, args.data_root)
+    stream = trace.load_stream(spec, args.data_root, split=args.split, manifest=manifest)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ref = None
@@ -562,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "static_served_vs_offline_max_agreement_gap": consistency,
         "control": control_section(args) if {"controlled", "offline"} & set(modes) else None,
-        "stream": {**spec.to_dict(), "samples": spec.length, "dataset": "cifar10 test"},
+        "stream": {**spec.to_dict(), "samples": spec.length, "dataset": f"cifar10 {args.split}"},
         "batch": args.batch, "rate": args.rate, "modes": modes, "errors": errors or None,
         "replay_wall_s": {m: round(served[m]["result"].wall_s, 1) for m in served},
         "reference_s": round(ref_s, 1), "wall_s": round(time.monotonic() - t_start, 1),

@@ -234,6 +234,31 @@ def test_replayer_requests_never_straddle_windows_or_segments():
         assert not any(a < c < b for c in cuts)
 
 
+def test_load_stream_split_is_checked():
+    with pytest.raises(ValueError, match="manifest"):
+        trace.load_stream(SPEC, str(CIFAR), split="val")
+    with pytest.raises(ValueError, match="'test' or 'val'"):
+        trace.load_stream(SPEC, str(CIFAR), split="train")
+
+
+@pytest.mark.skipif(not CIFAR.is_dir() or not (BUNDLE / "manifest.yaml").is_file(),
+                    reason="needs ../shared/datasets/cifar10 and models/cifar10-hybrid-resnet20-4bit")
+def test_val_stream_draws_only_the_bundles_hold_out():
+    """Settings are chosen on a stream of validation images: the bundle's hold-out of the train
+    split, none of them a test image."""
+    from edgecloud.bundle import Bundle
+    from edgecloud.evaluate.source import load_eval_data
+
+    manifest = Bundle(BUNDLE).manifest
+    spec = trace.TraceSpec((trace.Segment("clean", 300),), seed=3)
+    stream = trace.load_stream(spec, str(CIFAR), split="val", manifest=manifest)
+    val, _ = load_eval_data("cifar10", "val", manifest, str(CIFAR))
+    assert np.array_equal(stream.images, val.images.numpy()[stream.source_index])
+    assert np.array_equal(stream.labels, val.labels.numpy()[stream.source_index])
+    test = trace.load_stream(spec, str(CIFAR), split="test")
+    assert not np.array_equal(stream.images, test.images)
+
+
 # ---- the benchmark against real servers -----------------------------------------------------
 @pytest.mark.skipif(not CIFAR.is_dir() or not (BUNDLE / "manifest.yaml").is_file(),
                     reason="needs ../shared/datasets/cifar10 and models/cifar10-hybrid-resnet20-4bit")

@@ -278,10 +278,22 @@ def build_stream(spec: TraceSpec, images: np.ndarray, labels: np.ndarray) -> Str
                   np.concatenate(out_src), np.concatenate(out_seg))
 
 
-def load_stream(spec: TraceSpec, data_root: str, dataset: str = "cifar10", split: str = "test") -> Stream:
-    from edgecloud.data.registry import load_dataset
+def load_stream(spec: TraceSpec, data_root: str, dataset: str = "cifar10", split: str = "test",
+                manifest: Any = None) -> Stream:
+    """The stream drawn from ``split``: ``test``, or ``val`` = the bundle's validation hold-out of
+    the train split (needs ``manifest``), so settings can be chosen without touching test images."""
+    if split == "val":
+        if manifest is None:
+            raise ValueError("split 'val' needs the bundle's manifest (its hold-out seed and fraction)")
+        from edgecloud.evaluate.source import load_eval_data
 
-    ds = load_dataset(dataset, split, data_root)
+        ds, _ = load_eval_data(dataset, "val", manifest, data_root)
+    elif split == "test":
+        from edgecloud.data.registry import load_dataset
+
+        ds = load_dataset(dataset, "test", data_root)
+    else:
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     return build_stream(spec, ds.images.numpy(), ds.labels.numpy())
 
 
