@@ -15,7 +15,7 @@ from edgecloud import __version__
 # Order here is the order in ``edgecloud --help``.
 COMMAND_MODULES = (
     "demo", "edge", "cloud", "health", "infer", "bench", "train", "export", "prune", "eval", "sweep", "analyze", "kernels", "robust",
-    "search", "placement", "offload",
+    "search", "placement", "offload", "control",
 )
 
 

@@ -284,6 +284,15 @@ class ControlConfig(_Strict):
     seed: int = Field(0, description="seed of the shadow draws")
     curve_memory: int = Field(0, ge=0, description="samples over which the exits' disagreement "
                               "rate is bounded (model-based, > window; 0: off)")
+    estimator: Literal["shadows", "profile"] = Field(
+        "shadows", description="D(t) from the window's labels, or from an offline disagreement "
+        "profile rescaled online (edgecloud.control.profile)")
+    profile: str | None = Field(None, description="the profile JSON (estimator: profile), from "
+                                "`edgecloud control profile`")
+    meet_window: int = Field(0, ge=0, description="> 0: keep a sampling margin so that windows "
+                             "of this many samples meet the target (0: none)")
+    profile_band: int = Field(0, ge=0, description="> 0: rescale the profile from shadows and "
+                              "the this-many most confident offloaded samples (0: all labelled)")
 
     @field_validator("priority")
     @classmethod

@@ -28,6 +28,13 @@ no higher than the memory's at the same threshold. A check on the free offloaded
 (:func:`edgecloud.control.estimate.curve_rose`, post-stratified by score) falls back to the
 window's own exact bound when the curve rose. See :func:`edgecloud.control.estimate.memory_count_upper`.
 
+Disagreement profile (``estimator="profile"``; off by default). D(t) is priced from a profile of
+P(disagree | score) measured offline on the validation split, over the window's own scores, and
+rescaled by a factor bounded on every labelled sample (offloads for free, shadows); see
+:mod:`edgecloud.control.profile` for the model it assumes. ``meet_window`` > 0 asks for more:
+that a *window of that many samples* meets the target with probability about 1 - delta, so the
+acted agreement keeps a binomial sampling margin above the target (any estimator).
+
 Contract with the data plane: ``shadow_prob`` must be the probability a sample really had of
 being labelled by a shadow. A shadow that was drawn but never sent (queue full, send failed)
 should be reported ``shadowed=True`` with ``disagree`` NaN (a label failure: re-weighted in the
@@ -61,6 +68,7 @@ from edgecloud.control.estimate import (
     mixture_quantile,
     most_conservative,
 )
+from edgecloud.control.profile import DisagreementProfile, profile_estimate, sampling_margin
 from edgecloud.exits import PolicyKind
 
 
@@ -86,6 +94,12 @@ class ControlSettings:
     curve_memory: int = 0          # samples (> window) over which the exits' disagreement RATE
     # per threshold is bounded (clopper-pearson only; 0: off, today's bound). Model-based: see
     # edgecloud.control.estimate.memory_count_upper for the assumption and its check
+    estimator: Literal["shadows", "profile"] = "shadows"  # D(t) from the window's labels alone,
+    # or from an offline disagreement profile rescaled online (edgecloud.control.profile)
+    profile: str = ""              # the profile's JSON file (estimator="profile")
+    meet_window: int = 0           # > 0: keep the sampling margin for windows of this many samples
+    profile_band: int = 0          # > 0: rescale the profile from shadows and only this many of the
+    # most confident offloaded samples (next to the threshold); 0: every labelled sample
 
 
 @dataclass
@@ -204,6 +218,10 @@ class ExitController:
         self._bytes = float(bytes_per_offload)
         self._radio = float(radio_j_per_offload)
         self._clock = clock
+        self._profile = DisagreementProfile.load(settings.profile) if settings.estimator == "profile" else None
+        if self._profile is not None and self._profile.kind != kind:
+            raise ValueError(f"profile {settings.profile}: made for policy {self._profile.kind!r}, "
+                             f"the exit uses {kind!r}")
         self._lock = threading.RLock()
         self._rng = np.random.default_rng(settings.seed)
         self._data = {c: np.zeros(0, dtype=_DTYPES.get(c, np.float64)) for c in _COLUMNS}
@@ -348,7 +366,7 @@ class ExitController:
             if self._n() == 0 or self._n() < self._settings.min_samples:
                 return None
             grid, scan = self._grid_scan(self._in_backoff())
-            passes = self._acted_agreement(scan.est)[1:] >= agreement - 1e-12
+            passes = self._acted_agreement(scan.est, agreement)[1:] >= agreement - 1e-12
             j = fixed_sequence(passes)
             return float(grid[1 + j]) if j >= 0 else most_conservative(self._kind)
 
@@ -392,7 +410,7 @@ class ExitController:
         """Shadow rate aiming at ``shadow_target`` shadowed samples per window, quantised to a
         few levels (the bounds are exact for a constant rate, conservative across levels)."""
         s = self._settings
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):
             ideal = s.shadow_target / (s.window * np.asarray(exit_share, dtype=np.float64))
         ideal = np.clip(np.nan_to_num(ideal, nan=s.shadow_max, posinf=s.shadow_max),
                         s.shadow_min, s.shadow_max)
@@ -401,9 +419,13 @@ class ExitController:
 
     def _scan(self, thresholds: np.ndarray, backoff: bool) -> _Scan:
         d = self._data
-        est = estimate(self._window(), self._kind, thresholds, delta=self._budgets.delta,
-                       bound=self._settings.bound, looks=max(1, self._looks),
-                       memory=self._memory())
+        if self._profile is not None:
+            est = profile_estimate(self._window(), self._kind, thresholds, self._profile,
+                                   delta=self._budgets.delta, band=self._settings.profile_band)
+        else:
+            est = estimate(self._window(), self._kind, thresholds, delta=self._budgets.delta,
+                           bound=self._settings.bound, looks=max(1, self._looks),
+                           memory=self._memory())
         share = est.exit_share
         offload = 1.0 - share
         rate = (np.full(share.shape, self._settings.shadow_min) if backoff
@@ -426,8 +448,15 @@ class ExitController:
             self._cache = (key, grid, self._scan(grid, backoff))
         return self._cache[1], self._cache[2]
 
-    def _acted_agreement(self, est: Estimates) -> np.ndarray:
-        return est.agreement_lower if self._settings.act_on == "bound" else est.agreement
+    def _acted_agreement(self, est: Estimates, target: float | None = None) -> np.ndarray:
+        """What the agreement budget compares with its target: the bound or the estimate, less
+        the sampling margin of ``meet_window`` (at ``target``, default the budget's)."""
+        acted = est.agreement_lower if self._settings.act_on == "bound" else est.agreement
+        if self._settings.meet_window > 0:
+            target = self._budgets.agreement if target is None else target
+            acted = acted - sampling_margin(float(target or 1.0), self._settings.meet_window,
+                                            self._budgets.delta, est.sample_var)
+        return acted
 
     # ---- internals: choosing -------------------------------------------------------------
     def _meets(self, name: str, scan: _Scan) -> np.ndarray:
@@ -555,7 +584,7 @@ class ExitController:
             bound = None
             if name == "agreement":
                 bound = float(final.est.agreement_lower[0])
-                acted = bound if self._settings.act_on == "bound" else value
+                acted = float(self._acted_agreement(final.est)[0])
                 met = reachable and acted >= target - 1e-12
             else:
                 met = bool(value <= target)
@@ -597,6 +626,16 @@ def _check_settings(s: ControlSettings) -> None:
         raise ValueError("curve_memory must be >= 0 (0: off)")
     if s.curve_memory and s.bound != "clopper-pearson":
         raise ValueError("curve_memory works with bound='clopper-pearson' only")
+    if s.estimator not in ("shadows", "profile"):
+        raise ValueError(f"unknown estimator {s.estimator!r}; use 'shadows' or 'profile'")
+    if s.estimator == "profile" and not s.profile:
+        raise ValueError("estimator 'profile' needs profile: the JSON file of `edgecloud control profile`")
+    if s.estimator == "profile" and s.curve_memory:
+        raise ValueError("curve_memory works with estimator='shadows' only")
+    if s.profile_band < 0:
+        raise ValueError("profile_band must be >= 0 (0: every labelled sample)")
+    if s.meet_window < 0:
+        raise ValueError("meet_window must be >= 0 (0: no sampling margin)")
     if not 0.0 <= s.backoff_factor <= 1.0 or s.backoff_s < 0:
         raise ValueError("backoff_factor must lie in [0, 1] and backoff_s be >= 0")
 
@@ -621,6 +660,8 @@ def from_config(config: Any, key: str = "control") -> tuple[Budgets, ControlSett
         act_on=config.act_on, max_step=config.max_step, backoff_s=config.backoff_s,
         backoff_factor=config.backoff_factor, seed=config.seed,
         curve_memory=getattr(config, "curve_memory", 0),
+        estimator=getattr(config, "estimator", "shadows"), profile=getattr(config, "profile", "") or "",
+        meet_window=getattr(config, "meet_window", 0), profile_band=getattr(config, "profile_band", 0),
     )
     return budgets, settings
 

@@ -125,6 +125,8 @@ class Estimates:
     exits: np.ndarray           # samples of the window that exit at each threshold
     disagree: np.ndarray        # D(t), unbiased estimate (share of all n)
     disagree_upper: np.ndarray  # (1 - delta) upper bound on D(t)
+    sample_var: np.ndarray | None = None  # per-sample variance of the disagreement indicator at
+    # each threshold, where a model knows it (the profile); None: the binomial at the target
 
     @property
     def exit_share(self) -> np.ndarray:

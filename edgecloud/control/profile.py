@@ -1,0 +1,172 @@
+"""A disagreement profile: P(edge answer != cloud answer | exit score), measured offline.
+
+Why: ~100 shadow labels per window bound the exits' disagreement at 2-3x the truth, and no
+causal controller can buy the labels a tight bound needs with an offload's radio energy per
+label. But drift mostly moves the *score distribution* (known without labels, every sample)
+and much less the *curve* P(disagree | score) (measured: clean, noise, blur, class mix on the
+CIFAR-10 hybrids). So the profile is measured once on the bundle's validation split, where the
+cloud's answer to every sample is known, and online the controller only (1) prices each
+candidate threshold with the profile over the window's own scores and (2) rescales the profile
+by a factor ``r`` estimated from every labelled sample it has (offloaded ones for free, shadowed
+ones), with a one-sided Poisson bound on ``r``.
+
+The model behind it: under drift, P(disagree | s) = r * profile(s) for one ``r`` per window.
+A selection that depends only on the score (offloading above a threshold, shadowing at random)
+then gives E[disagreements among labelled] = r * sum(profile(s_i)), so ``r`` is estimated
+without weights. Where drift raises the curve unevenly (blur raises it most among confident
+samples, which only shadows see), the model is wrong and the guarantee is not distribution-free;
+the bound mode (:func:`edgecloud.control.estimate.estimate`) stays the default for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from edgecloud.control.estimate import (
+    Estimates,
+    WindowData,
+    as_threshold_array,
+    confidence_key,
+    exit_counts,
+)
+from edgecloud.exits import PolicyKind
+
+
+@dataclass(frozen=True)
+class DisagreementProfile:
+    """Disagreement rate per bin of the confidence key, non-increasing as confidence grows."""
+
+    kind: PolicyKind
+    edges: tuple[float, ...]   # ascending bin edges of confidence_key(kind, score)
+    rates: tuple[float, ...]   # one rate per bin (len(edges) - 1)
+    samples: int
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("entropy", "max_prob"):
+            raise ValueError(f"profile: unknown policy {self.kind!r}")
+        if len(self.edges) < 2 or len(self.rates) != len(self.edges) - 1:
+            raise ValueError("profile: need >= 2 edges and one rate per bin")
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:])):
+            raise ValueError("profile: edges must be strictly ascending")
+        if any(not 0.0 <= r <= 1.0 for r in self.rates):
+            raise ValueError("profile: rates must lie in [0, 1]")
+
+    def __call__(self, score: np.ndarray) -> np.ndarray:
+        """The profile's disagreement probability of each score (outside the edges: the end bins)."""
+        key = confidence_key(self.kind, score)
+        i = np.clip(np.searchsorted(np.asarray(self.edges), key, side="right") - 1, 0, len(self.rates) - 1)
+        return np.asarray(self.rates)[i]
+
+    @classmethod
+    def fit(cls, kind: PolicyKind, score: np.ndarray, disagree: np.ndarray, bins: int = 40,
+            source: str = "") -> "DisagreementProfile":
+        """Equal-count bins of the confidence key; each bin's observed rate, then the upper
+        monotone envelope (a less confident bin never disagrees less): conservative where a
+        bin is noisy."""
+        score = np.asarray(score, dtype=np.float64)
+        disagree = np.asarray(disagree, dtype=np.float64)
+        if score.shape != disagree.shape or score.size < bins:
+            raise ValueError(f"profile: need matching score/disagree arrays of >= {bins} samples")
+        key = confidence_key(kind, score)
+        edges = np.unique(np.quantile(key, np.linspace(0.0, 1.0, bins + 1)))
+        if edges.size < 2:
+            raise ValueError("profile: every score is the same; nothing to bin")
+        i = np.clip(np.searchsorted(edges, key, side="right") - 1, 0, edges.size - 2)
+        counts = np.bincount(i, minlength=edges.size - 1)
+        hits = np.bincount(i, weights=disagree, minlength=edges.size - 1)
+        rates = np.where(counts > 0, hits / np.maximum(counts, 1), 0.0)
+        rates = np.maximum.accumulate(rates[::-1])[::-1]   # non-increasing with confidence
+        return cls(kind, tuple(float(e) for e in edges), tuple(float(r) for r in rates),
+                   int(score.size), source)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "edges": list(self.edges), "rates": list(self.rates),
+                "samples": self.samples, "source": self.source}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DisagreementProfile":
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(d["kind"], tuple(d["edges"]), tuple(d["rates"]), int(d["samples"]), d.get("source", ""))
+        except FileNotFoundError as exc:
+            raise ValueError(f"profile {path}: no such file (make one with `edgecloud control profile`)") from exc
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"profile {path}: not a disagreement profile ({exc})") from exc
+
+
+def scale_upper(disagreements: float, mass: float, delta: float) -> float:
+    """One-sided (1 - delta) upper bound on ``r`` when ``disagreements`` ~ Poisson(r * mass)
+    (the exact Garwood bound; a sum of Bernoullis is less dispersed than the Poisson, so the
+    bound is conservative). No labelled mass: unbounded."""
+    if mass <= 0:
+        return float("inf")
+    return float(0.5 * stats.chi2.ppf(1.0 - delta, 2.0 * (disagreements + 1.0)) / mass)
+
+
+def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: DisagreementProfile,
+                     *, delta: float = 0.05, band: int = 0) -> Estimates:
+    """D(t) at every threshold from the profile over the window's scores, rescaled by ``r``:
+    the estimate with r's point estimate, the bound with its (1 - delta) upper bound. The bound
+    is on the EXPECTED share given the window's scores; the window's realised share scatters
+    around it by sampling (``meet_window`` in the controller keeps a margin for that).
+
+    ``band`` > 0: ``r`` from the shadowed samples and only the ``band`` most confident offloaded
+    ones (those next to the threshold), where a drift that raises the curve unevenly shows first;
+    0: from every labelled sample."""
+    if profile.kind != kind:
+        raise ValueError(f"profile is for policy {profile.kind!r}, the exit uses {kind!r}")
+    t = as_threshold_array(thresholds)
+    n = window.n
+    if n == 0:
+        nan = np.full(t.shape, np.nan)
+        return Estimates(t, 0, np.zeros(t.shape, dtype=np.int64), nan, nan.copy())
+    key = confidence_key(kind, window.score)
+    order = np.argsort(-key, kind="stable")                    # most confident first
+    k = exit_counts(kind, np.sort(key), t)
+    c = profile(window.score)
+    mass_at = np.concatenate([[0.0], np.cumsum(c[order])])[k]  # expected disagreeing exits at r = 1
+    labelled = ~np.isnan(window.disagree)
+    if band > 0:
+        off = labelled & ~window.exited
+        if off.sum() > band:
+            ranked = np.flatnonzero(off)[np.argsort(-key[off], kind="stable")]
+            labelled = labelled & window.exited
+            labelled[ranked[:band]] = True
+    hits = float((window.disagree[labelled] > 0.5).sum())
+    mass = float(c[labelled].sum())
+    r_hat = hits / mass if mass > 0 else 1.0
+    r_up = scale_upper(hits, mass, delta)
+    with np.errstate(invalid="ignore"):
+        upper = np.where(mass_at > 0, np.minimum(r_up * mass_at / n, 1.0), 0.0)
+    q = np.clip(r_hat * c[order], 0.0, 1.0)
+    var_at = np.concatenate([[0.0], np.cumsum(q * (1.0 - q))])[k] / n
+    return Estimates(t, n, k, r_hat * mass_at / n, upper, sample_var=var_at)
+
+
+def sampling_margin(agreement: float, meet_window: int, delta: float,
+                    sample_var: np.ndarray | None = None) -> np.ndarray | float:
+    """How far above the target a window's *expected* agreement must sit for a window of
+    ``meet_window`` samples to meet the target with probability ~(1 - delta): the normal
+    quantile times the standard deviation of a window's disagreement share. Without a model,
+    the binomial at the target (the most a share near it can scatter); with the per-sample
+    variance the profile knows at each threshold (sum of p(1 - p) over the exits, smaller: most
+    exits are near-certain), that."""
+    if meet_window <= 0:
+        return 0.0
+    z = float(stats.norm.ppf(1.0 - delta))
+    if sample_var is not None:
+        return z * np.sqrt(np.maximum(np.asarray(sample_var, dtype=np.float64), 0.0) / meet_window)
+    eps = max(0.0, 1.0 - agreement)
+    return float(z * np.sqrt(eps * (1.0 - eps) / meet_window))
+
+
+__all__ = ["DisagreementProfile", "profile_estimate", "sampling_margin", "scale_upper"]

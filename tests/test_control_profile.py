@@ -1,0 +1,146 @@
+"""edgecloud.control.profile: the offline disagreement profile, its online rescaling and bound,
+the sampling margin, and the controller and CLI that use them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from edgecloud.control.controller import ControlSettings, ExitController
+from edgecloud.control.budgets import Budgets
+from edgecloud.control.estimate import WindowData
+from edgecloud.control.profile import DisagreementProfile, profile_estimate, sampling_margin, scale_upper
+
+
+def _curve(score: np.ndarray) -> np.ndarray:
+    """True P(disagree | entropy): rises with entropy."""
+    return np.clip(0.02 + 0.3 * score, 0.0, 0.9)
+
+
+def _window(rng, n: int, r: float, threshold: float, shadow: float, profile_score_shift: float = 0.0):
+    score = rng.uniform(0.0, 1.5, n) + profile_score_shift
+    dis = (rng.random(n) < np.clip(r * _curve(score), 0, 1)).astype(float)
+    exited = score < threshold
+    shadowed = exited & (rng.random(n) < shadow)
+    obs = np.where(~exited | shadowed, dis, np.nan)
+    return WindowData.of(score, exited, shadowed, np.where(exited, shadow, 1.0), obs), dis
+
+
+def test_fit_is_monotone_and_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    score = rng.uniform(0, 1.5, 20000)
+    dis = (rng.random(score.size) < _curve(score)).astype(float)
+    prof = DisagreementProfile.fit("entropy", score, dis, bins=20)
+    rates = np.asarray(prof.rates)
+    assert np.all(np.diff(rates) <= 0)                  # bins run from least to most confident
+    probe = np.linspace(0.05, 1.45, 15)
+    assert np.max(np.abs(prof(probe) - _curve(probe))) < 0.06
+    prof.save(tmp_path / "p.json")
+    assert DisagreementProfile.load(tmp_path / "p.json") == prof
+    (tmp_path / "bad.json").write_text(json.dumps({"kind": "entropy"}))
+    with pytest.raises(ValueError, match="not a disagreement profile"):
+        DisagreementProfile.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="no such file"):
+        DisagreementProfile.load(tmp_path / "missing.json")
+
+
+def test_rescaled_profile_estimates_and_bounds_a_raised_curve():
+    """Drift raises the curve 1.5x: the point estimate of D(t) is close to the realised share on
+    average, and the (1 - delta) bound covers the expected share given the window's scores
+    (r x curve over its exits) at least at its rate over seeded windows. (A window's realised
+    share scatters around that expectation: ``meet_window``'s margin is for that.)"""
+    rng = np.random.default_rng(1)
+    score = rng.uniform(0, 1.5, 40000)
+    prof = DisagreementProfile.fit("entropy", score, (rng.random(score.size) < _curve(score)).astype(float))
+    delta, t, r = 0.1, 0.6, 1.5
+    est, covered = [], 0
+    reps = 200
+    for _ in range(reps):
+        w, dis = _window(rng, 2000, r, t, 0.02)
+        e = profile_estimate(w, "entropy", [t], prof, delta=delta)
+        realised = float((dis * (w.score < t)).sum() / w.n)
+        expected = float((r * _curve(w.score) * (w.score < t)).sum() / w.n)
+        est.append(e.disagree[0] - realised)
+        covered += e.disagree_upper[0] >= expected
+    assert abs(np.mean(est)) < 0.002
+    assert covered / reps >= 1 - delta
+
+
+def test_band_uses_the_offloads_next_to_the_threshold():
+    """A curve raised only near the threshold: the band sees it, all labels dilute it."""
+    rng = np.random.default_rng(2)
+    score = np.sort(rng.uniform(0, 1.5, 4000))
+    prof = DisagreementProfile.fit("entropy", score, (rng.random(score.size) < _curve(score)).astype(float))
+    raised = np.where((score > 0.5) & (score < 0.8), 3.0, 1.0) * _curve(score)
+    dis = (rng.random(score.size) < raised).astype(float)
+    exited = score < 0.5
+    w = WindowData.of(score, exited, np.zeros_like(exited), np.where(exited, 0.01, 1.0),
+                      np.where(exited, np.nan, dis))
+    all_labels = profile_estimate(w, "entropy", [0.5], prof).disagree[0]
+    band = profile_estimate(w, "entropy", [0.5], prof, band=300).disagree[0]
+    assert band > 1.8 * all_labels
+
+
+def test_scale_upper_and_sampling_margin():
+    assert scale_upper(0, 0.0, 0.05) == math.inf
+    assert scale_upper(10, 10.0, 0.05) > 1.0 > 10 / 10.0 - 0.5
+    assert scale_upper(1000, 1000.0, 0.05) < 1.06            # many labels: tight
+    assert sampling_margin(0.97, 0, 0.05) == 0.0
+    assert sampling_margin(0.97, 1000, 0.05) == pytest.approx(1.6449 * math.sqrt(0.03 * 0.97 / 1000), rel=1e-3)
+    # with the model's per-sample variance (most exits near-certain): a smaller margin
+    m = sampling_margin(0.97, 1000, 0.05, np.array([0.01, 0.0]))
+    assert m == pytest.approx([1.6449 * math.sqrt(0.01 / 1000), 0.0], rel=1e-3)
+
+
+def test_controller_reads_the_profile_and_checks_it(tmp_path):
+    budgets = Budgets(agreement=0.97, delta=0.05)
+    kw = dict(bytes_per_offload=8192, radio_j_per_offload=0.02)
+    with pytest.raises(ValueError, match="needs profile"):
+        ExitController("entropy", 0.5, budgets, ControlSettings(estimator="profile"), **kw)
+    rng = np.random.default_rng(3)
+    score = rng.uniform(0, 1.5, 5000)
+    prof = DisagreementProfile.fit("max_prob", score, (rng.random(score.size) < 0.1).astype(float))
+    prof.save(tmp_path / "mp.json")
+    with pytest.raises(ValueError, match="made for policy 'max_prob'"):
+        ExitController("entropy", 0.5, budgets,
+                       ControlSettings(estimator="profile", profile=str(tmp_path / "mp.json")), **kw)
+    good = DisagreementProfile.fit("entropy", score, (rng.random(score.size) < _curve(score)).astype(float))
+    good.save(tmp_path / "e.json")
+    margin = ExitController("entropy", 0.5, budgets, ControlSettings(
+        estimator="profile", profile=str(tmp_path / "e.json"), meet_window=1000, min_samples=10), **kw)
+    plain = ExitController("entropy", 0.5, budgets, ControlSettings(
+        estimator="profile", profile=str(tmp_path / "e.json"), min_samples=10), **kw)
+    for ctl in (margin, plain):
+        w, dis = _window(np.random.default_rng(4), 3000, 1.0, 0.5, 0.05)
+        from edgecloud.control.controller import Observations
+        n = w.n
+        ctl.observe(Observations(score=w.score, exited=w.exited, shadowed=w.shadowed,
+                                 shadow_prob=w.shadow_prob, disagree=w.disagree,
+                                 compute_j=np.full(n, 1e-6), radio_j=np.where(w.exited, 0.0, 0.02),
+                                 sent_bytes=np.where(w.exited, 0, 8192), latency_s=np.full(n, 0.01)))
+        ctl.step()
+    # the sampling margin keeps the threshold lower (fewer exits) than no margin
+    assert margin.threshold < plain.threshold
+
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+CIFAR = REPO_ROOT.parent / "shared" / "datasets" / "cifar10"
+BUNDLE = REPO_ROOT / "models" / "cifar10-hybrid-resnet20-4bit"
+
+
+@pytest.mark.skipif(not CIFAR.is_dir() or not (BUNDLE / "manifest.yaml").is_file(),
+                    reason="needs ../shared/datasets/cifar10 and models/cifar10-hybrid-resnet20-4bit")
+def test_cli_writes_a_profile_from_validation_images(tmp_path, capsys):
+    from edgecloud.cli import main
+
+    out = tmp_path / "profile.json"
+    assert main(["control", "profile", str(BUNDLE), "--data-root", str(CIFAR), "--limit", "400",
+                 "--bins", "8", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["split"] == "val" and summary["samples"] == 400
+    prof = DisagreementProfile.load(out)
+    assert prof.kind == "entropy" and len(prof.rates) <= 8 and prof.samples == 400
+    assert prof.rates[0] >= prof.rates[-1]         # the least confident bin disagrees most
