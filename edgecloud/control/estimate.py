@@ -271,6 +271,20 @@ def bennett_count_upper(
     return np.minimum(np.floor(best + 1e-9), cap)
 
 
+def empty_estimates(t: np.ndarray) -> Estimates:
+    """Estimates of an empty window: nothing known at any threshold."""
+    nan = np.full(t.shape, np.nan)
+    return Estimates(t, 0, np.zeros(t.shape, dtype=np.int64), nan, nan.copy())
+
+
+def ranked(window: WindowData, kind: PolicyKind, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The window's confidence keys, its samples most confident first, and how many exit at each
+    threshold: prefix sums over that order at those counts give any per-threshold total."""
+    key = confidence_key(kind, window.score)
+    order = np.argsort(-key, kind="stable")
+    return key, order, exit_counts(kind, np.sort(key), t)
+
+
 def estimate(
     window: WindowData,
     kind: PolicyKind,
@@ -296,11 +310,8 @@ def estimate(
     t = as_threshold_array(thresholds)
     n = window.n
     if n == 0:
-        nan = np.full(t.shape, np.nan)
-        return Estimates(t, 0, np.zeros(t.shape, dtype=np.int64), nan, nan.copy())
-    key = confidence_key(kind, window.score)
-    order = np.argsort(-key, kind="stable")                   # most confident first
-    k = exit_counts(kind, np.sort(key), t)
+        return empty_estimates(t)
+    key, order, k = ranked(window, kind, t)
 
     ex, sh = window.exited, window.shadowed
     off = ~ex

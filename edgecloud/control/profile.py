@@ -32,7 +32,8 @@ from edgecloud.control.estimate import (
     WindowData,
     as_threshold_array,
     confidence_key,
-    exit_counts,
+    empty_estimates,
+    ranked,
 )
 from edgecloud.exits import PolicyKind
 
@@ -127,20 +128,17 @@ def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: 
     t = as_threshold_array(thresholds)
     n = window.n
     if n == 0:
-        nan = np.full(t.shape, np.nan)
-        return Estimates(t, 0, np.zeros(t.shape, dtype=np.int64), nan, nan.copy())
-    key = confidence_key(kind, window.score)
-    order = np.argsort(-key, kind="stable")                    # most confident first
-    k = exit_counts(kind, np.sort(key), t)
+        return empty_estimates(t)
+    key, order, k = ranked(window, kind, t)
     c = profile(window.score)
     mass_at = np.concatenate([[0.0], np.cumsum(c[order])])[k]  # expected disagreeing exits at r = 1
     labelled = ~np.isnan(window.disagree)
     if band > 0:
         off = labelled & ~window.exited
         if off.sum() > band:
-            ranked = np.flatnonzero(off)[np.argsort(-key[off], kind="stable")]
+            nearest = np.flatnonzero(off)[np.argsort(-key[off], kind="stable")]
             labelled = labelled & window.exited
-            labelled[ranked[:band]] = True
+            labelled[nearest[:band]] = True
     hits = float((window.disagree[labelled] > 0.5).sum())
     mass = float(c[labelled].sum())
     r_hat = hits / mass if mass > 0 else 1.0
