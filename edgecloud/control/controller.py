@@ -33,7 +33,8 @@ P(disagree | score) measured offline on the validation split, over the window's 
 rescaled by a factor bounded on every labelled sample (offloads for free, shadows); see
 :mod:`edgecloud.control.profile` for the model it assumes. ``meet_window`` > 0 asks for more:
 that a *window of that many samples* meets the target with probability about 1 - delta, so the
-acted agreement keeps a binomial sampling margin above the target (any estimator).
+acted agreement keeps a sampling margin above the target (any estimator: the binomial at the
+target; with the profile, from the per-sample variances it knows).
 
 Contract with the data plane: ``shadow_prob`` must be the probability a sample really had of
 being labelled by a shadow. A shadow that was drawn but never sent (queue full, send failed)
