@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from edgecloud.control.controller import ControlSettings, ExitController
+from edgecloud.control.controller import ControlSettings, ExitController, Observations
 from edgecloud.control.budgets import Budgets
 from edgecloud.control.estimate import WindowData
 from edgecloud.control.profile import DisagreementProfile, profile_estimate, sampling_margin, scale_upper
@@ -86,7 +86,7 @@ def test_band_uses_the_offloads_next_to_the_threshold():
 
 def test_scale_upper_and_sampling_margin():
     assert scale_upper(0, 0.0, 0.05) == math.inf
-    assert scale_upper(10, 10.0, 0.05) > 1.0 > 10 / 10.0 - 0.5
+    assert scale_upper(10, 10.0, 0.05) == pytest.approx(1.6962, abs=1e-4)  # Garwood: 16.96 for 10 counts
     assert scale_upper(1000, 1000.0, 0.05) < 1.06            # many labels: tight
     assert sampling_margin(0.97, 0, 0.05) == 0.0
     assert sampling_margin(0.97, 1000, 0.05) == pytest.approx(1.6449 * math.sqrt(0.03 * 0.97 / 1000), rel=1e-3)
@@ -115,7 +115,6 @@ def test_controller_reads_the_profile_and_checks_it(tmp_path):
         estimator="profile", profile=str(tmp_path / "e.json"), min_samples=10), **kw)
     for ctl in (margin, plain):
         w, dis = _window(np.random.default_rng(4), 3000, 1.0, 0.5, 0.05)
-        from edgecloud.control.controller import Observations
         n = w.n
         ctl.observe(Observations(score=w.score, exited=w.exited, shadowed=w.shadowed,
                                  shadow_prob=w.shadow_prob, disagree=w.disagree,
