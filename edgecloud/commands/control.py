@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10")
+from edgecloud.commands.offload import DATASETS  # the data sets a bundle can be evaluated on
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,9 +43,10 @@ def run_profile(args: argparse.Namespace) -> int:
     from edgecloud.control.profile import DisagreementProfile
     from edgecloud.control.trace import compute_reference
     from edgecloud.evaluate import load_eval_data, resolve_bundle
+    from edgecloud.evaluate.source import training_dataset
 
     bundle = resolve_bundle(args.bundle, args.repository)
-    dataset = args.dataset or ((bundle.manifest.training or {}).get("data") or {}).get("dataset")
+    dataset = args.dataset or training_dataset(bundle.manifest)
     if dataset not in DATASETS:
         raise ValueError(f"--dataset is needed: bundle {bundle.name!r}'s manifest names no known data set")
     data, info = load_eval_data(dataset, "val", bundle.manifest, args.data_root, limit=args.limit)

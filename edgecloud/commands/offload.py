@@ -96,11 +96,12 @@ def _check(args: argparse.Namespace) -> list[str] | None:
 def run_plan(args: argparse.Namespace) -> int:
     encodings = _check(args)
     from edgecloud.evaluate import load_eval_data, resolve_bundle
+    from edgecloud.evaluate.source import training_dataset
     from edgecloud.evaluate.plan import plan_offload, plan_table, write_bundle, write_csv
     from edgecloud.evaluate.results import json_safe
 
     bundle = resolve_bundle(args.bundle, args.repository)
-    dataset = args.dataset or ((bundle.manifest.training or {}).get("data") or {}).get("dataset")
+    dataset = args.dataset or training_dataset(bundle.manifest)
     if dataset not in DATASETS:
         raise ValueError(f"--dataset is needed: bundle {bundle.name!r}'s manifest does not name a known data set "
                          f"(training.data.dataset = {dataset!r}); choose one of {', '.join(DATASETS)}")

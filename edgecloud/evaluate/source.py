@@ -64,6 +64,11 @@ def resolve_bundle(spec: str | Path, repository: str | Path | None = None) -> Bu
 
 # ---- data --------------------------------------------------------------------------------------
 
+def training_dataset(manifest: Manifest) -> str | None:
+    """The data set the bundle was trained on (manifest ``training.data.dataset``), if recorded."""
+    return ((manifest.training or {}).get("data") or {}).get("dataset")
+
+
 def load_eval_data(
     dataset: str,
     split: str,

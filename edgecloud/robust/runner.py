@@ -174,9 +174,9 @@ def load_model(bundle: str, repository: str | None) -> tuple[torch.nn.Module, An
 
 def load_images(config: RobustConfig, manifest: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(test images, labels, calibration images from the validation split, data description)."""
-    from edgecloud.evaluate.source import load_eval_data
+    from edgecloud.evaluate.source import load_eval_data, training_dataset
 
-    dataset = config.dataset or ((manifest.training or {}).get("data") or {}).get("dataset") or "cifar10"
+    dataset = config.dataset or training_dataset(manifest) or "cifar10"
     test, info = load_eval_data(dataset, "test", manifest, config.data_root, sample=config.limit)
     try:
         val, _ = load_eval_data(dataset, "val", manifest, config.data_root, sample=config.calib_samples)
