@@ -360,3 +360,48 @@ def test_square_p_init_enters_the_cache_key_only_for_square_runs(bundle, cifar_r
         _config(bundle, cifar_root, square_p_init=0.0)
     with pytest.raises(ValueError, match="--queries"):
         _config(bundle, cifar_root, queries=0)
+
+
+def test_crafting_through_a_chip_resumes_from_a_checkpoint_exactly(trained, tmp_path) -> None:
+    """A hardware-in-loop attack stopped between batches continues from its checkpoint and gives
+    the uninterrupted run's images bit for bit (generator and read noise restored)."""
+    from edgecloud.robust.runner import RobustConfig, craft
+
+    x, y = synthetic(12, seed=12)
+    calib, _ = synthetic(8, seed=13)
+    config = RobustConfig(bundle="unused", queries=6, batch_size=4, square_p_init=0.3)
+
+    def chip() -> HardwareModel:
+        model = HardwareModel(trained, "crossbar", NOISY, [0])
+        model.calibrate(calib)
+        model.restart_reads("hardware-in-loop/square")
+        return model
+
+    class Stops(torch.nn.Module):  # the session ends during the second batch
+        deterministic = False
+
+        def __init__(self, model: HardwareModel, after: int) -> None:
+            super().__init__()
+            self.model, self.calls, self.after = model, 0, after
+            self.read_state, self.set_read_state = model.read_state, model.set_read_state
+
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls > self.after:
+                raise KeyboardInterrupt
+            return self.model(xb)
+
+    key = ("crossbar", 0, "hardware-in-loop")
+    whole = craft(chip(), "square", x, y, 16 / 255, config, key)
+    path = tmp_path / "unit.partial.pt.zst"
+    first = chip()
+    calls_per_batch = Stops(chip(), 10**9)
+    craft(calls_per_batch, "square", x[:4], y[:4], 16 / 255, config, key)
+    with pytest.raises(KeyboardInterrupt):
+        craft(Stops(first, calls_per_batch.calls + 2), "square", x, y, 16 / 255, config, key, path)
+    assert path.is_file()
+    resumed = craft(chip(), "square", x, y, 16 / 255, config, key, path)
+    assert torch.equal(resumed, whole)
+    # a checkpoint made for other images is not used
+    other = craft(chip(), "square", x.flip(0), y.flip(0), 16 / 255, config, key, path)
+    assert torch.equal(other, craft(chip(), "square", x.flip(0), y.flip(0), 16 / 255, config, key))

@@ -86,6 +86,20 @@ class ReadNoise:
         if not self.fresh:
             self.pool()  # the pool comes from the seed alone, whatever the stream
 
+    def state(self) -> dict:
+        """Where the draws stand (saved with a checkpoint so that a resumed job repeats the
+        uninterrupted one exactly)."""
+        with self._lock:
+            return {"rng": self._rng.bit_generator.state, "gen": self._gen.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        """Continue from a :meth:`state` (the pool stays: it comes from the seed alone)."""
+        if not self.fresh:
+            self.pool()
+        with self._lock:
+            self._rng.bit_generator.state = state["rng"]
+            self._gen.set_state(state["gen"])
+
     def pool(self, device: torch.device | None = None) -> torch.Tensor:
         """The float16 sample pool (on the CPU, or its copy on ``device``)."""
         with self._lock:

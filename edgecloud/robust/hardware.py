@@ -97,6 +97,21 @@ class HardwareModel(nn.Module):
             if noise is not None:
                 noise.restart(stream)
 
+    def read_state(self) -> list[dict | None]:
+        """Every chip's read-noise position (for a checkpoint mid-attack)."""
+        return [noise.state() if (noise := getattr(b, "noise", None)) is not None else None for b in self.backends]
+
+    def set_read_state(self, states: list[dict | None]) -> None:
+        """Continue every chip's read noise from :meth:`read_state`."""
+        if len(states) != len(self.backends):
+            raise ValueError(f"read state of {len(states)} chips for a model of {len(self.backends)}")
+        for backend, state in zip(self.backends, states):
+            noise = getattr(backend, "noise", None)
+            if (noise is None) != (state is None):
+                raise ValueError("read state does not match this model's chips (noise on one, not the other)")
+            if noise is not None:
+                noise.set_state(state)
+
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, batch_size: int = 256) -> None:
         """Run clean inputs through every chip once (ADC ranges calibrated on them, not on attacks)."""

@@ -8,8 +8,9 @@ images), then crafting what depends on the chip and evaluating everything on it.
 
 Resuming: with a ``cache`` folder every finished row (and the digitally crafted images) is
 written as it is measured, under a key of the settings that change results; a rerun of the same
-command skips what is there. Hardware-in-loop attacks take hours on a CPU; a stopped run loses
-at most the unit (threat, attack, eps on one chip) it was in.
+command skips what is there. Hardware-in-loop attacks take hours on a CPU: a unit crafted
+through a chip also saves a checkpoint after each batch, so a stopped run loses at most the batch
+it was in, and the resumed run gives exactly the uninterrupted one's rows.
 
 Every random choice is seeded: the images (a class-balanced subset), the chips (seed = chip
 index), the attacks' random starts (from ``seed``, the attack, eps and chip), read noise (the
@@ -33,6 +34,7 @@ from edgecloud.bundle import bundle_backend_options
 from edgecloud.distributed.executor import cores, run_tasks
 from edgecloud.robust import attacks
 from edgecloud.robust.hardware import HardwareModel
+from edgecloud.robust.partial import Partial, load_partial, save_partial
 from edgecloud.robust.threats import check_threats, crafted_digitally, surrogate_seeds
 
 ATTACKS = ("fgsm", "pgd", "pgd-l2", "square", "transfer")
@@ -192,16 +194,35 @@ def _generator(config: RobustConfig, *parts: Any) -> torch.Generator:
     return gen
 
 
+def _fingerprint(x: torch.Tensor, y: torch.Tensor, attack: str, eps: float, key: tuple[Any, ...]) -> str:
+    digest = hashlib.sha256(x.contiguous().numpy().tobytes())
+    digest.update(y.contiguous().numpy().tobytes())
+    digest.update(repr((attack, eps, key)).encode())
+    return digest.hexdigest()[:16]
+
+
 def craft(model: Callable[[torch.Tensor], torch.Tensor], attack: str, x: torch.Tensor, y: torch.Tensor, eps: float,
-          config: RobustConfig, key: tuple[Any, ...]) -> torch.Tensor:
-    """Adversarial copies of ``x`` (batch by batch) by ``attack`` on ``model``."""
-    out = []
+          config: RobustConfig, key: tuple[Any, ...], checkpoint: Path | None = None) -> torch.Tensor:
+    """Adversarial copies of ``x`` (batch by batch) by ``attack`` on ``model``.
+
+    ``checkpoint``: a file saved after each batch (with the attack's generator and ``model``'s
+    read noise, see :mod:`edgecloud.robust.partial`); when it exists, crafting continues after its
+    last batch and gives what an uninterrupted run gives. The caller removes it when done.
+    """
+    out: list[torch.Tensor] = []
     gen = _generator(config, attack, eps, *key)
+    fingerprint = _fingerprint(x, y, attack, eps, key) if checkpoint is not None else ""
+    resumed = load_partial(checkpoint, fingerprint) if checkpoint is not None else None
+    if resumed is not None:
+        out = list(resumed.batches)
+        gen.set_state(resumed.generator)
+        if hasattr(model, "set_read_state"):
+            model.set_read_state(resumed.reads)
     # Early stop trusts one forward pass: only sound on a deterministic model. On a noisy chip an
     # image "misclassified" by one read is often classified right by the next (measured: it made
     # hardware-in-loop PGD weaker than the non-adaptive attack), so noisy crafting runs every step.
     stop = config.stop_on_success and getattr(model, "deterministic", True)
-    for start in range(0, len(x), config.batch_size):
+    for start in range(len(out) * config.batch_size, len(x), config.batch_size):
         xb, yb = x[start:start + config.batch_size], y[start:start + config.batch_size]
         if attack == "fgsm":
             out.append(attacks.fgsm(model, xb, yb, eps))
@@ -217,6 +238,9 @@ def craft(model: Callable[[torch.Tensor], torch.Tensor], attack: str, x: torch.T
                                       batch_size=config.batch_size))
         else:
             raise ValueError(f"unknown attack {attack!r}")
+        if checkpoint is not None and start + config.batch_size < len(x):
+            reads = model.read_state() if hasattr(model, "read_state") else []
+            save_partial(checkpoint, Partial(out, gen.get_state(), reads, fingerprint))
     return torch.cat(out) if out else x.clone()
 
 
@@ -343,11 +367,15 @@ def run_chip(job: ChipJob, data: dict[str, Any] | None = None) -> list[Row]:
                 model.restart_reads(f"{label}/{attack}/{eps!r}")
         if attack == "transfer" or crafted_digitally(threat):
             adv = crafted[(attack, eps)]
-        elif threat == "hardware-in-loop":
-            adv = craft(crafter_eot or victim, attack, x, y, eps, config, (job.backend, job.chip, threat))
-        else:  # chip-transfer
-            assert surrogate is not None
-            adv = craft(surrogate, attack, x, y, eps, config, (job.backend, job.chip, threat))
+        else:  # crafted through a chip: hours on a CPU, so checkpointed after each batch
+            partial = _cache_file(config, f"{job.backend}-chip{job.chip}-{label}-{attack}-{eps!r}.partial.pt.zst")
+            if threat == "hardware-in-loop":
+                adv = craft(crafter_eot or victim, attack, x, y, eps, config, (job.backend, job.chip, threat), partial)
+            else:  # chip-transfer
+                assert surrogate is not None
+                adv = craft(surrogate, attack, x, y, eps, config, (job.backend, job.chip, threat), partial)
+            if partial is not None:
+                partial.unlink(missing_ok=True)
         rows.append(cache.add(Row(job.backend, label, attack, eps, job.chip, len(x),
                                   accuracy(victim, adv, y, config.batch_size))))
     return rows
