@@ -95,6 +95,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and x.requires_grad):  # inference: the same values, one pass
+        return (x >= 0).to(x.dtype).mul_(2.0).sub_(1.0)
     return _SignSTE.apply(x)
 
 
@@ -160,10 +162,14 @@ class QuantLayerMixin:
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """x_int (non-negative, integer-valued float) with x ~= x_scale * x_int + x_zero."""
         if self.act_bits == 1:
+            if not (torch.is_grad_enabled() and x.requires_grad):  # inference: (sign + 1) / 2 exactly
+                return (x >= 0).to(x.dtype)
             return (sign_ste(x) + 1.0) * 0.5
         if self.act_bits > 1:
             top = 2**self.act_bits - 1
             if self.act_range is None:
+                if not (torch.is_grad_enabled() and x.requires_grad):  # inference: in place, same values
+                    return x.clamp(0.0, 1.0).mul_(top).round_()
                 return round_ste(x.clamp(0.0, 1.0) * top)
             if self.training and not bool(self.range_ready):
                 self._calibrate_range(x)
@@ -205,6 +211,13 @@ class QuantLayerMixin:
         x_scale, x_zero = self.input_encoding()
         shape = [1, -1] + [1] * (acc.dim() - 2)
         y = x_scale * acc
+        if not torch.is_grad_enabled():  # inference: the same operations in place (no copies)
+            if x_zero != 0.0:
+                y.add_(x_zero * self._weight_row_sums(w_int).view(shape))
+            y.mul_(w_scale.view(shape))
+            if self.bias is not None:
+                y.add_(self.bias.view(shape))
+            return y
         if x_zero != 0.0:
             y = y + x_zero * self._weight_row_sums(w_int).view(shape)
         y = y * w_scale.view(shape)
