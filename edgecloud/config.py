@@ -293,6 +293,9 @@ class ControlConfig(_Strict):
                              "of this many samples meet the target (0: none)")
     profile_band: int = Field(0, ge=0, description="> 0: rescale the profile from shadows and "
                               "the this-many most confident offloaded samples (0: all labelled)")
+    profile_bound: Literal["poisson", "exact"] = Field(
+        "poisson", description="the profile's scale bound: Garwood's Poisson bound, or the exact "
+        "Poisson-binomial bound from the labelled samples' own probabilities")
 
     @field_validator("priority")
     @classmethod

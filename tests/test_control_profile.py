@@ -12,7 +12,13 @@ import pytest
 from edgecloud.control.controller import ControlSettings, ExitController, Observations
 from edgecloud.control.budgets import Budgets
 from edgecloud.control.estimate import WindowData
-from edgecloud.control.profile import DisagreementProfile, profile_estimate, sampling_margin, scale_upper
+from edgecloud.control.profile import (
+    DisagreementProfile,
+    profile_estimate,
+    sampling_margin,
+    scale_upper,
+    scale_upper_exact,
+)
 
 
 def _curve(score: np.ndarray) -> np.ndarray:
@@ -95,11 +101,40 @@ def test_scale_upper_and_sampling_margin():
     assert m == pytest.approx([1.6449 * math.sqrt(0.01 / 1000), 0.0], rel=1e-3)
 
 
+def test_exact_scale_bound_covers_at_its_rate_and_is_tighter_where_samples_often_disagree():
+    """The Poisson-binomial bound on r covers the true r = 1 at >= 1 - delta over seeded
+    repetitions (up to the repetitions' own scatter), and sits below Garwood's where the labelled
+    samples disagree often (near the threshold), close to it where they rarely do."""
+    delta, reps = 0.1, 400
+    covered, tighter = 0, []
+    for seed in range(reps):
+        rng = np.random.default_rng(100 + seed)
+        p = rng.uniform(0.2, 0.6, 250)
+        hit = rng.random(p.size) < p
+        exact = scale_upper_exact(hit, p, delta)
+        covered += exact >= 1.0
+        tighter.append(exact / scale_upper(int(hit.sum()), float(p.sum()), delta))
+    assert covered / reps >= 1 - delta - 3 * math.sqrt(delta * (1 - delta) / reps)
+    assert max(tighter) < 1.0 and np.mean(tighter) < 0.97
+    rare = np.full(2000, 0.005)
+    hits = np.zeros(rare.size, dtype=bool)
+    hits[:10] = True
+    assert scale_upper_exact(hits, rare, delta) == pytest.approx(scale_upper(10, float(rare.sum()), delta), rel=0.02)
+    # a disagreement where the profile says 0 refutes the model: the Poisson bound instead
+    p0 = np.array([0.0, 0.5, 0.5])
+    assert scale_upper_exact(np.array([True, False, False]), p0, delta) == scale_upper(1, 1.0, delta)
+    assert scale_upper_exact(np.array([True, True]), np.array([0.3, 0.4]), delta) == math.inf
+    assert scale_upper_exact(np.array([], dtype=bool), np.array([]), delta) == math.inf
+
+
 def test_controller_reads_the_profile_and_checks_it(tmp_path):
     budgets = Budgets(agreement=0.97, delta=0.05)
     kw = dict(bytes_per_offload=8192, radio_j_per_offload=0.02)
     with pytest.raises(ValueError, match="needs profile"):
         ExitController("entropy", 0.5, budgets, ControlSettings(estimator="profile"), **kw)
+    with pytest.raises(ValueError, match="unknown profile_bound 'gauss'"):
+        ExitController("entropy", 0.5, budgets, ControlSettings(estimator="profile", profile="p.json",
+                                                                profile_bound="gauss"), **kw)
     rng = np.random.default_rng(3)
     score = rng.uniform(0, 1.5, 5000)
     prof = DisagreementProfile.fit("max_prob", score, (rng.random(score.size) < 0.1).astype(float))

@@ -101,6 +101,8 @@ class ControlSettings:
     meet_window: int = 0           # > 0: keep the sampling margin for windows of this many samples
     profile_band: int = 0          # > 0: rescale the profile from shadows and only this many of the
     # most confident offloaded samples (next to the threshold); 0: every labelled sample
+    profile_bound: Literal["poisson", "exact"] = "poisson"  # r's upper bound: Garwood's Poisson
+    # bound, or the exact Poisson-binomial one from the labelled samples' own probabilities
 
 
 @dataclass
@@ -422,7 +424,8 @@ class ExitController:
         d = self._data
         if self._profile is not None:
             est = profile_estimate(self._window(), self._kind, thresholds, self._profile,
-                                   delta=self._budgets.delta, band=self._settings.profile_band)
+                                   delta=self._budgets.delta, band=self._settings.profile_band,
+                                   exact=self._settings.profile_bound == "exact")
         else:
             est = estimate(self._window(), self._kind, thresholds, delta=self._budgets.delta,
                            bound=self._settings.bound, looks=max(1, self._looks),
@@ -635,6 +638,8 @@ def _check_settings(s: ControlSettings) -> None:
         raise ValueError("curve_memory works with estimator='shadows' only")
     if s.profile_band < 0:
         raise ValueError("profile_band must be >= 0 (0: every labelled sample)")
+    if s.profile_bound not in ("poisson", "exact"):
+        raise ValueError(f"unknown profile_bound {s.profile_bound!r}; use 'poisson' or 'exact'")
     if s.meet_window < 0:
         raise ValueError("meet_window must be >= 0 (0: no sampling margin)")
     if not 0.0 <= s.backoff_factor <= 1.0 or s.backoff_s < 0:
@@ -663,6 +668,7 @@ def from_config(config: Any, key: str = "control") -> tuple[Budgets, ControlSett
         curve_memory=getattr(config, "curve_memory", 0),
         estimator=getattr(config, "estimator", "shadows"), profile=getattr(config, "profile", "") or "",
         meet_window=getattr(config, "meet_window", 0), profile_band=getattr(config, "profile_band", 0),
+        profile_bound=getattr(config, "profile_bound", "poisson"),
     )
     return budgets, settings
 

@@ -113,8 +113,48 @@ def scale_upper(disagreements: float, mass: float, delta: float) -> float:
     return float(0.5 * stats.chi2.ppf(1.0 - delta, 2.0 * (disagreements + 1.0)) / mass)
 
 
+def scale_upper_exact(disagree: np.ndarray, probs: np.ndarray, delta: float) -> float:
+    """One-sided (1 - delta) upper bound on ``r`` when labelled sample i disagrees with
+    probability min(1, r * probs[i]): the largest r under which the observed count or fewer is
+    still at least delta likely (the Poisson-binomial tail, exact, by dynamic programming).
+    Tighter than :func:`scale_upper` where the probabilities are large (samples next to the
+    threshold disagree ~40 % of the time: a Bernoulli's variance p(1 - p), not the Poisson's p).
+    A disagreement where the profile says 0 refutes the model: then the Poisson bound."""
+    probs = np.asarray(probs, dtype=np.float64)
+    hit = np.asarray(disagree, dtype=bool)
+    k = int(hit.sum())
+    if probs.sum() <= 0:
+        return float("inf")
+    if (hit & (probs <= 0)).any():
+        return scale_upper(k, float(probs.sum()), delta)
+    q = probs[probs > 0]
+    if k >= q.size:
+        return float("inf")  # every sample that could disagree did: nothing bounds r
+
+    def cdf(r: np.ndarray) -> np.ndarray:  # P(X <= k | r) for each r
+        p = np.clip(r[:, None] * q[None, :], 0.0, 1.0)
+        pmf = np.zeros((r.size, k + 1))
+        pmf[:, 0] = 1.0
+        for j in range(q.size):   # add sample j; counts above k are never needed
+            pj = p[:, j:j + 1]
+            pmf[:, 1:] = pmf[:, 1:] * (1.0 - pj) + pmf[:, :-1] * pj
+            pmf[:, 0] *= 1.0 - pj[:, 0]
+        return pmf.sum(axis=1)
+
+    lo, hi = 0.0, 1.0 / float(q.min())  # at 1 / min q every p is 1: P(X <= k) = 0
+    start = min(hi, 4.0 * scale_upper(k, float(q.sum()), delta) + 1.0)  # the Poisson bound is wider
+    if cdf(np.array([start]))[0] < delta:
+        hi = start
+    for _ in range(4):                   # four rounds of a 32-point grid
+        grid = np.linspace(lo, hi, 33)
+        inside = np.flatnonzero(cdf(grid) >= delta)
+        top = int(inside.max()) if inside.size else 0
+        lo, hi = float(grid[top]), float(grid[min(top + 1, 32)])
+    return hi
+
+
 def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: DisagreementProfile,
-                     *, delta: float = 0.05, band: int = 0) -> Estimates:
+                     *, delta: float = 0.05, band: int = 0, exact: bool = False) -> Estimates:
     """D(t) at every threshold from the profile over the window's scores, rescaled by ``r``:
     the estimate with r's point estimate, the bound with its (1 - delta) upper bound. The bound
     is on the EXPECTED share given the window's scores; the window's realised share scatters
@@ -122,7 +162,8 @@ def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: 
 
     ``band`` > 0: ``r`` from the shadowed samples and only the ``band`` most confident offloaded
     ones (those next to the threshold), where a drift that raises the curve unevenly shows first;
-    0: from every labelled sample."""
+    0: from every labelled sample. ``exact``: r's bound from :func:`scale_upper_exact` (the
+    labelled samples' own Poisson-binomial law) instead of Garwood's Poisson bound."""
     if profile.kind != kind:
         raise ValueError(f"profile is for policy {profile.kind!r}, the exit uses {kind!r}")
     t = as_threshold_array(thresholds)
@@ -142,7 +183,10 @@ def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: 
     hits = float((window.disagree[labelled] > 0.5).sum())
     mass = float(c[labelled].sum())
     r_hat = hits / mass if mass > 0 else 1.0
-    r_up = scale_upper(hits, mass, delta)
+    if exact:
+        r_up = scale_upper_exact(window.disagree[labelled] > 0.5, c[labelled], delta)
+    else:
+        r_up = scale_upper(hits, mass, delta)
     with np.errstate(invalid="ignore"):
         upper = np.where(mass_at > 0, np.minimum(r_up * mass_at / n, 1.0), 0.0)
     q = np.clip(r_hat * c[order], 0.0, 1.0)
@@ -167,4 +211,4 @@ def sampling_margin(agreement: float, meet_window: int, delta: float,
     return float(z * np.sqrt(eps * (1.0 - eps) / meet_window))
 
 
-__all__ = ["DisagreementProfile", "profile_estimate", "sampling_margin", "scale_upper"]
+__all__ = ["DisagreementProfile", "profile_estimate", "sampling_margin", "scale_upper", "scale_upper_exact"]
