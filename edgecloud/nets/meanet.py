@@ -10,6 +10,11 @@ Routing per sample (:meth:`MEANet.route`): entropy of the main head above the th
 cloud; else a predicted easy class -> exit 0 (main); a predicted hard class -> extension ->
 exit 1. The hard-class set (the lowest-precision half of the classes of the trained main
 block, picked on validation data) is a buffer, so ``edge.pt`` carries it.
+
+``edge_bits`` (k >= 2): the main, adaptive and extension blocks with k-bit weights and
+activations (:mod:`edgecloud.nets.meanet_quant`), so that a crossbar or SRAM backend maps the
+whole edge; the cloud stays full precision. None (the default): the full-precision blocks, the
+network of every bundle written before the option existed.
 """
 
 from __future__ import annotations
@@ -56,21 +61,34 @@ class MEANet(SplitModel):
     def __init__(self, *, main_depth: int = 20, cloud_depth: int = 56, width: int = 16,
                  num_classes: int = 10, hard_classes: Sequence[int] | None = None, num_hard: int | None = None,
                  extension_blocks: int = 4, mean: Sequence[float] = CIFAR10_MEAN,
-                 std: Sequence[float] = CIFAR10_STD) -> None:
+                 std: Sequence[float] = CIFAR10_STD, edge_bits: int | None = None) -> None:
         super().__init__()
         num_hard = len(hard_classes) if hard_classes is not None else (num_hard or num_classes // 2)
         if not 1 <= num_hard < num_classes:
             raise ValueError(f"num_hard must be in [1, {num_classes - 1}], got {num_hard}")
+        if edge_bits is not None and not 2 <= edge_bits <= 8:
+            raise ValueError(f"edge_bits must be in [2, 8] (k-bit blocks; a binary edge is the hybrid "
+                             f"family's), got {edge_bits}")
         self.in_channels, self.image_size, self.num_classes = 3, 32, num_classes
+        self.edge_bits = edge_bits
         widths = (width, 2 * width, 4 * width)
-        self.main = CifarResNet(main_depth, num_classes, widths=widths, mean=mean, std=std)
-        self.normalize = self.main.normalize
-        self.adaptive = Adaptive(width, mean, std)
         c = 4 * width
-        ext = [BasicBlock(2 * c, c)] + [BasicBlock(c, c) for _ in range(extension_blocks - 1)]
-        self.extension = nn.Sequential(*ext)
-        self.extension_head = ClassifierHead(c, num_hard)
         self.cloud = CifarResNet(cloud_depth, num_classes, mean=mean, std=std)
+        if edge_bits is None:
+            self.main = CifarResNet(main_depth, num_classes, widths=widths, mean=mean, std=std)
+            self.normalize = self.main.normalize
+            self.adaptive = Adaptive(width, mean, std)
+            ext = [BasicBlock(2 * c, c)] + [BasicBlock(c, c) for _ in range(extension_blocks - 1)]
+            self.extension = nn.Sequential(*ext)
+            self.extension_head = ClassifierHead(c, num_hard)
+        else:
+            from edgecloud.nets.meanet_quant import QuantAdaptive, QuantHead, QuantMain, quant_extension
+
+            self.main = QuantMain(main_depth, num_classes, edge_bits, edge_bits, widths, mean, std)
+            self.normalize = self.cloud.normalize  # the input's normalisation (the edge reads raw pixels)
+            self.adaptive = QuantAdaptive(width, edge_bits, mean, std)
+            self.extension = quant_extension(c, extension_blocks, edge_bits)
+            self.extension_head = QuantHead(c, num_hard, edge_bits)
         self.register_buffer("hard_classes", torch.arange(num_hard, dtype=torch.long))
         if hard_classes is not None:
             self.set_hard_classes(hard_classes)
@@ -105,11 +123,41 @@ class MEANet(SplitModel):
         return self.cloud(x)
 
     def init_from(self, source: nn.Module) -> list[str]:
-        """The cloud model from a trained full-precision ResNet run (``family: resnet``) of the same
-        depth: the cloud is an ordinary network, so an existing one can serve (freeze it: ``freeze:
-        [cloud]``). The main, adaptive and extension blocks keep their fresh initialisation."""
+        """From a trained full-precision ResNet run (``family: resnet``) of the cloud's depth: the
+        cloud (an ordinary network, so an existing one can serve; freeze it: ``freeze: [cloud]``),
+        the other parts keep their fresh initialisation. From a MEANet of the same shape: every
+        part, a full-precision one's blocks folded into k-bit ones when ``edge_bits`` is set (the
+        warm start of quantization-aware fine-tuning), the hard classes included."""
+        if isinstance(source, MEANet):
+            return self._init_from_meanet(source)
         load_network(self.cloud, source, "the source is not a ResNet of cloud_depth's architecture")
         return ["main", "adaptive", "extension", "extension_head"]
+
+    @torch.no_grad()
+    def _init_from_meanet(self, source: "MEANet") -> list[str]:
+        if source.hard_classes.numel() != self.hard_classes.numel():
+            raise ValueError(f"init_from: the source MEANet has {source.hard_classes.numel()} hard classes, "
+                             f"this one {self.hard_classes.numel()}")
+        load_network(self.cloud, source.cloud, "the source MEANet's cloud has another architecture")
+        self.hard_classes.copy_(source.hard_classes)
+        if source.edge_bits == self.edge_bits:  # the same network: every weight
+            try:
+                for name in ("main", "adaptive", "extension", "extension_head"):
+                    getattr(self, name).load_state_dict(getattr(source, name).state_dict())
+            except RuntimeError as exc:
+                raise ValueError(f"init_from: the source MEANet has another architecture: {exc}") from exc
+            return []
+        if source.edge_bits is not None or self.edge_bits is None:
+            raise ValueError("init_from: a k-bit MEANet starts from a full-precision one or one of its own bits")
+        from edgecloud.nets.meanet_quant import copy_extension
+
+        try:
+            self.main.init_from(source.main)
+            self.adaptive.init_from(source.adaptive)
+            copy_extension(self.extension, self.extension_head, source.extension, source.extension_head)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"init_from: the source MEANet's blocks have another shape: {exc}") from exc
+        return []
 
     def cloud_module(self) -> nn.Module:
         return self.cloud
@@ -150,7 +198,8 @@ class MEANet(SplitModel):
 @register_model("meanet")
 def meanet(main_depth: int = 20, cloud_depth: int = 56, width: int = 16, num_classes: int = 10,
            hard_classes: Sequence[int] | None = None, num_hard: int | None = None,
-           extension_blocks: int = 4) -> MEANet:
+           extension_blocks: int = 4, edge_bits: int | None = None) -> MEANet:
     """MEANet for CIFAR-sized inputs (see module docstring)."""
     return MEANet(main_depth=main_depth, cloud_depth=cloud_depth, width=width, num_classes=num_classes,
-                  hard_classes=hard_classes, num_hard=num_hard, extension_blocks=extension_blocks)
+                  hard_classes=hard_classes, num_hard=num_hard, extension_blocks=extension_blocks,
+                  edge_bits=edge_bits)

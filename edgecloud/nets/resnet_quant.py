@@ -120,25 +120,38 @@ class QuantResNet(nn.Module):
             raise ValueError("init_from: the source is not a CIFAR ResNet of this depth")
         norm = net.normalize
         mean, std = norm.mean.flatten(), norm.std.flatten()
-        conv, bn = net.stem[0], net.stem[1]
-        self.stem.weight.copy_(conv.weight / std.view(1, -1, 1, 1))
-        self.stem_bn.load_state_dict(bn.state_dict())
-        # conv((x - m) / s) = conv(x / s) - sum(w m / s): a constant per channel moved into the BN
-        offset = (conv.weight * (mean / std).view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
-        self.stem_bn.running_mean.add_(offset)
+        fold_normalised_stem(self.stem, self.stem_bn, net.stem[0], net.stem[1], mean, std)
         self.pixel_mean.copy_(mean)
         self.pixel_std.copy_(std)
         for mine, theirs in zip(self.blocks, net.blocks):
-            mine.conv1.weight.copy_(fit_kernel(theirs.conv1.weight, mine.conv1.weight.shape[-1]))
-            mine.conv2.weight.copy_(fit_kernel(theirs.conv2.weight, mine.conv2.weight.shape[-1]))
-            mine.bn1.load_state_dict(theirs.bn1.state_dict())
-            mine.bn2.load_state_dict(theirs.bn2.state_dict())
-            if isinstance(theirs.short, nn.Sequential):
-                mine.short[0].weight.copy_(theirs.short[0].weight)
-                mine.short[1].load_state_dict(theirs.short[1].state_dict())
+            copy_block(mine, theirs)
         self.fc.weight.copy_(net.head.fc.weight)
         self.fc.bias.copy_(net.head.fc.bias)
         return []
+
+
+@torch.no_grad()
+def fold_normalised_stem(stem: nn.Conv2d, stem_bn: nn.BatchNorm2d, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                         mean: torch.Tensor, std: torch.Tensor) -> None:
+    """A full-precision stem ``bn(conv((x - mean) / std))`` as ``stem_bn(stem(x))`` on raw pixels:
+    exact except at the zero-padded border (padding a raw 0 is not padding a normalised 0)."""
+    stem.weight.copy_(conv.weight / std.view(1, -1, 1, 1))
+    stem_bn.load_state_dict(bn.state_dict())
+    # conv((x - m) / s) = conv(x / s) - sum(w m / s): a constant per channel moved into the BN
+    offset = (conv.weight * (mean / std).view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+    stem_bn.running_mean.add_(offset)
+
+
+@torch.no_grad()
+def copy_block(mine: "QuantBasicBlock", theirs: nn.Module) -> None:
+    """A full-precision basic block's weights into a quantized one (kernels fitted to its sizes)."""
+    mine.conv1.weight.copy_(fit_kernel(theirs.conv1.weight, mine.conv1.weight.shape[-1]))
+    mine.conv2.weight.copy_(fit_kernel(theirs.conv2.weight, mine.conv2.weight.shape[-1]))
+    mine.bn1.load_state_dict(theirs.bn1.state_dict())
+    mine.bn2.load_state_dict(theirs.bn2.state_dict())
+    if isinstance(theirs.short, nn.Sequential):
+        mine.short[0].weight.copy_(theirs.short[0].weight)
+        mine.short[1].load_state_dict(theirs.short[1].state_dict())
 
 
 def check_kernels(kernels: Sequence[int] | None, n: int) -> list[int]:
