@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -202,12 +204,14 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor, attack: str, eps: float, key:
 
 
 def craft(model: Callable[[torch.Tensor], torch.Tensor], attack: str, x: torch.Tensor, y: torch.Tensor, eps: float,
-          config: RobustConfig, key: tuple[Any, ...], checkpoint: Path | None = None) -> torch.Tensor:
+          config: RobustConfig, key: tuple[Any, ...], checkpoint: Path | None = None,
+          note: Callable[[str], None] | None = None) -> torch.Tensor:
     """Adversarial copies of ``x`` (batch by batch) by ``attack`` on ``model``.
 
     ``checkpoint``: a file saved after each batch (with the attack's generator and ``model``'s
     read noise, see :mod:`edgecloud.robust.partial`); when it exists, crafting continues after its
     last batch and gives what an uninterrupted run gives. The caller removes it when done.
+    ``note``: told one line per saved batch (a run of hours says how far it is, even without bars).
     """
     out: list[torch.Tensor] = []
     gen = _generator(config, attack, eps, *key)
@@ -241,6 +245,9 @@ def craft(model: Callable[[torch.Tensor], torch.Tensor], attack: str, x: torch.T
         if checkpoint is not None and start + config.batch_size < len(x):
             reads = model.read_state() if hasattr(model, "read_state") else []
             save_partial(checkpoint, Partial(out, gen.get_state(), reads, fingerprint))
+            if note is not None:
+                batches = -(-len(x) // config.batch_size)
+                note(f"{attack} eps {eps:.4g} crafted on {key}: batch {len(out)}/{batches} saved ({checkpoint.name})")
     return torch.cat(out) if out else x.clone()
 
 
@@ -318,6 +325,10 @@ def chip_units(config: RobustConfig, backend: str) -> tuple[list[Unit], list[Uni
     return [u for u in units if u not in costly], costly
 
 
+def _note(line: str) -> None:
+    tqdm.write(f"robust: {time.strftime('%H:%M:%S')} {line}", file=sys.stderr)
+
+
 def run_chip(job: ChipJob, data: dict[str, Any] | None = None) -> list[Row]:
     """Evaluate units of one chip (runs in a worker process): the clean row and the cheap units,
     or the costly units ``job.units``. The chip is programmed and calibrated the same way in
@@ -369,11 +380,10 @@ def run_chip(job: ChipJob, data: dict[str, Any] | None = None) -> list[Row]:
             adv = crafted[(attack, eps)]
         else:  # crafted through a chip: hours on a CPU, so checkpointed after each batch
             partial = _cache_file(config, f"{job.backend}-chip{job.chip}-{label}-{attack}-{eps!r}.partial.pt.zst")
-            if threat == "hardware-in-loop":
-                adv = craft(crafter_eot or victim, attack, x, y, eps, config, (job.backend, job.chip, threat), partial)
-            else:  # chip-transfer
-                assert surrogate is not None
-                adv = craft(surrogate, attack, x, y, eps, config, (job.backend, job.chip, threat), partial)
+            crafter = (crafter_eot or victim) if threat == "hardware-in-loop" else surrogate
+            assert crafter is not None
+            adv = craft(crafter, attack, x, y, eps, config, (job.backend, job.chip, threat), partial,
+                        note=_note)
             if partial is not None:
                 partial.unlink(missing_ok=True)
         rows.append(cache.add(Row(job.backend, label, attack, eps, job.chip, len(x),
