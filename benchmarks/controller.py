@@ -133,7 +133,7 @@ def replay_mode(mode: str, args, bundle, stream, cloud, relay, workdir: Path, sa
     """One edge daemon (static or controlled) fed the whole stream; its per-sample record."""
     import yaml
 
-    from edgecloud.client import InferenceClient
+    from edgecloud.serving.client import InferenceClient
     from edgecloud.control import trace
     from edgecloud.procs import start_server
 

@@ -106,8 +106,8 @@ def _start_all(role: str, arg_lists: list[list[str]], workdir: Path, name: str) 
 
 def _drive(edges, manifest, data, *, batch: int, concurrency: int, duration: float):
     """All ``edges`` under closed-loop load at once; the LoadResults."""
-    from edgecloud.client import InferenceClient
-    from edgecloud.loadgen import run_load
+    from edgecloud.serving.client import InferenceClient
+    from edgecloud.serving.loadgen import run_load
 
     results = [None] * len(edges)
 

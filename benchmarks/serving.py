@@ -147,8 +147,8 @@ def main() -> int:
         args.duration, args.latency_requests = 2.0, 100
 
     from edgecloud.bundle import ModelRepository
-    from edgecloud.client import InferenceClient
-    from edgecloud.loadgen import run_load
+    from edgecloud.serving.client import InferenceClient
+    from edgecloud.serving.loadgen import run_load
     from edgecloud.procs import start_server
 
     from edgecloud.config import EdgeConfig

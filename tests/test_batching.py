@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgecloud.batching import DynamicBatcher
-from edgecloud.metrics import Metrics
+from edgecloud.serving.batching import DynamicBatcher
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol.errors import ResourceExhausted, Unavailable
 
 RNG = np.random.default_rng(0)

@@ -27,8 +27,8 @@ from edgecloud.edge.cloud_client import (
     CloudUnavailable,
     service_config,
 )
-from edgecloud.grpc_server import GrpcServer
-from edgecloud.metrics import Metrics
+from edgecloud.serving.grpc_server import GrpcServer
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol import codec, pb, pb_grpc
 
 CLASSES = 10

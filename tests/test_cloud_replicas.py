@@ -34,8 +34,8 @@ from edgecloud.edge.cloud_client import (
     service_config,
 )
 from edgecloud.edge.server import build_edge_server
-from edgecloud.grpc_server import connection_age_options
-from edgecloud.metrics import Metrics
+from edgecloud.serving.grpc_server import connection_age_options
+from edgecloud.serving.metrics import Metrics
 from edgecloud.procs import ServerProcess, start_server
 from edgecloud.protocol import codec, pb, pb_grpc
 

@@ -33,8 +33,8 @@ from certs import make_pki
 from edgecloud.bundle import ModelRepository
 from edgecloud.cli import build_parser
 from edgecloud.config import ServerConfig, TLSConfig, load_settings
-from edgecloud.grpc_server import GrpcServer
-from edgecloud.metrics import Metrics
+from edgecloud.serving.grpc_server import GrpcServer
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol import SERVICE_NAME, pb, pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,7 +391,7 @@ def test_dev_and_prod_sizes() -> None:
 
 
 def exported_metrics() -> dict[str, set[str]]:
-    """Series name -> label names, for every family edgecloud/metrics.py defines."""
+    """Series name -> label names, for every family edgecloud/serving/metrics.py defines."""
     out: dict[str, set[str]] = {}
     m = Metrics("cloud")
     for family in m.registry.collect():

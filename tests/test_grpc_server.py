@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from edgecloud.config import ServerConfig
-from edgecloud.grpc_server import GrpcServer, LifoThreadPool
-from edgecloud.metrics import Metrics
+from edgecloud.serving.grpc_server import GrpcServer, LifoThreadPool
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol import pb, pb_grpc
 
 

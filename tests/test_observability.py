@@ -37,7 +37,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from edgecloud.config import load_settings
-from edgecloud.metrics import Metrics
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol import codec, pb, pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ ONLY_ON_TROUBLE = re.compile(r'RESOURCE_EXHAUSTED|ALERTS')
 
 # ---- what edgecloud exports ----------------------------------------------------------------
 def exported() -> dict[str, set[str]]:
-    """Every sample name edgecloud can export -> its label names (from edgecloud.metrics itself).
+    """Every sample name edgecloud can export -> its label names (from edgecloud.serving.metrics itself).
 
     Read from the collectors' definitions (prometheus_client keeps name, type and label names
     on them), not from a scrape: a labelled family has no sample until it is first used."""
@@ -145,7 +145,7 @@ def test_only_exported_metric_names_and_labels(source: str) -> None:
     assert exprs
     for expr in exprs:
         for name in families(expr) - {"up", "ALERTS"}:
-            assert name in known, f"{name} is not exported by edgecloud (edgecloud/metrics.py): {expr}"
+            assert name in known, f"{name} is not exported by edgecloud (edgecloud/serving/metrics.py): {expr}"
         for name, labels in selector_labels(expr):
             unknown = labels - known[name] - TARGET_LABELS
             assert not unknown, f"{name} has no label {unknown}: {expr}"

@@ -14,10 +14,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from certs import PKI, make_pki
 from edgecloud.config import ServerConfig, TLSConfig
-from edgecloud.grpc_server import GrpcServer
-from edgecloud.metrics import Metrics
+from edgecloud.serving.grpc_server import GrpcServer
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol import SERVICE_NAME, pb, pb_grpc
-from edgecloud.security import (
+from edgecloud.serving.security import (
     TokenInterceptor,
     channel_credentials,
     create_channel,

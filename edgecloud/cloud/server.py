@@ -7,8 +7,8 @@ from pathlib import Path
 from edgecloud.cloud.servicer import CloudServicer
 from edgecloud.cloud.sessions import load_cloud_models
 from edgecloud.config import Settings
-from edgecloud.grpc_server import GrpcServer
-from edgecloud.metrics import Metrics
+from edgecloud.serving.grpc_server import GrpcServer
+from edgecloud.serving.metrics import Metrics
 
 
 def build_cloud_server(settings: Settings, ready_file: str | Path | None = None) -> GrpcServer:

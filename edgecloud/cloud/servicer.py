@@ -21,11 +21,11 @@ import grpc
 import numpy as np
 
 from edgecloud import __version__, offload
-from edgecloud.batching import DynamicBatcher
+from edgecloud.serving.batching import DynamicBatcher
 from edgecloud.cim.energy import EnergyTable
 from edgecloud.cloud.sessions import PROBABILITIES, CloudModel
 from edgecloud.config import BatchingConfig
-from edgecloud.metrics import Metrics
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol import pb, pb_grpc
 from edgecloud.protocol.codec import decode_inputs, encode_response
 from edgecloud.protocol.errors import (

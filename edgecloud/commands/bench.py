@@ -43,8 +43,8 @@ def _data(args: argparse.Namespace, shape: list[int]) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgecloud.client import InferenceClient
-    from edgecloud.loadgen import run_load
+    from edgecloud.serving.client import InferenceClient
+    from edgecloud.serving.loadgen import run_load
 
     if args.concurrency < 1 or args.batch_size < 1:
         raise ValueError("--concurrency and --batch-size must be >= 1")

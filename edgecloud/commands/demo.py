@@ -47,9 +47,9 @@ def _scrape(url: str, prefixes: tuple[str, ...]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from edgecloud.bundle import ModelRepository
     from edgecloud.cim.energy import EnergyTable
-    from edgecloud.client import InferenceClient
+    from edgecloud.serving.client import InferenceClient
     from edgecloud.data.samples import load_demo_sample
-    from edgecloud.loadgen import run_load
+    from edgecloud.serving.loadgen import run_load
     from edgecloud.procs import start_server
 
     bundle = ModelRepository(args.repository).get(args.model)

@@ -148,7 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _admin_stub(args: argparse.Namespace):
     from edgecloud.protocol import admin_pb2_grpc
-    from edgecloud.security import create_channel
+    from edgecloud.serving.security import create_channel
 
     channel = create_channel(
         args.address, tls=bool(args.ca), ca=args.ca, client_cert=args.cert,

@@ -76,7 +76,7 @@ def check(address: str, *, service: str = "", timeout: float = 3.0, tls: bool = 
     """
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from edgecloud.security import create_channel
+    from edgecloud.serving.security import create_channel
 
     channel = create_channel(address, tls=tls, ca=ca, client_cert=cert, client_key=key,
                              server_name_override=server_name)

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgecloud.client import InferenceClient
+    from edgecloud.serving.client import InferenceClient
     from edgecloud.inputs import load_inputs
 
     with InferenceClient(args.address, token=args.token, tls=args.tls or bool(args.ca),

@@ -678,7 +678,7 @@ class Replayer:
     def run(self, progress: Callable[[int], None] | None = None) -> ReplayResult:
         import grpc
 
-        from edgecloud.client import InferenceClient
+        from edgecloud.serving.client import InferenceClient
 
         n = len(self.stream)
         res = ReplayResult(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.full(n, np.nan),

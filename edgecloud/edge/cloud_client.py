@@ -53,11 +53,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edgecloud.batching import DynamicBatcher
+from edgecloud.serving.batching import DynamicBatcher
 from edgecloud.config import CloudLinkConfig, parse_cloud_addresses, split_host_port
 from edgecloud.edge.breaker import GAUGE_VALUE, BreakerState, CircuitBreaker
 from edgecloud.edge.runner import softmax_np
-from edgecloud.metrics import Metrics
+from edgecloud.serving.metrics import Metrics
 from edgecloud.offload import WIRE_DTYPES
 from edgecloud.protocol import SERVICE_NAME, codec, pb_grpc
 from edgecloud.protocol.errors import InferenceError
@@ -204,7 +204,7 @@ class CloudClient:
     ) -> None:
         if not config.addresses:
             raise ValueError("CloudClient needs cloud.address (host:port, a list, or a target)")
-        from edgecloud.security import create_channel
+        from edgecloud.serving.security import create_channel
 
         self.config = config
         self.metrics = metrics

@@ -66,12 +66,12 @@ from typing import Any
 
 import numpy as np
 
-from edgecloud.batching import DynamicBatcher
+from edgecloud.serving.batching import DynamicBatcher
 from edgecloud.config import BatchingConfig
 from edgecloud.edge.cloud_client import CIRCUIT_OPEN, MIN_CALL_BUDGET_S, CloudClient, CloudUnavailable
 from edgecloud.edge.runner import EdgeResult, EdgeRunner, SampleResults
 from edgecloud.exits import ExitPolicy
-from edgecloud.metrics import Metrics
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol.errors import InvalidArgument
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from edgecloud.edge.cloud_client import CloudClient, CloudModel
 from edgecloud.edge.dataplane import ControllerFactory, ControlSpec, control_spec
 from edgecloud.edge.runner import EdgeRunner, policy_from_manifest
 from edgecloud.edge.servicer import EdgeServicer
-from edgecloud.grpc_server import GrpcServer
-from edgecloud.metrics import Metrics
+from edgecloud.serving.grpc_server import GrpcServer
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol import admin_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from edgecloud.edge.dataplane import (
 )
 from edgecloud.edge.runner import EdgeRunner
 from edgecloud.exits import ExitPolicy
-from edgecloud.metrics import Metrics
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol import codec, pb, pb_grpc
 from edgecloud.protocol.errors import InferenceError, InvalidArgument, NotFound
 

@@ -43,7 +43,7 @@ class InferenceClient:
     _channel: grpc.Channel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from edgecloud.security import create_channel
+        from edgecloud.serving.security import create_channel
 
         self._channel = create_channel(
             self.address, tls=self.tls, ca=self.ca, client_cert=self.client_cert,

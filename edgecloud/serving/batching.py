@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecloud.metrics import Metrics
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol.errors import InferenceError, ResourceExhausted, Unavailable
 
 

@@ -34,9 +34,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgecloud.config import ServerConfig
-from edgecloud.metrics import Metrics
+from edgecloud.serving.metrics import Metrics
 from edgecloud.protocol import SERVICE_NAME, pb_grpc
-from edgecloud.security import EXEMPT_PREFIXES, TokenInterceptor, server_credentials, tls_mode
+from edgecloud.serving.security import EXEMPT_PREFIXES, TokenInterceptor, server_credentials, tls_mode
 
 # (add_XServicer_to_server, servicer, full service name)
 ExtraService = tuple[Callable[[Any, grpc.Server], None], Any, str]

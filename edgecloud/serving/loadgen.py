@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from edgecloud.client import InferenceClient
+from edgecloud.serving.client import InferenceClient
 
 
 @dataclass
