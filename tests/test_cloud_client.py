@@ -145,7 +145,7 @@ def test_breaker_state_machine():
 def test_service_config_retries_unavailable_only_and_has_no_timeout():
     cfg = service_config(link("x:1", max_attempts=4))
     (method,) = cfg["methodConfig"]
-    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
     assert method["retryPolicy"]["maxAttempts"] == 4
     assert "timeout" not in method
     assert "retryPolicy" not in service_config(link("x:1", max_attempts=1))["methodConfig"][0]

@@ -15,7 +15,9 @@ Why each part:
   and retried transparently on another replica. Optional client-side health checking
   (``health_check``, off by default) leaves it as soon as its ``grpc.health.v1`` status turns
   NOT_SERVING; a server without the health service then counts as healthy.
-* retries on UNAVAILABLE only, in the channel's service config (gRPC retries transparently
+* retries on UNAVAILABLE, and on CANCELLED from a replica that stopped or rotated a connection
+  before an accepted call finished (seen once in CI: a degraded answer while another replica
+  lived), in the channel's service config (gRPC retries transparently
   with backoff, and a retry goes through the picker again, i.e. to another live replica; other
   codes are final). The per-RPC retry buffer is as large as a message, so an offload can always
   be retried. Deadlines are per call and cover every attempt — a ``timeout`` inside the service
@@ -151,7 +153,7 @@ def cloud_target(
 
 def service_config(config: CloudLinkConfig) -> dict[str, Any]:
     """gRPC service config: round_robin over the replicas, health-checked; retry on UNAVAILABLE
-    only; no timeout here (deadlines are per call)."""
+    and on a server-side CANCELLED; no timeout here (deadlines are per call)."""
     method: dict[str, Any] = {"name": [{"service": SERVICE_NAME}]}
     if config.max_attempts > 1:
         method["retryPolicy"] = {
@@ -159,7 +161,9 @@ def service_config(config: CloudLinkConfig) -> dict[str, Any]:
             "initialBackoff": f"{config.initial_backoff_s:.3f}s",
             "maxBackoff": f"{max(config.max_backoff_s, config.initial_backoff_s):.3f}s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            # CANCELLED: a replica that shut down (or rotated a connection) before its grace let an
+            # accepted call finish; inference is idempotent, so another replica answers it
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         }
     out: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]}
     if config.health_check:
