@@ -3,7 +3,9 @@
 For each recipe given, builds its model (channels-last, as training does), runs SGD steps on a
 random batch of 128 32x32 images in alternating rounds of fp32 and bf16 (the recipe's own joint
 loss over all outputs), and reports the median step time of each and the speed-up. bf16 pays on
-CPUs with AMX or AVX512-BF16; elsewhere expect ~1x. The last line is a one-line JSON summary.
+CPUs with AMX or AVX512-BF16; elsewhere oneDNN emulates it and it is several times SLOWER, which is
+why training resolves ``precision: bf16`` to float32 there (``edgecloud.train.perf``; the summary
+says which this CPU gets). The last line is a one-line JSON summary naming the CPU.
 
     python benchmarks/train_precision.py                                  # the FP and binary-hybrid ResNet-20s
     python benchmarks/train_precision.py --recipes cifar10-resnet20 --rounds 1 --steps 2   # smoke run
@@ -18,7 +20,9 @@ import time
 
 import torch
 
+from edgecloud.cim.cpu import cpu_info
 from edgecloud.train.loop import build_model, exit_weights, joint_loss
+from edgecloud.train.perf import native_bf16, training_precision
 from edgecloud.train.recipe import load_recipe
 
 
@@ -68,7 +72,8 @@ def main() -> None:
         print(f"{name}: fp32 {r['fp32_ms_per_step']} ms/step, bf16 {r['bf16_ms_per_step']} ms/step, "
               f"speed-up {r['speedup']}x", flush=True)
     print(json.dumps({"benchmark": "train_precision", "batch": args.batch, "threads": args.threads,
-                      "results": summary}))
+                      "cpu": cpu_info().model, "simd": cpu_info().simd(), "native_bf16": native_bf16(),
+                      "recipe_bf16_trains_in": training_precision("bf16"), "results": summary}))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 # features worth naming in a report, in this order
 NOTABLE = ("sse4_2", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-           "avx512_bf16", "amx_tile", "amx_int8", "asimd", "asimddp", "sve")
+           "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve")
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from edgecloud.data.loader import Loader
 from edgecloud.data.registry import load_dataset
 from edgecloud.nets import create_model
 from edgecloud.train.exitstats import choose_threshold, policy_for, predict_exits, routed_metrics
+from edgecloud.train.perf import autocast_bf16, training_precision
 from edgecloud.train.recipe import MaskSpec, OptimSpec, Recipe, training_fields
 from edgecloud.train.stages import run_stage
 from edgecloud.train.warmstart import (
@@ -276,7 +277,7 @@ def run_training(
     if recipe.adversarial:
         from edgecloud.train.adversarial import Adversary
 
-        adversary = Adversary(recipe.adversarial, seed=recipe.seed, bf16=o.precision == "bf16")
+        adversary = Adversary(recipe.adversarial, seed=recipe.seed, bf16=autocast_bf16(o.precision))
     penalty_kwargs = recipe.prune_regularizer.penalty_kwargs() if recipe.prune_regularizer else None
     masks: dict[str, torch.Tensor] | None = None
     if recipe.masks and not (resume and ckpt_path.is_file()):
@@ -296,6 +297,7 @@ def run_training(
 
         ema = WeightEMA(model, o.ema) if o.ema is not None else None
         lookahead = Lookahead(optimizer_params(opt), o.lookahead) if o.lookahead is not None else None
+    bf16 = autocast_bf16(o.precision)
     two_step = o.binary_weights_from_epoch is not None
     if two_step:
         from edgecloud.nn.quant import set_real_weights
@@ -354,7 +356,7 @@ def run_training(
             for j, subnet in enumerate(subnets):
                 if subnet is not None:
                     model.set_kernels(subnet)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.precision == "bf16"):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     outputs = [out.float() for out in model(x)]
                     if j == 0:
                         teacher = distiller.logits(x) if distiller else None
@@ -540,7 +542,8 @@ def finalize(
             # new options left out when unset: the manifests of existing recipes stay as they were
             **training_fields({"data": recipe.data.model_dump(mode="json"),
                                "optim": recipe.optim.model_dump(mode="json")}), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "precision_used": training_precision(recipe.optim.precision)}
     if split_model:
         info["offload"] = offload_record
     info.update(training or {})

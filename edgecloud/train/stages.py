@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from edgecloud.data.dataset import ImageDataset
 from edgecloud.data.loader import Loader
+from edgecloud.train.perf import autocast_bf16
 from edgecloud.train.recipe import OptimSpec
 
 StageFn = Callable[..., list[dict[str, Any]]]
@@ -71,6 +72,7 @@ def meanet_extension(model: nn.Module, train: ImageDataset, val: ImageDataset, *
                     crop_padding=data.crop_padding, hflip=data.hflip, seed=seed + 7919)
     opt = make_optimizer(trainable, o)
     sched = make_scheduler(opt, o, o.epochs * len(loader))
+    bf16 = autocast_bf16(o.precision)
     history = []
     for epoch in range(o.epochs):
         t0 = time.perf_counter()
@@ -80,7 +82,7 @@ def meanet_extension(model: nn.Module, train: ImageDataset, val: ImageDataset, *
         loader.set_epoch(epoch)
         total, n = 0.0, 0
         for x, y in tqdm(loader, desc=f"extension {epoch + 1}/{o.epochs}", disable=not progress, leave=False):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.precision == "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 with torch.no_grad():
                     feats = model.main.features(x)
                 logits = model.extension_logits(x, feats).float()
