@@ -63,7 +63,7 @@ def training_precision(requested: str) -> str:
 @functools.cache
 def _warn_emulated_bf16() -> None:
     print(f"note: the recipe asks for bf16, but this CPU ({cpu_info().model}) has no native bfloat16 "
-          f"({' / '.join(NATIVE_BF16_FLAGS[:2])}): emulated bf16 trains ~7x slower, so it trains in float32 "
+          f"({' / '.join(NATIVE_BF16_FLAGS[:2])}): emulated bf16 trains several times slower, so it trains in float32 "
           "(EDGECLOUD_BF16=force keeps bf16)", file=sys.stderr)
 
 
