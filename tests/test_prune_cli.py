@@ -136,6 +136,33 @@ def test_magnitude_hits_its_ratio(bundle, cifar_root, tmp_path, capsys) -> None:
     assert report["measured"]["sparsity"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
+def test_baselines_at_the_sparsity_of_a_dub_bundle(bundle, cifar_root, tmp_path, capsys) -> None:
+    """--match-sparsity: magnitude and group lasso reach each layer's D.U.B. sparsity, so the
+    comparison isolates where the zeros sit (balanced per array, or not)."""
+    dub = tmp_path / "dub"
+    common = ("--regularize-epochs", "0", "--finetune-epochs", "0")
+    assert main(_prune(bundle, cifar_root, dub, "--method", "dub", "--tol", "0.03", *common)) == 0
+    target = {k: v["sparsity"] for k, v in _last_json(capsys)["measured"]["sparsity"]["layers"].items()}
+    assert len(set(target.values())) > 1  # the layers differ: a single ratio would not match them
+    for method in ("magnitude", "group-lasso"):
+        assert main(_prune(bundle, cifar_root, tmp_path / method, "--method", method, "--match-sparsity", str(dub),
+                           *common)) == 0
+        report = _last_json(capsys)
+        got = {k: v["sparsity"] for k, v in report["measured"]["sparsity"]["layers"].items()}
+        assert got.keys() == target.keys()
+        for name, layer in report["measured"]["sparsity"]["layers"].items():
+            # group lasso's dead segments may already exceed the ratio; magnitude hits it exactly
+            want = round(target[name] * layer["weights"]) / layer["weights"]
+            assert (got[name] == pytest.approx(want, abs=1e-6) if method == "magnitude"
+                    else got[name] >= want - 1e-6), (method, name)
+        assert report["settings"]["match_sparsity"] == str(dub)
+        assert f"sparsity it has in `{dub}`" in (tmp_path / method / "README.md").read_text()
+    # a bundle prune did not write has no sparsities to match
+    assert main(_prune(bundle, cifar_root, tmp_path / "x", "--method", "magnitude", "--match-sparsity",
+                       str(bundle), *common)) == 2
+    assert "--match-sparsity" in capsys.readouterr().err
+
+
 def test_bad_flags_and_sources_are_clear_errors(bundle, cifar_root, tmp_path, capsys) -> None:
     from edgecloud.nets import create_model
 
@@ -143,6 +170,8 @@ def test_bad_flags_and_sources_are_clear_errors(bundle, cifar_root, tmp_path, ca
         (["--method", "random"], "--method"),
         (["--method", "magnitude"], "--ratio"),
         (["--method", "dub", "--ratio", "0.5"], "--ratio"),
+        (["--method", "dub", "--match-sparsity", str(bundle)], "--match-sparsity"),
+        (["--method", "magnitude", "--ratio", "0.5", "--match-sparsity", str(bundle)], "not both"),
         (["--method", "magnitude", "--ratio", "1.5"], "--ratio"),
         (["--method", "magnitude", "--ratio", "0.5", "--lambda-var", "1e-3"], "--lambda-var"),
         (["--lambda-group", "1e-3"], "--lambda-group"),

@@ -384,6 +384,15 @@ class PruneResult:
                 "layers": per_layer}
 
 
+def layer_ratio(ratio: float | dict[str, float] | None, name: str) -> float | None:
+    """The prune ratio of layer ``name``; a per-layer mapping must name every pruned layer."""
+    if not isinstance(ratio, dict):
+        return ratio
+    if name not in ratio:
+        raise ValueError(f"no prune ratio for layer {name!r} (the per-layer ratios name {', '.join(ratio) or 'none'})")
+    return float(ratio[name])
+
+
 def prune_model(
     model: nn.Module,
     method: Literal["dub", "magnitude", "group-lasso"],
@@ -391,7 +400,7 @@ def prune_model(
     outputs_per_array: int | None = None,
     *,
     tol: float = 1e-3,
-    ratio: float | None = None,
+    ratio: float | dict[str, float] | None = None,
     layers: Layers = "conv",
     apply: bool = True,
 ) -> PruneResult:
@@ -399,21 +408,27 @@ def prune_model(
     pruned weights are zeroed in place. ``levels`` are the bits each array saves: D.U.B.'s
     chosen levels, and for the baselines what their masks reach (:func:`array_levels`).
 
-    ``ratio`` (magnitude only): the fraction of each layer's weights removed.
+    ``ratio``: the fraction of each layer's weights removed, one for all layers or one per layer
+    name (e.g. the sparsities a D.U.B. run reached, for baselines at equal sparsity). Magnitude
+    pruning needs it; group lasso then also drops the smallest surviving weights up to it (the
+    reference code's group lasso + layer-by-layer magnitude step).
     """
     opa = outputs_per_array or max(1, rows // 2)
     result = PruneResult(method)
     for name, layer in prunable_layers(model, layers):
         w = layer.weight.detach()
+        r = layer_ratio(ratio, name)
         if method == "dub":
             mask, levels = dub_prune(w, rows, opa, tol)
         elif method == "magnitude":
-            if ratio is None:
+            if r is None:
                 raise ValueError("magnitude pruning needs a ratio")
-            mask = magnitude_prune(w, ratio)
+            mask = magnitude_prune(w, r)
             levels = array_levels(w * mask, rows, opa)
         elif method == "group-lasso":
             mask = group_lasso_prune(w, rows, opa, tol)
+            if r is not None:  # dead segments first: they rank lowest as zeros
+                mask = mask & magnitude_prune(w * mask, r)
             levels = array_levels(w * mask, rows, opa)
         else:
             raise ValueError(f"unknown prune method {method!r} (dub, magnitude, group-lasso)")

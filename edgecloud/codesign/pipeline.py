@@ -12,7 +12,9 @@ run of the same command resumes where the first stopped:
    drives towards zero are the ones magnitude pruning removes). Run folder ``WORK/regularize``.
 2. **prune** the regularised weights once (``masks: {method: ...}`` at the start of phase 3:
    :func:`~edgecloud.codesign.dub.prune_model`): D.U.B.'s balanced discrete step per array,
-   magnitude's ``ratio`` of each layer, group lasso's dead segments.
+   magnitude's ``ratio`` of each layer, group lasso's dead segments (then, with a ratio, its smallest
+   surviving weights up to it); ``--match-sparsity BUNDLE`` gives each layer the sparsity it has in
+   another pruned bundle, so the baselines can be compared with D.U.B. at equal sparsity.
 3. **fine-tune** (``finetune_epochs`` > 0) with the masks fixed (the loop zeroes the pruned
    weights' gradients and re-applies the masks after every step). Run folder ``WORK/finetune``.
 
@@ -79,7 +81,8 @@ class PruneConfig:
     lambda_var: float | None = None          # dub only; default 1e-3
     lambda_l2: float | None = None           # default 1e-3
     lambda_group: float | None = None        # group-lasso only; default 1e-4
-    ratio: float | None = None               # magnitude only (required there)
+    ratio: float | None = None               # magnitude (it or match_sparsity required), group-lasso
+    match_sparsity: str | None = None        # a pruned bundle: prune each layer to its sparsity
     tol: float = 1e-3                        # |w| <= tol counts as zero (dub, group-lasso)
     lr: float | None = None                  # default 0.01
     batch_size: int | None = None            # default SOURCE's
@@ -97,14 +100,17 @@ class PruneConfig:
             raise ValueError(f"--method: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.layers not in LAYER_SETS:
             raise ValueError(f"--layers: {self.layers!r}; choose conv or all")
-        if self.method == "magnitude":
-            if self.ratio is None:
-                raise ValueError("--method magnitude needs --ratio (the fraction of each layer's weights to "
-                                 "remove, e.g. --ratio 0.5)")
-            if not 0.0 <= self.ratio <= 1.0:
-                raise ValueError(f"--ratio must lie in 0..1, got {self.ratio}")
-        elif self.ratio is not None:
-            raise ValueError(f"--ratio applies to --method magnitude only, not {self.method}")
+        if self.ratio is not None and self.match_sparsity is not None:
+            raise ValueError("give --ratio or --match-sparsity, not both")
+        if self.method == "magnitude" and self.ratio is None and self.match_sparsity is None:
+            raise ValueError("--method magnitude needs --ratio (the fraction of each layer's weights to "
+                             "remove, e.g. --ratio 0.5) or --match-sparsity BUNDLE (each layer as sparse as "
+                             "in that pruned bundle)")
+        if self.method == "dub" and (self.ratio is not None or self.match_sparsity is not None):
+            raise ValueError("--ratio and --match-sparsity apply to --method magnitude or group-lasso, not dub "
+                             "(D.U.B. chooses its own sparsity per array)")
+        if self.ratio is not None and not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"--ratio must lie in 0..1, got {self.ratio}")
         if self.lambda_var is not None and self.method != "dub":
             raise ValueError(f"--lambda-var applies to --method dub only, not {self.method}")
         if self.lambda_group is not None and self.method != "group-lasso":
@@ -164,6 +170,25 @@ class Source:
     @property
     def name(self) -> str:
         return self.bundle.name
+
+
+def matched_ratios(config: PruneConfig) -> dict[str, float] | None:
+    """Per-layer prune ratios of ``--match-sparsity BUNDLE``: the sparsity each layer has there
+    (a bundle ``edgecloud prune`` wrote); None without the flag."""
+    if config.match_sparsity is None:
+        return None
+    from edgecloud.evaluate.source import resolve_bundle
+
+    bundle = resolve_bundle(config.match_sparsity, config.repository)
+    try:
+        layers = bundle.manifest.metrics["codesign"]["measured"]["sparsity"]["layers"]
+        ratios = {name: float(v["sparsity"]) for name, v in layers.items()}
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"--match-sparsity {config.match_sparsity}: not a bundle `edgecloud prune` wrote "
+                         f"(no metrics.codesign.measured.sparsity.layers in its manifest)") from exc
+    if not ratios:
+        raise ValueError(f"--match-sparsity {config.match_sparsity}: its manifest names no pruned layer")
+    return ratios
 
 
 def load_source(config: PruneConfig) -> Source:
@@ -235,7 +260,8 @@ def phase_recipes(source: Source, config: PruneConfig, name: str, work: Path) ->
             "name": f"{name}-{REGULARIZE}", "init": src, "prune_regularizer": reg,
             "optim": base.optim.model_copy(update={"epochs": config.regularize_epochs})})
     masks = MaskSpec(method=config.method, rows=config.rows, outputs_per_array=config.opa, tol=config.tol,
-                     ratio=config.ratio, layers=config.layers)
+                     ratio=config.ratio if config.match_sparsity is None else matched_ratios(config),
+                     layers=config.layers)
     finetune = base.model_copy(update={
         "init": InitSpec(checkpoint=str(work / REGULARIZE)) if regularize is not None else src, "masks": masks,
         "optim": base.optim.model_copy(update={"epochs": max(1, config.finetune_epochs)})})
@@ -450,8 +476,12 @@ def card_section(report: dict[str, Any]) -> str:
     s, m = report["settings"], report["measured"]
     hw = report["hardware"]["crossbar"]
     method = {"dub": "D.U.B. (discrete, unstructured, balanced per crossbar; Ibrayev et al., arXiv 2403.13082)",
-              "magnitude": f"magnitude pruning (ratio {s['ratio']} of each layer)",
+              "magnitude": "magnitude pruning",
               "group-lasso": "crossbar-aware group lasso (column and row segments per array)"}[s["method"]]
+    if s.get("match_sparsity"):
+        method += f", each layer pruned to the sparsity it has in `{s['match_sparsity']}`"
+    elif s.get("ratio") is not None:
+        method += f", ratio {s['ratio']} of each layer"
     phases = report["phases"]
     lines = [
         "", "## Crossbar co-design: pruned for ADC efficiency (measured)", "",
@@ -538,7 +568,8 @@ def run_prune(config: PruneConfig, progress: bool = True) -> dict[str, Any]:
                 "lambda_var": config.lam("lambda_var") if config.method == "dub" else None,
                 "lambda_l2": config.lam("lambda_l2") if config.regularize_epochs else None,
                 "lambda_group": config.lam("lambda_group") if config.method == "group-lasso" else None,
-                "ratio": config.ratio, "tol": config.tol if config.method != "magnitude" else None,
+                "ratio": config.ratio, "match_sparsity": config.match_sparsity,
+                "tol": config.tol if config.method != "magnitude" else None,
                 "lr": recipe.optim.lr, "batch_size": recipe.optim.batch_size, "limit_train": config.limit_train}
     training = {"command": config.command, "source": source.name, "pruning": settings,
                 "epochs": sum(r.epochs for r in records.values()), "wall_time_s": train_wall,

@@ -46,7 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lambda-var", type=float, help="dub: weight of the variance-of-Hoyer term (default 1e-3)")
     p.add_argument("--lambda-l2", type=float, help="weight of the L2 term ||W||^2 (default 1e-3)")
     p.add_argument("--lambda-group", type=float, help="group-lasso: weight of the group norms (default 1e-4)")
-    p.add_argument("--ratio", type=float, help="magnitude: fraction of each layer's weights removed (required)")
+    p.add_argument("--ratio", type=float,
+                   help="magnitude (this or --match-sparsity required) / group-lasso (optional, after the dead "
+                        "segments): fraction of each layer's weights removed, smallest |w| first")
+    p.add_argument("--match-sparsity", metavar="BUNDLE",
+                   help="magnitude / group-lasso: prune each layer to the sparsity it has in BUNDLE (a bundle "
+                        "this command wrote, e.g. the D.U.B. one): the baselines at equal sparsity")
     p.add_argument("--tol", type=float, default=1e-3,
                    help="dub / group-lasso: |w| (or a group's norm) at most this counts as zero (default 1e-3)")
     p.add_argument("--lr", type=float, help="learning rate of both phases (default 0.01; SOURCE's schedule)")
@@ -73,7 +78,7 @@ def config_from_args(args: argparse.Namespace):
         source=args.source, method=args.method, repository=args.repository, dataset=args.dataset,
         data_root=args.data_root, rows=args.rows, outputs_per_array=args.outputs_per_array, layers=args.layers,
         regularize_epochs=args.regularize_epochs, finetune_epochs=args.finetune_epochs,
-        lambda_var=args.lambda_var, lambda_l2=args.lambda_l2, lambda_group=args.lambda_group, ratio=args.ratio,
+        lambda_var=args.lambda_var, lambda_l2=args.lambda_l2, lambda_group=args.lambda_group, ratio=args.ratio, match_sparsity=args.match_sparsity,
         tol=args.tol, lr=args.lr, batch_size=args.batch_size, limit_train=args.limit_train, seed=args.seed,
         out=args.out, work=args.work, crossbar_chips=args.crossbar_chips,
         command=command_line(getattr(args, "argv", None) or ["prune", args.source]),

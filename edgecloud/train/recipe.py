@@ -248,8 +248,17 @@ class MaskSpec(BaseModel):
     rows: int = Field(64, ge=1)
     outputs_per_array: int | None = Field(None, ge=1)  # None: rows // 2
     tol: float = Field(1e-3, ge=0.0)
-    ratio: float | None = Field(None, ge=0.0, le=1.0)  # magnitude only
+    ratio: float | dict[str, float] | None = None  # magnitude (required), group-lasso (optional);
+    # one for every layer or one per layer name
     layers: Literal["conv", "all"] = "conv"
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, value):
+        values = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(not 0.0 <= float(v) <= 1.0 for v in values):
+            raise ValueError(f"masks: ratio must lie in [0, 1], got {value}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "MaskSpec":
