@@ -45,7 +45,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import shlex
 import time
 from collections import Counter
@@ -55,6 +54,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from edgecloud.cim.cpu import cpu_info
 
 METHODS = ("dub", "magnitude", "group-lasso")
 ADC_LAWS = ("walden", "schreier", "linear")
@@ -586,7 +587,7 @@ def run_prune(config: PruneConfig, progress: bool = True) -> dict[str, Any]:
         "phases": {k: {"epochs": r.epochs, "wall_time_s": round(r.wall_time_s, 1)} for k, r in records.items()},
         "train_wall_time_s": train_wall, "work": str(work),
         "torch": str(torch.__version__), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_info().model,
         "measured": measured,
         "test_accuracy": metrics.get("test_accuracy"),
     }

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from tqdm import tqdm
 
 from edgecloud import offload
 from edgecloud.bundle import CloudSpec
+from edgecloud.cim.cpu import cpu_info
 from edgecloud.data.dataset import ImageDataset, train_val_split
 from edgecloud.data.loader import Loader
 from edgecloud.data.registry import load_dataset
@@ -542,7 +542,7 @@ def finalize(
             # new options left out when unset: the manifests of existing recipes stay as they were
             **training_fields({"data": recipe.data.model_dump(mode="json"),
                                "optim": recipe.optim.model_dump(mode="json")}), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cpu": cpu_info().model, "threads": torch.get_num_threads(),
             "precision_used": training_precision(recipe.optim.precision)}
     if split_model:
         info["offload"] = offload_record
