@@ -273,11 +273,12 @@ def run_training(
             tqdm.write(f"init from {recipe.init.checkpoint}: fresh weights in {', '.join(left)}")
     frozen = frozen_modules(model, recipe.freeze)
     distiller = Distiller(recipe.distill, channels_last=o.channels_last) if recipe.distill else None
+    bf16 = autocast_bf16(o.precision)
     adversary = None
     if recipe.adversarial:
         from edgecloud.train.adversarial import Adversary
 
-        adversary = Adversary(recipe.adversarial, seed=recipe.seed, bf16=autocast_bf16(o.precision))
+        adversary = Adversary(recipe.adversarial, seed=recipe.seed, bf16=bf16)
     penalty_kwargs = recipe.prune_regularizer.penalty_kwargs() if recipe.prune_regularizer else None
     masks: dict[str, torch.Tensor] | None = None
     if recipe.masks and not (resume and ckpt_path.is_file()):
@@ -297,7 +298,6 @@ def run_training(
 
         ema = WeightEMA(model, o.ema) if o.ema is not None else None
         lookahead = Lookahead(optimizer_params(opt), o.lookahead) if o.lookahead is not None else None
-    bf16 = autocast_bf16(o.precision)
     two_step = o.binary_weights_from_epoch is not None
     if two_step:
         from edgecloud.nn.quant import set_real_weights

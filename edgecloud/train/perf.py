@@ -2,8 +2,8 @@
 
 bfloat16 autocast pays only where the CPU computes in bf16 natively (AVX512-BF16, AMX-BF16, Arm
 BF16): there FP convs train ~1.8x faster. Elsewhere (AVX2-only CPUs) oneDNN emulates it and a
-training step is ~7x SLOWER than in float32 (measured on an AVX2 AMD EPYC: ResNet-20-8bit, batch
-128, one thread: 1.1-1.4 s float32, 8.4-8.8 s bf16), so a recipe's ``precision: bf16`` means
+training step is many times SLOWER than in float32 (benchmarks/train_precision.py; the README's
+"Training a bundle" gives the numbers and the command), so a recipe's ``precision: bf16`` means
 "bf16 where it is native, float32 elsewhere"; ``EDGECLOUD_BF16=force`` keeps bf16 anyway,
 ``EDGECLOUD_BF16=off`` never uses it. The precision used goes to the bundle's card.
 

@@ -96,7 +96,7 @@ class OptimSpec(BaseModel):
     channels_last: bool = True
     grad_clip: float | None = None
     # "bf16": autocast forward/backward in bfloat16 where the CPU has it natively (AMX/AVX512-BF16: ~1.8x
-    # faster for FP convs), float32 elsewhere (emulated bf16 is ~7x slower; edgecloud.train.perf);
+    # faster for FP convs), float32 elsewhere (emulated bf16 is many times slower; edgecloud.train.perf);
     # the weights, the optimiser and every evaluation stay float32.
     precision: Literal["fp32", "bf16"] = "fp32"
     ema: EmaSpec | None = None              # validate / return an exponential moving average of the weights
