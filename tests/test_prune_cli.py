@@ -69,7 +69,9 @@ def _column_counts(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return (column_segments(weight_as_matrix(weight), rows) != 0).sum(dim=1)
 
 
-def test_dub_prunes_balanced_and_the_crossbar_reads_the_cheaper_adcs(bundle, cifar_root, tmp_path, capsys) -> None:
+def test_dub_prunes_balanced_and_the_crossbar_reads_the_cheaper_adcs(bundle, cifar_root, tmp_path, capsys,
+                                                                      monkeypatch) -> None:
+    monkeypatch.setenv("EDGECLOUD_CACHE", str(tmp_path / "cache"))  # a fresh chip cache
     from edgecloud.bundle import Bundle, bundle_backend_options
     from edgecloud.cim.adc import lossless_adc_bits
     from edgecloud.cim.backend import create_backend
@@ -91,6 +93,7 @@ def test_dub_prunes_balanced_and_the_crossbar_reads_the_cheaper_adcs(bundle, cif
         assert e["pruned_j"] <= e["source_sparsity_adc_j"] <= e["source_j"]
     assert set(m["accuracy"]["digital"]) == {"source", "pruned"} and m["accuracy"]["test_samples"] == 40
     assert len(m["accuracy"]["crossbar"]["pruned"]["per_chip"]) == 1
+    assert m["accuracy"]["crossbar"]["cached_chips"] == 0  # source and pruned differ: two chips measured
 
     loaded = Bundle(out)
     net = loaded.build_model().net
@@ -122,6 +125,12 @@ def test_dub_prunes_balanced_and_the_crossbar_reads_the_cheaper_adcs(bundle, cif
     assert again["phases"] == report["phases"] and again["measured"]["sparsity"] == m["sparsity"]
     after = Bundle(out).build_model().net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # ... and its chips come from the cache (same weights, options, images, simulator), with the same numbers
+    assert again["measured"]["accuracy"]["crossbar"]["cached_chips"] == 2
+    assert again["measured"]["accuracy"]["crossbar"]["source"] == m["accuracy"]["crossbar"]["source"]
+    assert again["measured"]["accuracy"]["crossbar"]["pruned"] == m["accuracy"]["crossbar"]["pruned"]
+    assert main([*argv, "--no-cache"]) == 0
+    assert _last_json(capsys)["measured"]["accuracy"]["crossbar"]["cached_chips"] == 0
 
 
 def test_magnitude_hits_its_ratio(bundle, cifar_root, tmp_path, capsys) -> None:

@@ -71,6 +71,7 @@ import torch
 import yaml
 from torch import nn
 
+from edgecloud.codesign.chip_cache import net_fingerprint, tensor_digest
 from edgecloud.nets.resnet_elastic import ElasticQuantResNet
 from edgecloud.nets.resnet_quant import QuantResNet
 from edgecloud.nn.quant import QuantConv2d, QuantLinear, quant_layers
@@ -288,14 +289,6 @@ class SupernetSource:
     path: str = ""
 
 
-def _fingerprint(net: nn.Module) -> str:
-    h = hashlib.sha1()
-    for key, value in sorted(net.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def load_supernet(spec: str | Path, kernels: Sequence[int]) -> SupernetSource:
     """A supernet bundle folder (``resnet_q_elastic``, or a ``resnet_q`` for a crossbar-only search)
     or a training run folder / ``checkpoint.pt``; with the data its validation split comes from."""
@@ -317,7 +310,7 @@ def load_supernet(spec: str | Path, kernels: Sequence[int]) -> SupernetSource:
         data, optim = recipe.data.model_dump(mode="json"), recipe.optim.model_dump(mode="json")
         seed, name = recipe.seed, recipe.name
     net = as_supernet(model, kernels).eval()
-    return SupernetSource(net=net, name=name, fingerprint=_fingerprint(net), dataset=data.get("dataset") or "cifar10",
+    return SupernetSource(net=net, name=name, fingerprint=net_fingerprint(net), dataset=data.get("dataset") or "cifar10",
                           data_root=data.get("root"), val_fraction=float(data.get("val_fraction") or 0.1), seed=seed,
                           data=data, optim=optim, path=str(p))
 
@@ -425,8 +418,8 @@ class Evaluator:
                 except (ValueError, KeyError):
                     continue  # a line cut short by an interrupted run
         digest = hashlib.sha1(json.dumps({
-            "supernet": source.fingerprint, "data": data.info, "val": _tensor_digest(data.val_x),
-            "bn": _tensor_digest(data.bn_x), "calib": _tensor_digest(data.calib_x),
+            "supernet": source.fingerprint, "data": data.info, "val": tensor_digest(data.val_x),
+            "bn": tensor_digest(data.bn_x), "calib": tensor_digest(data.calib_x),
             "options": self.opt.model_dump(mode="json", exclude={"layers"}), "batch": self.batch_size,
         }, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.context = digest
@@ -491,10 +484,6 @@ class Evaluator:
                    accuracy_mean=float(np.mean(chips)), accuracy_std=float(np.std(chips)), accuracy_chips=chips,
                    accuracy_digital=digital, energy_j=cost.energy_j, latency_s=cost.latency_s,
                    area_mm2=cost.area_mm2, edap=cost.edap)
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha1(t.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 @torch.no_grad()

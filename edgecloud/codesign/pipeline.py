@@ -37,7 +37,9 @@ the model card and the returned report:
   high bit slices of small weights) and the pruned bundle, on the same ``rows`` x ``cols`` arrays;
 - test accuracy, digital, of SOURCE and of the pruned bundle; with ``crossbar_chips`` > 0 also on
   the ``typical`` crossbar with an ideal ADC (device variation, faults, read noise, IR drop; the
-  reduced ADCs are lossless there), mean and std over chips ``seed .. seed + N - 1``.
+  reduced ADCs are lossless there), mean and std over chips ``seed .. seed + N - 1``. Each chip's
+  number is cached (:mod:`edgecloud.codesign.chip_cache`), so the baselines pruned from one SOURCE
+  evaluate SOURCE's chips once.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import torch
 from torch import nn
 
 from edgecloud.cim.cpu import cpu_info
+from edgecloud.codesign.chip_cache import ChipAccuracyCache, default_cache_path
 
 METHODS = ("dub", "magnitude", "group-lasso")
 ADC_LAWS = ("walden", "schreier", "linear")
@@ -92,6 +95,7 @@ class PruneConfig:
     out: str | None = None                   # bundle folder; default runs/prune/<source>-<method>
     work: str | None = None                  # run folders; default <out>.work
     crossbar_chips: int = 0                  # > 0: crossbar (typical, ideal ADC) accuracy over N chips
+    cache: bool = True                       # reuse chips already measured (edgecloud.codesign.chip_cache)
     command: str = ""                        # the command line, for the model card
 
     # ---- checks -----------------------------------------------------------------------------
@@ -402,17 +406,23 @@ def accuracy(net: nn.Module, data: Any, batch_size: int = 500) -> float:
 
 
 def crossbar_accuracy(net: nn.Module, options: dict[str, Any], data: Any, seeds: list[int], progress: bool,
-                      label: str) -> dict[str, Any]:
-    """Test accuracy on crossbar chips ``seeds`` (each programmed anew): per chip, mean and std."""
+                      label: str, cache: ChipAccuracyCache | None = None) -> dict[str, Any]:
+    """Test accuracy on crossbar chips ``seeds`` (each programmed anew): per chip, mean and std. A chip
+    already measured with the same weights, options, images and simulator comes from ``cache``."""
     from tqdm import tqdm
 
     from edgecloud.cim.backend import create_backend
 
-    per_chip = []
-    for seed in tqdm(seeds, desc=f"crossbar chips ({label})", unit="chip", disable=not progress, leave=False):
+    def measure_chip(seed: int) -> float:
         chip = copy.deepcopy(net).eval()
         create_backend("crossbar", options, seed=seed).prepare(chip)
-        per_chip.append(accuracy(chip, data, batch_size=250))
+        return accuracy(chip, data, batch_size=250)
+
+    cache = cache or ChipAccuracyCache(None)
+    per_chip = []
+    for seed in tqdm(seeds, desc=f"crossbar chips ({label})", unit="chip", disable=not progress, leave=False):
+        key = cache.key(net, options, seed, data.images, data.labels)
+        per_chip.append(cache.get_or_measure(key, lambda: measure_chip(seed)))
     mean = sum(per_chip) / len(per_chip)
     std = (sum((a - mean) ** 2 for a in per_chip) / (len(per_chip) - 1)) ** 0.5 if len(per_chip) > 1 else 0.0
     return {"mean": round(mean, 4), "std": round(std, 4), "per_chip": [round(a, 4) for a in per_chip]}
@@ -441,12 +451,14 @@ def measure(source: Source, pruned: nn.Module, masks: dict[str, torch.Tensor], c
                                                                  "pruned": round(accuracy(pruned, test), 4)}}
     if config.crossbar_chips > 0:
         seeds = list(range(seed, seed + config.crossbar_chips))
+        cache = ChipAccuracyCache(default_cache_path() if config.cache else None)
         ideal_adc = {"preset": "typical", "adc_bits": None, "adc_noise_lsb": 0.0}
         acc["crossbar"] = {
             "options": {**hw, **ideal_adc}, "chips": config.crossbar_chips, "seeds": seeds,
-            "source": crossbar_accuracy(source.net, {**dense, **ideal_adc}, test, seeds, progress, "source"),
-            "pruned": crossbar_accuracy(pruned, {**hw, **ideal_adc}, test, seeds, progress, "pruned"),
+            "source": crossbar_accuracy(source.net, {**dense, **ideal_adc}, test, seeds, progress, "source", cache),
+            "pruned": crossbar_accuracy(pruned, {**hw, **ideal_adc}, test, seeds, progress, "pruned", cache),
         }
+        acc["crossbar"]["cached_chips"] = cache.hits
     return {"sparsity": sparsity_report(pruned, masks, config), "adc_bits": adc_bits, "adc_energy": energy,
             "accuracy": acc}
 

@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "seeds SEED..SEED+N-1")
     p.add_argument("--crossbar-chips", type=int, default=0,
                    help="also measure test accuracy on N typical crossbar chips with an ideal ADC (default 0)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="measure every crossbar chip anew instead of reusing a chip already measured with the "
+                        "same weights, options, images and simulator (cache: $EDGECLOUD_CACHE or ~/.cache/edgecloud)")
     p.add_argument("--out", help="bundle folder to write (default runs/prune/<source>-<method>)")
     p.add_argument("--work", help="run folders of the phases, with their checkpoints (default <out>.work)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
@@ -80,7 +83,7 @@ def config_from_args(args: argparse.Namespace):
         regularize_epochs=args.regularize_epochs, finetune_epochs=args.finetune_epochs,
         lambda_var=args.lambda_var, lambda_l2=args.lambda_l2, lambda_group=args.lambda_group, ratio=args.ratio, match_sparsity=args.match_sparsity,
         tol=args.tol, lr=args.lr, batch_size=args.batch_size, limit_train=args.limit_train, seed=args.seed,
-        out=args.out, work=args.work, crossbar_chips=args.crossbar_chips,
+        out=args.out, work=args.work, crossbar_chips=args.crossbar_chips, cache=not args.no_cache,
         command=command_line(getattr(args, "argv", None) or ["prune", args.source]),
     ).validate()
 

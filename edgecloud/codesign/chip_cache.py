@@ -1,0 +1,94 @@
+"""Measured chip accuracies kept on disk, so a number the simulator already produced is not paid twice.
+
+A crossbar chip's test accuracy is a pure function of the network's weights, the backend options,
+the chip's seed, the images and the simulator itself. Evaluating a ResNet-20 on three chips over
+the 10,000 test images takes the better part of an hour on one core, and every baseline pruned
+from the same SOURCE evaluates SOURCE on the same chips again. The key therefore holds all five:
+a digest of the weights, the options, the seed, a digest of the images and labels, and a digest
+of the simulator's sources (``edgecloud/cim``: Python, C and the cost tables), so editing the
+simulator invalidates every entry instead of serving stale numbers. Entries are JSON lines
+(``crossbar-accuracy.jsonl`` under ``$EDGECLOUD_CACHE`` or ``~/.cache/edgecloud``), appended,
+so concurrent runs at worst measure the same chip twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CACHE_FILE = "crossbar-accuracy.jsonl"
+_SIMULATOR_SUFFIXES = (".py", ".c", ".h", ".yaml")
+
+
+def net_fingerprint(net: nn.Module) -> str:
+    """Digest of a network's parameters and buffers (names and values)."""
+    h = hashlib.sha1()
+    for key, value in sorted(net.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def simulator_digest() -> str:
+    """Digest of the simulator's sources, so a changed simulator never reads an old number."""
+    import edgecloud.cim as cim
+
+    root = Path(cim.__file__).parent
+    h = hashlib.sha1()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in _SIMULATOR_SUFFIXES and "__pycache__" not in p.parts):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def default_cache_path() -> Path:
+    from edgecloud.data.cifar import cache_dir
+
+    return cache_dir() / CACHE_FILE
+
+
+class ChipAccuracyCache:
+    """``get_or_measure(key parts, measure)``: the stored number, or ``measure()`` stored for next time."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.hits = 0
+        self._items: dict[str, float] = {}
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    item = json.loads(line)
+                    self._items[item["key"]] = float(item["value"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn line from an interrupted append
+
+    @staticmethod
+    def key(net: nn.Module, options: dict[str, Any], seed: int, images: torch.Tensor, labels: torch.Tensor) -> str:
+        parts = {"net": net_fingerprint(net), "options": options, "seed": seed,
+                 "images": tensor_digest(images), "labels": tensor_digest(labels),
+                 "simulator": simulator_digest(), "torch": str(torch.__version__)}
+        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get_or_measure(self, key: str, measure: Callable[[], float]) -> float:
+        if key in self._items:
+            self.hits += 1
+            return self._items[key]
+        value = float(measure())
+        self._items[key] = value
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write(json.dumps({"key": key, "value": value}) + "\n")
+        return value
