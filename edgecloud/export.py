@@ -13,6 +13,7 @@ datatype (FP16, or UINT8 with the calibrated ``scale``/``zero_point`` the manife
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 import warnings
@@ -138,6 +139,7 @@ def export_bundle(
     percentile: float = offload.DEFAULT_PERCENTILE,
     cloud: CloudSpec | None = None,
     baseline: tuple[str, int] | None = None,
+    hardware: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write the bundle folder ``out_dir`` and return its path.
 
@@ -190,6 +192,7 @@ def export_bundle(
         cloud=cloud_spec,
         training=dict(training or {}),
         metrics=dict(metrics or {}),
+        hardware={k: dict(v) for k, v in (hardware or {}).items()},
     )
 
     manifest_path = out / MANIFEST
@@ -303,6 +306,12 @@ def training_section(t: Mapping[str, Any]) -> list[str]:
                   for h in history]
     return lines
 
+def hardware_lines(manifest: Manifest) -> list[str]:
+    """The card's note of the manifest's backend defaults (what `eval` and the daemon apply)."""
+    return [f"- Hardware defaults (manifest `hardware`, applied under any `--backend-option`), `{backend}`: "
+            + json.dumps(options, sort_keys=True) for backend, options in manifest.hardware.items()]
+
+
 def model_card(manifest: Manifest, edge_macs: Mapping[str, int] | int, onnx_err: float | None) -> str:
     """The bundle's README: what it is, how it was made, what was measured."""
     m = manifest
@@ -325,6 +334,7 @@ def model_card(manifest: Manifest, edge_macs: Mapping[str, int] | int, onnx_err:
         *_offload_lines(m.cloud),
         f"- Reference ({'the baseline network `' + m.reference_network + '`' if m.reference_network else 'whole network'}"
         f" in full precision, everything in the cloud): {m.reference_macs:,} MACs per sample.",
+        *hardware_lines(m),
     ]
     if onnx_err is not None:
         part = "cloud part" if m.cloud.encoding == "fp32" else "cloud part with its decoder, random wire input"

@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 
 from edgecloud.bundle import EDGE_WEIGHTS, MANIFEST, CloudSpec, ExitSpec, InputSpec, Manifest
-from edgecloud.export import _atomic_write, _fmt, training_section
+from edgecloud.export import _atomic_write, _fmt, hardware_lines, training_section
 
 FINAL_EXIT = "final"
 
@@ -44,6 +44,7 @@ def export_edge_bundle(
     input_spec: InputSpec | Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    hardware: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write the edge-only bundle folder ``out_dir`` for a classifier and return its path.
 
@@ -72,6 +73,7 @@ def export_edge_bundle(
         exits=[ExitSpec(name=getattr(model, "final_name", FINAL_EXIT) or FINAL_EXIT, threshold=None)],
         cloud=CloudSpec(offload="none"),
         training=dict(training or {}), metrics=dict(metrics or {}),
+        hardware={k: dict(v) for k, v in (hardware or {}).items()},
     )
     manifest_path = out / MANIFEST
     if manifest_path.exists():
@@ -109,6 +111,7 @@ def edge_model_card(manifest: Manifest, macs: Mapping[str, int]) -> str:
         f"{dict(macs)} (quantized layers run on the selected CiM backend: digital, crossbar, sram).",
         "- **Cloud**: none (`cloud: {offload: none}` in the manifest; the cloud server skips this bundle).",
         f"- Whole network: {m.reference_macs:,} MACs per sample.",
+        *hardware_lines(m),
         "- Run it: `edgecloud eval <this folder> --dataset ... --backend sram --chips 20` "
         "(see the README section \"IMAC reproduction\").",
         "",

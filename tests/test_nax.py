@@ -288,6 +288,13 @@ def test_search_cli_end_to_end(supernet_run, cifar_root, tmp_path, capsys) -> No
         recipe = load_recipe(summary[key])
         assert recipe.family == "resnet_q" and recipe.init is not None and recipe.data.root == str(cifar_root)
     assert load_recipe(summary["retrain_reference"]).arch["kernels"] == [3] * 6
+    assert load_recipe(summary["retrain_chosen"]).hardware == choice["hardware"]
+    # the retrained bundle keeps the chosen layout: eval --backend crossbar runs it as the search scored it
+    assert main(["train", summary["retrain_chosen"], "--epochs", "1", "--limit", "64", "--no-progress",
+                 "--out", str(tmp_path / "retrain"), "--export", str(tmp_path / "retrained")]) == 0
+    retrained = Bundle(tmp_path / "retrained")
+    assert retrained.manifest.hardware == choice["hardware"]
+    assert "Hardware defaults" in (tmp_path / "retrained" / "README.md").read_text()
     # a run folder works as well, and errors are one line
     assert main(_search_args(supernet_run, cifar_root, tmp_path / "run", "--no-export", "--trials", "1")) == 0
     capsys.readouterr()

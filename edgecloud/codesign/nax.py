@@ -719,8 +719,7 @@ def choice_dict(result: NaxResult, row: Row) -> dict[str, Any]:
 
 def export_candidate(result: NaxResult, row: Row, out_dir: Path, name: str) -> Path:
     """The candidate's sub-network (BN recalibrated) as an edge-only ``resnet_q`` bundle; its manifest
-    holds the candidate's crossbar layout (``hardware``) when the manifest schema has that section."""
-    from edgecloud.bundle import MANIFEST, Manifest
+    holds the candidate's crossbar layout (``hardware``)."""
     from edgecloud.export import resolve_arch
     from edgecloud.export_edge import export_edge_bundle
 
@@ -731,19 +730,15 @@ def export_candidate(result: NaxResult, row: Row, out_dir: Path, name: str) -> P
                 "nax": {"supernet": result.source.path, "fingerprint": result.source.fingerprint,
                         "bn_recalibrated_on": f"{len(result.data.bn_x)} training images"}}
     path = export_edge_bundle(net, out_dir, name=name, family="resnet_q", arch=resolve_arch("resnet_q", choice["arch"]),
-                              classes=result.data.classes, training=training, metrics={"nax": choice["nax"]})
-    if "hardware" in Manifest.model_fields:
-        manifest_path = Path(path) / MANIFEST
-        data = yaml.safe_load(manifest_path.read_text())
-        data["hardware"] = choice["hardware"]
-        Manifest.model_validate(data)
-        manifest_path.write_text(yaml.safe_dump(data, sort_keys=False))
+                              classes=result.data.classes, training=training, metrics={"nax": choice["nax"]},
+                              hardware=choice["hardware"])
     return Path(path)
 
 
 def retrain_recipe(result: NaxResult, row: Row, bundle: Path, name: str) -> dict[str, Any]:
     """A recipe that fine-tunes the exported sub-network (``init``) with the supernet's data settings
-    and optimiser (set ``--epochs`` for the budget)."""
+    and optimiser (set ``--epochs`` for the budget); its bundle keeps the candidate's crossbar layout
+    (``hardware``), so `edgecloud eval --backend crossbar` runs it as the search scored it."""
     src = result.source
     data = {k: v for k, v in src.data.items() if k in ("dataset", "root", "val_fraction", "crop_padding", "hflip")}
     optim = {k: v for k, v in src.optim.items()
@@ -753,7 +748,7 @@ def retrain_recipe(result: NaxResult, row: Row, bundle: Path, name: str) -> dict
                                          f"(trial {row.trial})",
             "family": "resnet_q", "arch": {**src.net.arch, "kernels": list(row.kernels)}, "seed": src.seed,
             "data": data or {"dataset": src.dataset}, "init": {"checkpoint": str(bundle)},
-            **({"optim": optim} if optim else {})}
+            **({"optim": optim} if optim else {}), "hardware": choice_dict(result, row)["hardware"]}
 
 
 def write_outputs(result: NaxResult, out: str | Path, export: bool = True) -> dict[str, Any]:

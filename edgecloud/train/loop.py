@@ -553,9 +553,10 @@ def finalize(
 
         return export_edge_bundle(model, bundle_dir, name=name or recipe.name, family=recipe.family,
                                   arch=resolve_arch(recipe.family, recipe.arch), classes=splits.val.classes,
-                                  policy=kind, training=info, metrics=metrics), metrics
+                                  policy=kind, training=info, metrics=metrics, hardware=recipe.hardware), metrics
     path = export_bundle(model, bundle_dir, name=name or recipe.name, family=recipe.family,
                          arch=resolve_arch(recipe.family, recipe.arch),
                          classes=splits.val.classes, exits=exits, policy=kind, training=info, metrics=metrics,
-                         cloud=spec, baseline=baseline_macs(recipe.baseline, model) if recipe.baseline else None)
+                         cloud=spec, baseline=baseline_macs(recipe.baseline, model) if recipe.baseline else None,
+                         hardware=recipe.hardware)
     return path, metrics

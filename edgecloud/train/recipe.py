@@ -287,7 +287,7 @@ class SupernetSpec(BaseModel):
 
 # Recipe sections that do not change what is trained: the bundle's export (offload, baseline) and
 # what validation measures (eval).
-EXPORT_ONLY = ("offload", "baseline", "eval")
+EXPORT_ONLY = ("offload", "baseline", "eval", "hardware")
 # Sections added after checkpoints already existed: left out of the comparison when unset, so
 # those checkpoints still resume.
 OPTIONAL_TRAINING = ("prune_regularizer", "masks", "supernet")
@@ -331,9 +331,13 @@ class Recipe(BaseModel):
     # The run whose network, at full precision, is the energy baseline of the bundle (default: this
     # network at full precision). Set it when the edge is wider than the network it replaces.
     baseline: str | None = None
+    # Backend defaults written into the bundle's manifest (``hardware: {crossbar: {layers: ...}}``,
+    # e.g. a NAX network's per-layer crossbar sizes), so `eval` and the daemon run the bundle on the
+    # hardware it was designed for. Export-only: it never changes what is trained.
+    hardware: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     def training_dump(self) -> dict[str, Any]:
-        """The recipe as JSON without the export-only ``offload`` and ``baseline`` and the
+        """The recipe as JSON without the export-only ``offload``, ``baseline`` and ``hardware`` and the
         validation-only ``eval``: what a checkpoint must match to be resumed (none changes what is
         trained); unset sections of ``OPTIONAL_TRAINING`` and unset ``OPTIONAL_FIELDS`` are left out too."""
         return training_fields(self.model_dump(mode="json"))
