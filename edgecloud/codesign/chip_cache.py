@@ -7,8 +7,9 @@ from the same SOURCE evaluates SOURCE on the same chips again. The key therefore
 a digest of the weights, the options, the seed, a digest of the images and labels, and a digest
 of the simulator's sources (``edgecloud/cim``: Python, C and the cost tables), so editing the
 simulator invalidates every entry instead of serving stale numbers. Entries are JSON lines
-(``crossbar-accuracy.jsonl`` under ``$EDGECLOUD_CACHE`` or ``~/.cache/edgecloud``), appended,
-so concurrent runs at worst measure the same chip twice.
+(``crossbar-accuracy.jsonl`` under ``$EDGECLOUD_CACHE`` or ``~/.cache/edgecloud``), appended, and
+the file is read again before each miss, so a run picks up chips that a concurrent run finished;
+two runs measuring the same chip at the same time each measure it once.
 """
 
 from __future__ import annotations
@@ -66,13 +67,17 @@ class ChipAccuracyCache:
         self.path = Path(path) if path is not None else None
         self.hits = 0
         self._items: dict[str, float] = {}
-        if self.path is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    item = json.loads(line)
-                    self._items[item["key"]] = float(item["value"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn line from an interrupted append
+        self._read()
+
+    def _read(self) -> None:
+        if self.path is None or not self.path.is_file():
+            return
+        for line in self.path.read_text().splitlines():
+            try:
+                item = json.loads(line)
+                self._items[item["key"]] = float(item["value"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn line from an interrupted append
 
     @staticmethod
     def key(net: nn.Module, options: dict[str, Any], seed: int, images: torch.Tensor, labels: torch.Tensor) -> str:
@@ -82,6 +87,8 @@ class ChipAccuracyCache:
         return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def get_or_measure(self, key: str, measure: Callable[[], float]) -> float:
+        if key not in self._items:
+            self._read()  # another run may have measured it since
         if key in self._items:
             self.hits += 1
             return self._items[key]
