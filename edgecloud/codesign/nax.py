@@ -71,7 +71,7 @@ import torch
 import yaml
 from torch import nn
 
-from edgecloud.codesign.chip_cache import net_fingerprint, tensor_digest
+from edgecloud.codesign.measure_cache import MeasurementCache, net_fingerprint, tensor_digest
 from edgecloud.nets.resnet_elastic import ElasticQuantResNet
 from edgecloud.nets.resnet_quant import QuantResNet
 from edgecloud.nn.quant import QuantConv2d, QuantLinear, quant_layers
@@ -406,17 +406,8 @@ class Evaluator:
         if self.chips < 1:
             raise ValueError(f"chips must be >= 1, got {chips}")
         self.cost_model = cost_model or CostModel()
-        self.cache_path = Path(cache) if cache else None
-        self._cache: dict[str, dict[str, Any]] = {}
+        self.cache = MeasurementCache(cache)
         self._nets: dict[tuple[int, ...], nn.Module] = {}
-        self.hits = self.misses = 0
-        if self.cache_path is not None and self.cache_path.is_file():
-            for line in self.cache_path.read_text().splitlines():
-                try:
-                    item = json.loads(line)
-                    self._cache[item["key"]] = item
-                except (ValueError, KeyError):
-                    continue  # a line cut short by an interrupted run
         digest = hashlib.sha1(json.dumps({
             "supernet": source.fingerprint, "data": data.info, "val": tensor_digest(data.val_x),
             "bn": tensor_digest(data.bn_x), "calib": tensor_digest(data.calib_x),
@@ -436,18 +427,7 @@ class Evaluator:
         return net
 
     def _cached(self, key: str, measure: Callable[[], float]) -> float:
-        hit = self._cache.get(key)
-        if hit is not None:
-            self.hits += 1
-            return float(hit["accuracy"])
-        self.misses += 1
-        item = {"key": key, "accuracy": measure()}
-        self._cache[key] = item
-        if self.cache_path is not None:
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.cache_path.open("a") as fh:
-                fh.write(json.dumps(item) + "\n")
-        return float(item["accuracy"])
+        return self.cache.get_or_measure(key, measure)
 
     def digital_accuracy(self, kernels: tuple[int, ...]) -> float:
         """The sub-network's validation accuracy without the crossbar (digital integer reference)."""
@@ -637,8 +617,8 @@ def run_search(config: NaxConfig, progress: bool = True,
     for r in rows:
         r.pareto = (r.kernels, r.xbars) in front
     chosen, why = pick(rows, reference, config.pick, config.lam)
-    info = {"why": why, "wall_time_s": round(time.perf_counter() - started, 1), "cache_hits": evaluator.hits,
-            "measured": evaluator.misses, "options": evaluator.opt.model_dump(mode="json", exclude={"layers"}),
+    info = {"why": why, "wall_time_s": round(time.perf_counter() - started, 1), "cache_hits": evaluator.cache.hits,
+            "measured": evaluator.cache.misses, "options": evaluator.opt.model_dump(mode="json", exclude={"layers"}),
             "data": data.info, "supernet": {"path": source.path, "name": source.name,
                                             "kernel_choices": source.net.kernel_choices,
                                             "fingerprint": source.fingerprint}}

@@ -38,7 +38,7 @@ the model card and the returned report:
 - test accuracy, digital, of SOURCE and of the pruned bundle; with ``crossbar_chips`` > 0 also on
   the ``typical`` crossbar with an ideal ADC (device variation, faults, read noise, IR drop; the
   reduced ADCs are lossless there), mean and std over chips ``seed .. seed + N - 1``. Each chip's
-  number is cached (:mod:`edgecloud.codesign.chip_cache`), so the baselines pruned from one SOURCE
+  number is cached (:mod:`edgecloud.codesign.measure_cache`), so the baselines pruned from one SOURCE
   evaluate SOURCE's chips once.
 """
 
@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from edgecloud.cim.cpu import cpu_info
-from edgecloud.codesign.chip_cache import ChipAccuracyCache, default_cache_path
+from edgecloud.codesign.measure_cache import MeasurementCache, default_cache_path
 
 METHODS = ("dub", "magnitude", "group-lasso")
 ADC_LAWS = ("walden", "schreier", "linear")
@@ -95,7 +95,7 @@ class PruneConfig:
     out: str | None = None                   # bundle folder; default runs/prune/<source>-<method>
     work: str | None = None                  # run folders; default <out>.work
     crossbar_chips: int = 0                  # > 0: crossbar (typical, ideal ADC) accuracy over N chips
-    cache: bool = True                       # reuse chips already measured (edgecloud.codesign.chip_cache)
+    cache: bool = True                       # reuse chips already measured (edgecloud.codesign.measure_cache)
     command: str = ""                        # the command line, for the model card
 
     # ---- checks -----------------------------------------------------------------------------
@@ -406,7 +406,7 @@ def accuracy(net: nn.Module, data: Any, batch_size: int = 500) -> float:
 
 
 def crossbar_accuracy(net: nn.Module, options: dict[str, Any], data: Any, seeds: list[int], progress: bool,
-                      label: str, cache: ChipAccuracyCache | None = None) -> dict[str, Any]:
+                      label: str, cache: MeasurementCache | None = None) -> dict[str, Any]:
     """Test accuracy on crossbar chips ``seeds`` (each programmed anew): per chip, mean and std. A chip
     already measured with the same weights, options, images and simulator comes from ``cache``."""
     from tqdm import tqdm
@@ -418,7 +418,7 @@ def crossbar_accuracy(net: nn.Module, options: dict[str, Any], data: Any, seeds:
         create_backend("crossbar", options, seed=seed).prepare(chip)
         return accuracy(chip, data, batch_size=250)
 
-    cache = cache or ChipAccuracyCache(None)
+    cache = cache or MeasurementCache(None)
     per_chip = []
     for seed in tqdm(seeds, desc=f"crossbar chips ({label})", unit="chip", disable=not progress, leave=False):
         key = cache.key(net, options, seed, data.images, data.labels)
@@ -451,7 +451,7 @@ def measure(source: Source, pruned: nn.Module, masks: dict[str, torch.Tensor], c
                                                                  "pruned": round(accuracy(pruned, test), 4)}}
     if config.crossbar_chips > 0:
         seeds = list(range(seed, seed + config.crossbar_chips))
-        cache = ChipAccuracyCache(default_cache_path() if config.cache else None)
+        cache = MeasurementCache(default_cache_path() if config.cache else None)
         ideal_adc = {"preset": "typical", "adc_bits": None, "adc_noise_lsb": 0.0}
         acc["crossbar"] = {
             "options": {**hw, **ideal_adc}, "chips": config.crossbar_chips, "seeds": seeds,
@@ -507,7 +507,7 @@ def card_section(report: dict[str, Any]) -> str:
         f"- seed: {report['seed']}",
         "- phases: " + ("; ".join(f"{k} {v['epochs']} epochs, {v['wall_time_s']} s" for k, v in phases.items())
                         or "none (pruned without training)"),
-        f"- settings: " + ", ".join(f"{k} {v}" for k, v in s.items() if v is not None and k not in ("rows", "cols")),
+        "- settings: " + ", ".join(f"{k} {v}" for k, v in s.items() if v is not None and k not in ("rows", "cols")),
         f"- wall time: {report['wall_time_s']} s for the command's last invocation (training phases: "
         f"{report['train_wall_time_s']} s, summed over resumes); {report['threads']} torch threads on "
         f"{report['cpu_count']} CPUs ({report['cpu']}), torch {report['torch']}",

@@ -1,6 +1,7 @@
-"""Measured chip accuracies kept on disk, so a number the simulator already produced is not paid twice.
+"""Measured accuracies kept on disk, so a number the simulator already produced is not paid twice.
 
-A crossbar chip's test accuracy is a pure function of the network's weights, the backend options,
+Used by the prune pipeline (SOURCE's and the pruned net's chips) and the NAX search (every
+candidate's chips and digital accuracy; there the key is the search's own context). A crossbar chip's test accuracy is a pure function of the network's weights, the backend options,
 the chip's seed, the images and the simulator itself. Evaluating a ResNet-20 on three chips over
 the 10,000 test images takes the better part of an hour on one core, and every baseline pruned
 from the same SOURCE evaluates SOURCE on the same chips again. The key therefore holds all five:
@@ -60,12 +61,13 @@ def default_cache_path() -> Path:
     return cache_dir() / CACHE_FILE
 
 
-class ChipAccuracyCache:
-    """``get_or_measure(key parts, measure)``: the stored number, or ``measure()`` stored for next time."""
+class MeasurementCache:
+    """``get_or_measure(key, measure)``: the stored number, or ``measure()`` stored for next time.
+    ``path`` None: an in-memory cache."""
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path is not None else None
-        self.hits = 0
+        self.hits = self.misses = 0
         self._items: dict[str, float] = {}
         self._read()
 
@@ -92,6 +94,7 @@ class ChipAccuracyCache:
         if key in self._items:
             self.hits += 1
             return self._items[key]
+        self.misses += 1
         value = float(measure())
         self._items[key] = value
         if self.path is not None:
