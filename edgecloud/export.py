@@ -306,6 +306,7 @@ def training_section(t: Mapping[str, Any]) -> list[str]:
                   for h in history]
     return lines
 
+
 def hardware_lines(manifest: Manifest) -> list[str]:
     """The card's note of the manifest's backend defaults (what `eval` and the daemon apply)."""
     return [f"- Hardware defaults (manifest `hardware`, applied under any `--backend-option`), `{backend}`: "

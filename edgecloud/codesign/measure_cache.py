@@ -1,8 +1,8 @@
 """Measured accuracies kept on disk, so a number the simulator already produced is not paid twice.
 
 Used by the prune pipeline (SOURCE's and the pruned net's chips) and the NAX search (every
-candidate's chips and digital accuracy; there the key is the search's own context). A crossbar chip's test accuracy is a pure function of the network's weights, the backend options,
-the chip's seed, the images and the simulator itself. Evaluating a ResNet-20 on three chips over
+candidate's chips and digital accuracy; there the key is the search's own context). A crossbar
+chip's test accuracy is a pure function of the network's weights, the backend options, the chip's seed, the images and the simulator itself. Evaluating a ResNet-20 on three chips over
 the 10,000 test images takes the better part of an hour on one core, and every baseline pruned
 from the same SOURCE evaluates SOURCE on the same chips again. The key therefore holds all five:
 a digest of the weights, the options, the seed, a digest of the images and labels, and a digest
@@ -82,11 +82,14 @@ class MeasurementCache:
                 continue  # a torn line from an interrupted append
 
     @staticmethod
-    def key(net: nn.Module, options: dict[str, Any], seed: int, images: torch.Tensor, labels: torch.Tensor) -> str:
-        parts = {"net": net_fingerprint(net), "options": options, "seed": seed,
+    def chip_keys(net: nn.Module, options: dict[str, Any], images: torch.Tensor, labels: torch.Tensor,
+                  seeds: list[int]) -> list[str]:
+        """One key per chip seed (the weights and images are digested once for all of them)."""
+        parts = {"net": net_fingerprint(net), "options": options,
                  "images": tensor_digest(images), "labels": tensor_digest(labels),
                  "simulator": simulator_digest(), "torch": str(torch.__version__)}
-        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+        return [hashlib.sha1(json.dumps({**parts, "seed": seed}, sort_keys=True, default=str).encode()).hexdigest()
+                for seed in seeds]
 
     def get_or_measure(self, key: str, measure: Callable[[], float]) -> float:
         if key not in self._items:

@@ -419,9 +419,10 @@ def crossbar_accuracy(net: nn.Module, options: dict[str, Any], data: Any, seeds:
         return accuracy(chip, data, batch_size=250)
 
     cache = cache or MeasurementCache(None)
+    keys = cache.chip_keys(net, options, data.images, data.labels, seeds)
     per_chip = []
-    for seed in tqdm(seeds, desc=f"crossbar chips ({label})", unit="chip", disable=not progress, leave=False):
-        key = cache.key(net, options, seed, data.images, data.labels)
+    for seed, key in tqdm(list(zip(seeds, keys)), desc=f"crossbar chips ({label})", unit="chip",
+                          disable=not progress, leave=False):
         per_chip.append(cache.get_or_measure(key, lambda: measure_chip(seed)))
     mean = sum(per_chip) / len(per_chip)
     std = (sum((a - mean) ** 2 for a in per_chip) / (len(per_chip) - 1)) ** 0.5 if len(per_chip) > 1 else 0.0
