@@ -270,6 +270,13 @@ def test_search_cli_end_to_end(supernet_run, cifar_root, tmp_path, capsys) -> No
     with open(summary["csv"]) as fh:
         rows = list(csv.DictReader(fh))
     assert [r["kind"] for r in rows] == ["reference"] * 2 + ["trial"] * 3
+    # warm start: the first trials are the uniform 3x3 networks at each crossbar size; the one the
+    # reference already measured is the same measurement
+    kcols = [c for c in rows[0] if c.startswith("k:")]
+    xcols = [c for c in rows[0] if c.startswith("xbar:")]
+    for row, x in zip(rows[2:4], ("32", "64")):
+        assert {row[c] for c in kcols} == {"3"} and {row[c] for c in xcols} == {x}
+    assert rows[3]["accuracy_chips"] == rows[0]["accuracy_chips"] and rows[3]["edap"] == rows[0]["edap"]
     assert {"accuracy_mean", "accuracy_std", "energy_j", "latency_s", "area_mm2", "edap", "k:blocks.0.conv1",
             "xbar:stem", "xbar:fc"} <= set(rows[0])
     assert Path(summary["png"]).stat().st_size > 0 and Path(summary["pareto_csv"]).is_file()

@@ -31,7 +31,8 @@ Objectives (as the paper; both from the simulator and cost model this project sh
 
 Method. A weight-sharing one-shot supernet (:mod:`edgecloud.nets.resnet_elastic`: elastic
 kernels, trained with the sandwich rule, recipe ``supernet``) plus a multi-objective sampler
-(Optuna's NSGA-II, seeded), rather than DARTS-style differentiable architecture weights. Why:
+(Optuna's NSGA-II, seeded; its first trials are the uniform 3x3 networks at every crossbar size,
+so crossover starts from the known design and not only from random ones), rather than DARTS-style differentiable architecture weights. Why:
 the crossbar simulator is not differentiable in the crossbar size (a discrete tiling: which rows
 share an array, an ADC and a wire), and NAX's accuracy term must come from the actual non-ideal
 simulator, not from a relaxation; a sampler scores each candidate exactly as it would run. Each
@@ -486,6 +487,7 @@ class NaxConfig:
     options: dict[str, Any] = field(default_factory=lambda: {"preset": "typical"})
     seed: int = 0
     population: int = 20
+    warm_start: bool = True     # the first trials are the uniform kernel-3 networks at every crossbar size
     bn_images: int = 500
     calib_images: int = 200
     batch_size: int = 250
@@ -596,6 +598,9 @@ def run_search(config: NaxConfig, progress: bool = True,
     sampler = optuna.samplers.NSGAIISampler(population_size=config.population, seed=config.seed)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     distributions = space.distributions()
+    if config.warm_start:  # start the first generation from the known networks (cache hits for the references)
+        for x in xbars[:config.trials]:
+            study.enqueue_trial(space.to_params(space.uniform(REFERENCE_KERNEL, x)))
     rows: list[Row] = []
     for _ in range(config.trials):
         trial = study.ask(distributions)

@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                     "crossbar sizes only, with --kernels set to its kernel)")
     n.add_argument("--trials", type=int, default=100, help="NSGA-II trials (default 100)")
     n.add_argument("--population", type=int, default=20, help="NSGA-II population per generation (default 20)")
+    n.add_argument("--no-warm-start", action="store_true",
+                   help="a purely random first generation (default: the first trials are the uniform 3x3 "
+                        "networks at every --xbars size)")
     n.add_argument("--chips", type=int, default=2, help="simulated chips per candidate (seeds SEED..; default 2)")
     n.add_argument("--val-limit", type=int, default=1000,
                    help="class-balanced validation images per evaluation (default 1000; 0: the whole split)")
@@ -92,7 +95,7 @@ def run_nax(args: argparse.Namespace) -> int:
         supernet=args.supernet, out=str(out), trials=args.trials, chips=args.chips,
         val_limit=args.val_limit or None, xbars=_ints(args.xbars, "--xbars"), kernels=_ints(args.kernels, "--kernels"),
         reference_xbars=_ints(args.ref_xbars, "--ref-xbars"), options=options, seed=args.seed,
-        population=args.population, bn_images=args.bn_images, calib_images=args.calib_images,
+        population=args.population, warm_start=not args.no_warm_start, bn_images=args.bn_images, calib_images=args.calib_images,
         batch_size=args.batch_size, pick=args.pick, lam=args.lam, data_root=args.data_root,
         cache=not args.no_cache, cost_table=args.cost_table, energy_table=args.energy_table,
     )
