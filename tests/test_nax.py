@@ -277,6 +277,7 @@ def test_search_cli_end_to_end(supernet_run, cifar_root, tmp_path, capsys) -> No
     for row, x in zip(rows[2:4], ("32", "64")):
         assert {row[c] for c in kcols} == {"3"} and {row[c] for c in xcols} == {x}
     assert rows[3]["accuracy_chips"] == rows[0]["accuracy_chips"] and rows[3]["edap"] == rows[0]["edap"]
+    assert summary["chosen"]["trial"] != 1  # a reference is never the pick
     assert {"accuracy_mean", "accuracy_std", "energy_j", "latency_s", "area_mm2", "edap", "k:blocks.0.conv1",
             "xbar:stem", "xbar:fc"} <= set(rows[0])
     assert Path(summary["png"]).stat().st_size > 0 and Path(summary["pareto_csv"]).is_file()
