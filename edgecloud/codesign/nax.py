@@ -32,7 +32,8 @@ Objectives (as the paper; both from the simulator and cost model this project sh
 Method. A weight-sharing one-shot supernet (:mod:`edgecloud.nets.resnet_elastic`: elastic
 kernels, trained with the sandwich rule, recipe ``supernet``) plus a multi-objective sampler
 (Optuna's NSGA-II, seeded; its first trials are the uniform 3x3 networks at every crossbar size,
-so crossover starts from the known design and not only from random ones), rather than DARTS-style differentiable architecture weights. Why:
+so crossover starts from the known design and not only from random ones), rather than DARTS-style
+differentiable architecture weights. Why:
 the crossbar simulator is not differentiable in the crossbar size (a discrete tiling: which rows
 share an array, an ADC and a wire), and NAX's accuracy term must come from the actual non-ideal
 simulator, not from a relaxation; a sampler scores each candidate exactly as it would run. Each
@@ -49,8 +50,9 @@ recipe and ``hardware: {crossbar: {layers: {...}}}`` for the bundle manifest; pl
 chosen and the reference sub-networks (``chosen/``, ``reference/``) and recipes that fine-tune
 them on the same budget (``retrain-chosen.yaml``, ``retrain-reference.yaml``). The pick:
 ``constrained`` (default) = the most accurate trial whose EDAP is at most the reference's (the
-uniform ResNet-20 at the first reference crossbar size; the references themselves are never picked,
-so the choice is a searched network even where none beats them, and ``versus`` then says by how much); ``score`` = the largest
+uniform ResNet-20 at the first reference crossbar size; the references themselves are never
+picked, so the choice is a searched network even where none beats them, and ``versus`` then says
+by how much); ``score`` = the largest
 ``accuracy - lam * ln(EDAP / EDAP_ref)``. Layer names are those of the model a bundle builds (an
 edge-only bundle wraps the classifier as ``net``): ``net.stem``, ``net.blocks.0.conv1``, ...
 """

@@ -52,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="crossbar sizes of the uniform ResNet-20 references (default 64,128; the first is the "
                         "EDAP bound of --pick constrained)")
     n.add_argument("--pick", choices=["constrained", "score"], default="constrained",
-                   help="constrained: most accurate trial with EDAP <= the reference's; score: max "
-                        "accuracy - LAM ln(EDAP / EDAP_ref)")
+                   help="constrained: most accurate trial with EDAP <= the reference's (never a reference "
+                        "itself); score: max accuracy - LAM ln(EDAP / EDAP_ref)")
     n.add_argument("--lam", type=float, default=0.01, help="weight of ln(EDAP / EDAP_ref) in the score (default 0.01)")
     n.add_argument("--backend-option", action="append", metavar="K=V", default=[],
                    help="crossbar backend option (repeatable; YAML values; default preset=typical)")
@@ -95,7 +95,8 @@ def run_nax(args: argparse.Namespace) -> int:
         supernet=args.supernet, out=str(out), trials=args.trials, chips=args.chips,
         val_limit=args.val_limit or None, xbars=_ints(args.xbars, "--xbars"), kernels=_ints(args.kernels, "--kernels"),
         reference_xbars=_ints(args.ref_xbars, "--ref-xbars"), options=options, seed=args.seed,
-        population=args.population, warm_start=not args.no_warm_start, bn_images=args.bn_images, calib_images=args.calib_images,
+        population=args.population, warm_start=not args.no_warm_start, bn_images=args.bn_images,
+        calib_images=args.calib_images,
         batch_size=args.batch_size, pick=args.pick, lam=args.lam, data_root=args.data_root,
         cache=not args.no_cache, cost_table=args.cost_table, energy_table=args.energy_table,
     )
