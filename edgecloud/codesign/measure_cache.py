@@ -2,8 +2,9 @@
 
 Used by the prune pipeline (SOURCE's and the pruned net's chips) and the NAX search (every
 candidate's chips and digital accuracy; there the key is the search's own context). A crossbar
-chip's test accuracy is a pure function of the network's weights, the backend options, the chip's seed, the images and the simulator itself. Evaluating a ResNet-20 on three chips over
-the 10,000 test images takes the better part of an hour on one core, and every baseline pruned
+chip's test accuracy is a pure function of the network's weights, the backend options, the chip's
+seed, the images and the simulator itself. Evaluating a ResNet-20 on three chips over the 10,000
+test images takes the better part of an hour on one core, and every baseline pruned
 from the same SOURCE evaluates SOURCE on the same chips again. The key therefore holds all five:
 a digest of the weights, the options, the seed, a digest of the images and labels, and a digest
 of the simulator's sources (``edgecloud/cim``: Python, C and the cost tables), so editing the

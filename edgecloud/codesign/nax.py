@@ -434,12 +434,13 @@ class Evaluator:
         """The sub-network's validation accuracy without the crossbar (digital integer reference)."""
         net = lambda: self.subnet(kernels)  # noqa: E731
         return self.cache.get_or_measure(f"{self.context}:k{'-'.join(map(str, kernels))}:digital",
-                            lambda: accuracy(lambda x: net()(x)[-1], self.data.val_x, self.data.val_y,
-                                             self.batch_size))
+                                         lambda: accuracy(lambda x: net()(x)[-1], self.data.val_x,
+                                                          self.data.val_y, self.batch_size))
 
     def chip_accuracy(self, cand: Candidate, chip: int) -> float:
         """Validation accuracy on the crossbar chip of seed ``seed + chip`` with the candidate's layout."""
-        return self.cache.get_or_measure(f"{self.context}:{cand.key}:chip{self.seed + chip}", lambda: self._measure(cand, chip))
+        return self.cache.get_or_measure(f"{self.context}:{cand.key}:chip{self.seed + chip}",
+                                         lambda: self._measure(cand, chip))
 
     def _measure(self, cand: Candidate, chip: int) -> float:
         from edgecloud.cim.backend import create_backend
