@@ -142,7 +142,8 @@ def run_variant(args: argparse.Namespace, recipe: Recipe, run_dir: Path, splits:
         return {"model": model, "wall_s": float(ckpt["wall_time_s"]), "status": "reused"}
     (run_dir / "command.txt").write_text(command + "\n")  # read back by `edgecloud export`
     with contextlib.redirect_stdout(sys.stderr):  # the loop's per-epoch lines: progress, not the report
-        result = run_training(recipe, run_dir, resume=state is False, splits=splits, progress=not args.json)
+        result = run_training(recipe, run_dir, resume=state is False, splits=splits, progress=not args.json,
+                              device=args.device)
     return {"model": result.model, "wall_s": float(result.wall_time_s),
             "status": "resumed" if state is False else "trained"}
 
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="train on only the first N training samples (smoke runs)")
     p.add_argument("--data-root", help="data folder (overrides the recipe's data.root)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where training runs")
     p.add_argument("--out", type=Path, help="folder of the run folders (default runs/ablation/<recipe name>)")
     p.add_argument("--resume", action="store_true",
                    help="reuse finished runs in --out and continue partial ones (else an existing run is an error)")
@@ -325,7 +327,7 @@ def ablate(args: argparse.Namespace) -> int:
     summary = {
         "benchmark": "train_ablation", "recipe": base.name, "epochs": base.optim.epochs, "seed": base.seed,
         "train_limit": base.data.train_limit, "common_sets": common, "cpu": cpu, "cpu_info": machine.as_dict(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "out": str(out),
+        "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__, "out": str(out),
         "csv": str(out / "ablation.csv"), "plot": str(out / "ablation.png"),
         "measured": "val_accuracy per exit; test_accuracy of the final exit alone in float (no bundle, no offload "
                     "encoding); delta_vs_base on the final exit's val accuracy (TTA for TTA variants)",

@@ -82,7 +82,8 @@ def train(args: argparse.Namespace, recipe: Recipe, run_dir: Path, splits: Any, 
         return model, float(ckpt["wall_time_s"]), "reused"
     (run_dir / "command.txt").write_text(command + "\n")
     with contextlib.redirect_stdout(sys.stderr):
-        result = run_training(recipe, run_dir, resume=state is False, splits=splits, progress=not args.json)
+        result = run_training(recipe, run_dir, resume=state is False, splits=splits, progress=not args.json,
+                              device=args.device)
     return result.model, float(result.wall_time_s), "resumed" if state is False else "trained"
 
 
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="train on only the first N training samples (smoke runs)")
     p.add_argument("--data-root", help="data folder (overrides the recipes' data.root)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where training runs")
     p.add_argument("--out", type=Path, default=Path("runs/compute-curve"), help="folder of the run folders")
     p.add_argument("--resume", action="store_true", help="reuse finished runs and continue partial ones")
     p.add_argument("--json", action="store_true", help="no progress on stderr; stdout is only the JSON line")
@@ -319,7 +321,7 @@ def curve(args: argparse.Namespace) -> int:
         "benchmark": "train_compute_curve", "binary": args.binary, "control": args.control, "budgets": budgets,
         "sets": common, "binary_sets": args.binary_set, "control_sets": args.control_set,
         "exit_share_target": args.exit_share, "max_drop_points": args.max_drop, "test_samples": len(splits.test),
-        "cpu": machine.model, "cpu_info": machine.as_dict(), "threads": torch.get_num_threads(),
+        "cpu": machine.model, "cpu_info": machine.as_dict(), "threads": torch.get_num_threads(), "device": args.device,
         "torch": torch.__version__, "binary_wall_s_per_epoch": round(per_epoch, 1),
         "gap_fit": gap_fit, "exit_share_fit": share_fit, "rows": rows,
         "csv": str(args.out / "curve.csv"), "plot": str(args.out / "curve.png"),

@@ -213,6 +213,8 @@ def test_cli_train_then_export(toy_data, tmp_path, capsys) -> None:
     m = bundle.manifest
     assert m.training["command"].startswith("edgecloud train") and m.training["seed"] == 1
     assert m.training["wall_time_s"] > 0 and len(m.training["history"]) == 1
+    assert m.training["device"].startswith("cpu (") and m.training["precision_used"] == "fp32"
+    assert "--device" not in m.training["command"]  # the default is not spelled out
     assert m.metrics["test_samples"] == 100 and 0 <= m.metrics["test_edge_exit_share"] <= 1
     assert m.metrics["threshold"] == m.exits[0].threshold
     assert "validation" in m.metrics["threshold_selection"]

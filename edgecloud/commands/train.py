@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="train on only the first N training samples (smoke runs)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N]: where the training steps run (the card names it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="override a recipe field before validation (repeatable): a dotted path and a YAML "
                         "value, e.g. --set optim.ema.decay=0.99 --set data.flip=alternating "
@@ -43,7 +45,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
     parts = ["edgecloud", "train", str(args.recipe)]
     for flag, value in (("--epochs", args.epochs), ("--seed", args.seed), ("--out", args.out),
                         ("--export", args.export_dir), ("--name", args.name), ("--data-root", args.data_root),
-                        ("--limit", args.limit), ("--threads", args.threads)):
+                        ("--limit", args.limit), ("--threads", args.threads),
+                        ("--device", None if getattr(args, "device", "cpu") == "cpu" else args.device)):
         if value is not None:
             parts += [flag, str(value)]
     for item in getattr(args, "sets", None) or []:
@@ -68,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     if args.list or not args.recipe:
         print("\n".join(list_recipes()))
         return 0 if args.list else 2
+    from edgecloud.train.device import resolve_device
+
+    resolve_device(args.device)  # before any data is loaded: a missing GPU is one error line
     recipe = load_recipe(args.recipe, args.sets)  # --set applied to the YAML, then validated
     updates: dict = {}
     if args.seed is not None:
@@ -92,11 +98,13 @@ def run(args: argparse.Namespace) -> int:
     (Path(out) / "command.txt").write_text(command + "\n")  # read back by `edgecloud export`
     started = time.perf_counter()
     splits = load_splits(recipe)
-    result = run_training(recipe, out, resume=args.resume, splits=splits, progress=not args.no_progress)
+    result = run_training(recipe, out, resume=args.resume, splits=splits, progress=not args.no_progress,
+                          device=args.device)
     path, metrics = finalize(
         result.model, recipe, bundle_dir, splits=splits, name=args.name,
         training={"command": command, "epochs": result.epochs,
                   "wall_time_s": round(result.wall_time_s, 1), "cpu_count": os.cpu_count(),
+                  "device": result.device, "precision_used": result.precision_used,
                   "history": rounded_history(result.history),
                   "total_wall_time_s": round(time.perf_counter() - started, 1)},
     )

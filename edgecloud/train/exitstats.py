@@ -22,15 +22,18 @@ from edgecloud.exits import ExitPolicy, softmax_entropy
 @torch.no_grad()
 def predict_exits(model: nn.Module, dataset: ImageDataset, batch_size: int = 500) -> list[torch.Tensor]:
     """Softmax probabilities of every output (edge exits..., cloud) for every sample."""
+    from edgecloud.train.device import module_device
+
     model.eval()
+    device = module_device(model)
     outs: list[list[torch.Tensor]] = []
     for x, _ in Loader(dataset, batch_size):
-        logits = model(x)
+        logits = model(x.to(device))
         logits = logits if isinstance(logits, (list, tuple)) else [logits]
         if not outs:
             outs = [[] for _ in logits]
         for acc, lg in zip(outs, logits):
-            acc.append(torch.softmax(lg.float(), dim=1))
+            acc.append(torch.softmax(lg.float(), dim=1).cpu())
     return [torch.cat(o) for o in outs]
 
 

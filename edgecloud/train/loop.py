@@ -233,6 +233,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: float = 0.0
     epochs: int = 0
+    device: str = "cpu"          # what the card says it trained on (edgecloud.train.device.describe)
+    precision_used: str = "fp32"
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
@@ -249,11 +251,20 @@ def run_training(
     splits: Splits | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    device: str = "cpu",
 ) -> TrainResult:
     """Train ``recipe`` into ``out_dir`` (checkpoint each epoch); with ``resume``, continue.
 
     ``stop_after``: stop after that many epochs of the schedule (time-boxed runs; resume later).
+    ``device``: ``cpu`` or ``cuda[:N]`` (:mod:`edgecloud.train.device`); checkpoints load on either,
+    and the returned model is on the CPU. Family stages (MEANet's) run on the CPU.
     """
+    from edgecloud.train.device import describe, gpu_bf16, resolve_device
+
+    dev = resolve_device(device)
+    on_gpu = dev.type == "cuda"
+    if on_gpu and recipe.adversarial:
+        raise ValueError("--device cuda: adversarial training runs on the CPU only (train this recipe with --device cpu)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     o = recipe.optim
@@ -272,8 +283,8 @@ def run_training(
         if progress and left:
             tqdm.write(f"init from {recipe.init.checkpoint}: fresh weights in {', '.join(left)}")
     frozen = frozen_modules(model, recipe.freeze)
-    distiller = Distiller(recipe.distill, channels_last=o.channels_last) if recipe.distill else None
-    bf16 = autocast_bf16(o.precision)
+    distiller = Distiller(recipe.distill, channels_last=o.channels_last, device=dev) if recipe.distill else None
+    bf16 = gpu_bf16(o.precision, dev) if on_gpu else autocast_bf16(o.precision)
     adversary = None
     if recipe.adversarial:
         from edgecloud.train.adversarial import Adversary
@@ -290,6 +301,7 @@ def run_training(
         if progress:
             tqdm.write(f"masks ({recipe.masks.method or recipe.masks.file}): "
                        f"{prune_record['sparsity']:.4f} of {prune_record['weights']} weights pruned")
+    model = model.to(dev)
     opt = make_optimizer(model, o)
     sched = make_scheduler(opt, o, o.epochs * len(loader))
     ema = lookahead = None
@@ -328,6 +340,8 @@ def run_training(
             lookahead.load_state_dict(ckpt["lookahead"])
     if masks is not None:
         from edgecloud.codesign.dub import apply_masks, mask_gradients
+
+        masks = {name: m.to(dev) for name, m in masks.items()}
     if penalty_kwargs is not None:
         from edgecloud.codesign.dub import model_penalty
     if recipe.supernet is not None:
@@ -347,6 +361,8 @@ def run_training(
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{o.epochs}", disable=not progress, leave=False,
                    mininterval=1.0, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
+            if on_gpu:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             if adversary is not None:
                 x = adversary.perturb(model, x, y, frozen)
             # a NAX supernet trains several kernel configurations per step (gradients accumulated)
@@ -356,7 +372,7 @@ def run_training(
             for j, subnet in enumerate(subnets):
                 if subnet is not None:
                     model.set_kernels(subnet)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     outputs = [out.float() for out in model(x)]
                     if j == 0:
                         teacher = distiller.logits(x) if distiller else None
@@ -422,6 +438,7 @@ def run_training(
     if ema is not None and ema.ready:
         ema.sync_buffers(model)
         model.load_state_dict(ema.module.state_dict())
+    model = model.cpu()
     if last == o.epochs and recipe.stages:
         done = 0
         if resume and ckpt_path.is_file():
@@ -441,7 +458,8 @@ def run_training(
             })
     model = model.to(memory_format=torch.contiguous_format).eval()
     return TrainResult(model=model, history=history, wall_time_s=wall,
-                       epochs=sum(1 for h in history if "stage" not in h))
+                       epochs=sum(1 for h in history if "stage" not in h), device=describe(dev),
+                       precision_used="bf16" if bf16 else "fp32")
 
 
 def load_checkpoint(path: str | Path) -> tuple[Recipe, nn.Module, dict[str, Any]]:

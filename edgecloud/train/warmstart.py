@@ -84,9 +84,9 @@ def frozen_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
 class Distiller:
     """A frozen teacher whose final output every student output learns from."""
 
-    def __init__(self, spec: DistillSpec, channels_last: bool = False) -> None:
+    def __init__(self, spec: DistillSpec, channels_last: bool = False, device: torch.device | str = "cpu") -> None:
         self.spec = spec
-        self.teacher = load_run_model(spec.teacher)
+        self.teacher = load_run_model(spec.teacher).to(device)
         self.teacher.requires_grad_(False)
         if channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
