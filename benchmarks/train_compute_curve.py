@@ -19,7 +19,9 @@ recipe with ``optim.epochs=B`` (same seed, data and ``--set`` overrides; ``OUT/c
   the same test numbers and the gap to the control.
 
 The trend: a least-squares line of the at-exits gap (control - binary, points) against log2(B), and
-the budget where it reaches ``--max-drop`` (None where the line does not fall); likewise the
+the budget where it reaches ``--max-drop`` (None where the line does not fall); the same for ln(gap)
+(a power law: each doubling keeps a fixed fraction of the gap, the diminishing returns a line in
+points misses; the more cautious of the two once the gap flattens); likewise the
 within-point exit share against log2(B) and the budget where it reaches ``--exit-share``; each
 converted to wall hours at the measured seconds per binary epoch. Writes ``curve.csv`` and
 ``curve.png`` into ``--out``; the last stdout line is one JSON object naming the CPU. ``--resume``
@@ -145,6 +147,19 @@ def fit_log2(budgets: list[int], values: list[float], target: float, falling: bo
             "needs_epochs": None if needed is None else round(needed, 1)}
 
 
+def fit_power(budgets: list[int], gaps: list[float], target: float) -> dict[str, Any] | None:
+    """Line ``ln gap = a + b log2(budget)``: each doubling of the budget keeps the fraction 2^b of
+    the gap (diminishing returns in points, which a line in points misses); the budget where the
+    gap reaches ``target``. None with fewer than two budgets or a gap <= 0 (already closed)."""
+    if len(budgets) < 2 or min(gaps) <= 0:
+        return None
+    x = np.log2(np.asarray(budgets, dtype=float))
+    b, a = np.polyfit(x, np.log(np.asarray(gaps, dtype=float)), 1)
+    needed = float(2 ** ((math.log(target) - a) / b)) if b < 0 else None
+    return {"intercept_ln": round(float(a), 4), "gap_kept_per_doubling": round(float(math.exp(b)), 4), "target": target,
+            "needs_epochs": None if needed is None else round(needed, 1)}
+
+
 CSV_FIELDS = ["budget_epochs", "control_test_accuracy", "control_wall_s", "binary_wall_s",
               "within_threshold", "within_accuracy", "within_edge_share", "within_reduction",
               "at_exits_threshold", "at_exits_val_share", "at_exits_accuracy", "at_exits_edge_share",
@@ -171,8 +186,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             })
 
 
-def write_plot(path: Path, rows: list[dict[str, Any]], gap_fit: dict[str, Any] | None, args: argparse.Namespace,
-               title: str) -> None:
+def write_plot(path: Path, rows: list[dict[str, Any]], gap_fit: dict[str, Any] | None,
+               power_fit: dict[str, Any] | None, args: argparse.Namespace, title: str) -> None:
     """Left: test accuracy against budget; right: the gap at the exit target with its fitted line."""
     import matplotlib
 
@@ -197,11 +212,14 @@ def write_plot(path: Path, rows: list[dict[str, Any]], gap_fit: dict[str, Any] |
     gaps = [r["gap_at_exits_points"] for r in rows]
     gx.plot(b, gaps, "s-", label="control - binary at the exit target (points)")
     gx.axhline(args.max_drop, color="grey", ls="--", lw=0.8, label=f"target: {args.max_drop} point")
+    ends = [f["needs_epochs"] for f in (gap_fit, power_fit) if f and f["needs_epochs"]]
+    xs = np.geomspace(b[0], max([b[-1], *ends]), 50)
     if gap_fit:
-        end = max(b[-1], gap_fit["needs_epochs"] or b[-1])
-        xs = np.geomspace(b[0], end, 50)
         gx.plot(xs, gap_fit["intercept"] + gap_fit["slope_per_doubling"] * np.log2(xs), ":", color="C3",
-                label=f"fit: {gap_fit['slope_per_doubling']:+.2f} points per doubling")
+                label=f"linear fit: {gap_fit['slope_per_doubling']:+.2f} points per doubling")
+    if power_fit:
+        gx.plot(xs, np.exp(power_fit["intercept_ln"] + math.log(power_fit["gap_kept_per_doubling"]) * np.log2(xs)), "--",
+                color="C4", label=f"power fit: {power_fit['gap_kept_per_doubling']:.2f} of the gap kept per doubling")
     gx.set_xscale("log", base=2)
     gx.set_xlabel("training budget (fine-tuning epochs)")
     gx.set_ylabel("accuracy gap (points)")
@@ -298,15 +316,16 @@ def curve(args: argparse.Namespace) -> int:
                    f"{row['binary']['within']} | at >= {args.exit_share} exits: {row['binary']['at_exits']} "
                    f"(gap {row['gap_at_exits_points']} points)")
     gap_fit = fit_log2(budgets, [r["gap_at_exits_points"] for r in rows], args.max_drop, falling=True)
+    power_fit = fit_power(budgets, [r["gap_at_exits_points"] for r in rows], args.max_drop)
     share_fit = fit_log2(budgets, [r["binary"]["within"]["edge_exit_share"] for r in rows], args.exit_share,
                          falling=False)
     per_epoch = sum(r["binary"]["wall_s"] for r in rows) / sum(budgets)
-    for fit in (gap_fit, share_fit):
+    for fit in (gap_fit, power_fit, share_fit):
         if fit and fit["needs_epochs"] is not None:
             fit["needs_wall_hours_here"] = round(fit["needs_epochs"] * per_epoch / 3600, 1)
     machine = cpu_info()
     write_csv(args.out / "curve.csv", rows)
-    write_plot(args.out / "curve.png", rows, gap_fit, args,
+    write_plot(args.out / "curve.png", rows, gap_fit, power_fit, args,
                f"{args.binary} vs {args.control}, seed {recipes[('binary', budgets[0])].seed}; "
                f"{machine.model}, {torch.get_num_threads()} threads")
     if not args.json:
@@ -323,7 +342,7 @@ def curve(args: argparse.Namespace) -> int:
         "exit_share_target": args.exit_share, "max_drop_points": args.max_drop, "test_samples": len(splits.test),
         "cpu": machine.model, "cpu_info": machine.as_dict(), "threads": torch.get_num_threads(), "device": args.device,
         "torch": torch.__version__, "binary_wall_s_per_epoch": round(per_epoch, 1),
-        "gap_fit": gap_fit, "exit_share_fit": share_fit, "rows": rows,
+        "gap_fit": gap_fit, "gap_power_fit": power_fit, "exit_share_fit": share_fit, "rows": rows,
         "csv": str(args.out / "curve.csv"), "plot": str(args.out / "curve.png"),
     }
     print(json.dumps(summary))

@@ -64,6 +64,9 @@ def test_threshold_for_share_and_trend_fit() -> None:
     assert bench.fit_log2([1, 2], [3.0, 4.0], target=1.0, falling=True)["needs_epochs"] is None  # moving away
     assert bench.fit_log2([1, 2], [0.5, 0.6], target=0.65, falling=False)["needs_epochs"] == pytest.approx(2.83, abs=0.05)
     assert bench.fit_log2([4], [2.0], target=1.0, falling=True) is None
+    power = bench.fit_power([1, 2, 4], [16.0, 8.0, 4.0], target=1.0)  # halves per doubling: 1 point at 16
+    assert power["gap_kept_per_doubling"] == 0.5 and power["needs_epochs"] == 16.0
+    assert bench.fit_power([1, 2], [3.0, -1.0], target=1.0) is None
 
 
 def test_curve_trains_measures_and_reuses(recipes, tmp_path, capsys) -> None:
@@ -89,7 +92,7 @@ def test_curve_trains_measures_and_reuses(recipes, tmp_path, capsys) -> None:
         manifest = yaml.safe_load((out / f"binary-e{b}" / "bundle" / "manifest.yaml").read_text())
         assert manifest["training"]["epochs"] == b
         assert f"control-e{b}" in (out / f"binary-e{b}" / "bundle" / "manifest.yaml").read_text()
-    assert summary["gap_fit"]["slope_per_doubling"] is not None
+    assert summary["gap_fit"]["slope_per_doubling"] is not None and "gap_power_fit" in summary
     with (out / "curve.csv").open() as fh:
         assert [int(r["budget_epochs"]) for r in csv.DictReader(fh)] == [1, 2]
     assert (out / "curve.png").stat().st_size > 0
