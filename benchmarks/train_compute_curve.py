@@ -220,6 +220,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]], gap_fit: dict[str, Any] |
     if power_fit:
         gx.plot(xs, np.exp(power_fit["intercept_ln"] + math.log(power_fit["gap_kept_per_doubling"]) * np.log2(xs)), "--",
                 color="C4", label=f"power fit: {power_fit['gap_kept_per_doubling']:.2f} of the gap kept per doubling")
+    gx.set_ylim(min(0.0, *gaps) - 2.0, max(gaps) + 3.0)  # a falling line extrapolated far is not the point
     gx.set_xscale("log", base=2)
     gx.set_xlabel("training budget (fine-tuning epochs)")
     gx.set_ylabel("accuracy gap (points)")
