@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark's training helpers
-from train_ablation import finished_checkpoint  # noqa: E402
+from train_ablation import run_variant  # noqa: E402
 
 from edgecloud.train.recipe import Recipe, load_recipe  # noqa: E402
 
@@ -68,25 +68,6 @@ def parse_budgets(text: str) -> list[int]:
 def _say(args: argparse.Namespace, msg: str) -> None:
     if not args.json:
         print(msg, file=sys.stderr, flush=True)
-
-
-def train(args: argparse.Namespace, recipe: Recipe, run_dir: Path, splits: Any, command: str) -> tuple[Any, float, str]:
-    """(model, training wall seconds, status): train, continue or reuse the run in ``run_dir``."""
-    from edgecloud.train.loop import load_checkpoint, run_training
-    from edgecloud.train.warmstart import CHECKPOINT
-
-    state = finished_checkpoint(run_dir / CHECKPOINT, recipe)
-    if state is not None and not args.resume:
-        raise ValueError(f"{run_dir / CHECKPOINT} exists: pass --resume to reuse or continue it, or use another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if state:
-        _, model, ckpt = load_checkpoint(run_dir / CHECKPOINT)
-        return model, float(ckpt["wall_time_s"]), "reused"
-    (run_dir / "command.txt").write_text(command + "\n")
-    with contextlib.redirect_stdout(sys.stderr):
-        result = run_training(recipe, run_dir, resume=state is False, splits=splits, progress=not args.json,
-                              device=args.device)
-    return result.model, float(result.wall_time_s), "resumed" if state is False else "trained"
 
 
 def threshold_for_share(entropies: np.ndarray, share: float) -> float:
@@ -301,7 +282,8 @@ def curve(args: argparse.Namespace) -> int:
             command = shlex.join(["edgecloud", "train", names[kind], "--out", str(run_dir), "--no-progress", *flags])
             _say(args, f"[{b} epochs] {kind}: {names[kind]}")
             t0 = time.perf_counter()
-            model, wall_s, status = train(args, recipe, run_dir, splits, command)
+            run = run_variant(args, recipe, run_dir, splits, command)
+            model, wall_s, status = run["model"], run["wall_s"], run["status"]
             if kind == "control":
                 row["control"] = {"test_accuracy": round(evaluate_accuracy(model, splits.test)[-1], 4),
                                   "wall_s": round(wall_s, 1), "status": status}
