@@ -46,7 +46,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
     for flag, value in (("--epochs", args.epochs), ("--seed", args.seed), ("--out", args.out),
                         ("--export", args.export_dir), ("--name", args.name), ("--data-root", args.data_root),
                         ("--limit", args.limit), ("--threads", args.threads),
-                        ("--device", None if getattr(args, "device", "cpu") == "cpu" else args.device)):
+                        ("--device", None if args.device == "cpu" else args.device)):
         if value is not None:
             parts += [flag, str(value)]
     for item in getattr(args, "sets", None) or []:

@@ -17,13 +17,12 @@ from torch import nn
 from edgecloud.data.dataset import ImageDataset
 from edgecloud.data.loader import Loader
 from edgecloud.exits import ExitPolicy, softmax_entropy
+from edgecloud.train.device import module_device
 
 
 @torch.no_grad()
 def predict_exits(model: nn.Module, dataset: ImageDataset, batch_size: int = 500) -> list[torch.Tensor]:
     """Softmax probabilities of every output (edge exits..., cloud) for every sample."""
-    from edgecloud.train.device import module_device
-
     model.eval()
     device = module_device(model)
     outs: list[list[torch.Tensor]] = []

@@ -58,6 +58,7 @@ from edgecloud.data.dataset import ImageDataset, train_val_split
 from edgecloud.data.loader import Loader
 from edgecloud.data.registry import load_dataset
 from edgecloud.nets import create_model
+from edgecloud.train.device import describe, gpu_bf16, resolve_device
 from edgecloud.train.exitstats import choose_threshold, policy_for, predict_exits, routed_metrics
 from edgecloud.train.perf import autocast_bf16, training_precision
 from edgecloud.train.recipe import MaskSpec, OptimSpec, Recipe, training_fields
@@ -259,8 +260,6 @@ def run_training(
     ``device``: ``cpu`` or ``cuda[:N]`` (:mod:`edgecloud.train.device`); checkpoints load on either,
     and the returned model is on the CPU. Family stages (MEANet's) run on the CPU.
     """
-    from edgecloud.train.device import describe, gpu_bf16, resolve_device
-
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     if on_gpu and recipe.adversarial:
