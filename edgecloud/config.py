@@ -296,6 +296,9 @@ class ControlConfig(_Strict):
     profile_bound: Literal["poisson", "exact"] = Field(
         "poisson", description="the profile's scale bound: Garwood's Poisson bound, or the exact "
         "Poisson-binomial bound from the labelled samples' own probabilities")
+    shift_alpha: float = Field(0.0, ge=0.0, lt=1.0, description="> 0: while the window's scores "
+                               "pass a chi-square test against the profile's validation scores at "
+                               "this level, the profile's scale also pools its validation labels (0: off)")
 
     @field_validator("priority")
     @classmethod

@@ -18,6 +18,8 @@ from edgecloud.control.profile import (
     sampling_margin,
     scale_upper,
     scale_upper_exact,
+    score_shift_pvalue,
+    validation_evidence,
 )
 
 
@@ -158,6 +160,85 @@ def test_controller_reads_the_profile_and_checks_it(tmp_path):
         ctl.step()
     # the sampling margin keeps the threshold lower (fewer exits) than no margin
     assert margin.threshold < plain.threshold
+
+
+def test_shift_test_holds_its_level_and_sees_a_moved_score_distribution():
+    """Windows drawn like the validation scores are rejected at no more than about the test's
+    level over seeded repetitions (validation drawn afresh each time: its equal-count bins make
+    the test a little conservative); a window whose scores moved (as noise or blur moves them)
+    is rejected."""
+    rng = np.random.default_rng(7)
+    p_same = []
+    for _ in range(200):
+        score = rng.gamma(1.2, 0.25, 5000)
+        prof = DisagreementProfile.fit("entropy", score, (rng.random(score.size) < _curve(score)).astype(float))
+        p_same.append(score_shift_pvalue(prof, rng.gamma(1.2, 0.25, 4000)))
+    assert sum(prof.counts) == 5000
+    assert 0.02 <= float((np.array(p_same) < 0.1).mean()) <= 0.15     # level 0.1
+    assert score_shift_pvalue(prof, rng.gamma(1.2, 0.25, 4000) * 1.5) < 1e-6
+    assert score_shift_pvalue(prof, np.zeros(0)) == 1.0
+
+
+def test_validation_labels_pool_into_the_scale_when_the_curve_did_not_rise(tmp_path):
+    """With the validation evidence pooled, r's bound is much tighter and still covers the truth
+    (the window follows the profile's own curve); a profile file without per-bin counts (older
+    files) loads but cannot pool, and says how to fix it."""
+    rng = np.random.default_rng(11)
+    score = rng.uniform(0, 1.5, 5000)
+    prof = DisagreementProfile.fit("entropy", score, (rng.random(score.size) < _curve(score)).astype(float))
+    hits, mass = validation_evidence(prof)
+    assert hits == sum(prof.hits) and mass >= hits > 0            # the monotone envelope only lifts
+    covered, tighter = 0, 0
+    for seed in range(40):
+        w, _ = _window(np.random.default_rng(100 + seed), 4000, 1.0, 0.6, 0.003)
+        alone = profile_estimate(w, "entropy", [0.6], prof, band=250)
+        pooled = profile_estimate(w, "entropy", [0.6], prof, band=250, prior=(hits, mass))
+        truth = float(_curve(w.score[w.score < 0.6]).sum() / w.n)
+        covered += pooled.disagree_upper[0] >= truth
+        tighter += pooled.disagree_upper[0] < alone.disagree_upper[0]
+    assert covered >= 36 and tighter >= 36
+    with pytest.raises(ValueError, match="Poisson bound only"):
+        profile_estimate(w, "entropy", [0.6], prof, exact=True, prior=(hits, mass))
+    old = {k: v for k, v in prof.to_dict().items() if k not in ("counts", "hits")}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    legacy = DisagreementProfile.load(tmp_path / "old.json")
+    assert legacy.counts is None and 0.0 <= score_shift_pvalue(legacy, score[:4000]) <= 1.0
+    with pytest.raises(ValueError, match="make it again"):
+        validation_evidence(legacy)
+    with pytest.raises(ValueError, match="hits"):
+        DisagreementProfile("entropy", (0.0, 1.0), (0.5,), 10, counts=(3,), hits=(4,))
+
+
+def test_controller_pools_validation_labels_only_while_the_scores_have_not_moved(tmp_path):
+    rng = np.random.default_rng(5)
+    score = rng.uniform(0, 1.5, 5000)
+    prof = DisagreementProfile.fit("entropy", score, (rng.random(score.size) < _curve(score)).astype(float))
+    prof.save(tmp_path / "e.json")
+    budgets = Budgets(agreement=0.97, delta=0.05)
+    kw = dict(bytes_per_offload=8192, radio_j_per_offload=0.02)
+    base = dict(estimator="profile", profile=str(tmp_path / "e.json"), min_samples=10, profile_band=250)
+    with pytest.raises(ValueError, match="shift_alpha works with estimator='profile'"):
+        ExitController("entropy", 0.5, budgets, ControlSettings(shift_alpha=0.05), **kw)
+    with pytest.raises(ValueError, match="shift_alpha must lie in"):
+        ExitController("entropy", 0.5, budgets, ControlSettings(**base, shift_alpha=1.5), **kw)
+
+    def run(shift_alpha: float, moved: float) -> ExitController:
+        ctl = ExitController("entropy", 0.5, budgets, ControlSettings(**base, shift_alpha=shift_alpha), **kw)
+        w, _ = _window(np.random.default_rng(6), 4000, 1.0, 0.5, 0.003, profile_score_shift=moved)
+        n = w.n
+        ctl.observe(Observations(score=w.score, exited=w.exited, shadowed=w.shadowed,
+                                 shadow_prob=w.shadow_prob, disagree=w.disagree,
+                                 compute_j=np.full(n, 1e-6), radio_j=np.where(w.exited, 0.0, 0.02),
+                                 sent_bytes=np.where(w.exited, 0, 8192), latency_s=np.full(n, 0.01)))
+        ctl.step()
+        return ctl
+
+    same_on, same_off = run(0.05, 0.0), run(0.0, 0.0)
+    assert same_on.shift_p >= 0.05 and math.isnan(same_off.shift_p)
+    assert same_on.threshold > same_off.threshold              # thousands of labels, not hundreds
+    moved_on, moved_off = run(0.05, 0.1), run(0.0, 0.1)
+    assert moved_on.shift_p < 0.05
+    assert moved_on.threshold == moved_off.threshold           # moved scores: the window's labels alone
 
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

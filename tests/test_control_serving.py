@@ -273,6 +273,37 @@ def test_the_timer_steps_the_controller(tiny_repo, cloud):
         server.stop(0.5)
 
 
+def test_the_score_shift_test_is_published_as_a_metric(tiny_repo, cloud, tmp_path):
+    """estimator=profile with shift_alpha: the window's score-shift p-value reaches the metrics
+    (the gauge shows whether the profile's validation labels are being pooled). The profile is
+    the tiny model's own, on pixels drawn like the traffic's, so the scores have not moved far."""
+    from edgecloud.control.profile import DisagreementProfile
+
+    plain = start(tiny_repo, cloud.address, None)
+    try:
+        probs = plain.servicer.models["tiny"].runner.run(pixels(2000, seed=7)).probs
+    finally:
+        plain.stop(0.5)
+    score = policy_score("entropy", probs)
+    rng = np.random.default_rng(0)
+    DisagreementProfile.fit("entropy", score, (rng.random(score.size) < 0.1).astype(float),
+                            bins=10).save(tmp_path / "profile.json")
+    store: dict = {}
+    server = start(tiny_repo, cloud.address, {"tiny": {
+        "agreement": 0.5, **FAST, "shadow_min": 0.1, "estimator": "profile",
+        "profile": str(tmp_path / "profile.json"), "shift_alpha": 0.05}}, store=store)
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            traffic(pb_grpc.GRPCInferenceServiceStub(ch), store["tiny"], 8, seed=40)
+        shift_p = store["tiny"].inner.state().score_shift_p
+        assert 1e-6 < shift_p <= 1.0, shift_p      # a mismatched profile gives ~1e-90
+        values = scrape(server.metrics_port)
+        assert any(n == "edgecloud_control_score_shift_p" for n, _ in values)
+        assert total(values, "edgecloud_control_score_shift_p", model="tiny") == pytest.approx(shift_p)
+    finally:
+        server.stop(0.5)
+
+
 # ---- the admin API ------------------------------------------------------------------------------
 @pytest.fixture()
 def controlled(tiny_repo, cloud):

@@ -34,7 +34,12 @@ rescaled by a factor bounded on every labelled sample (offloads for free, shadow
 :mod:`edgecloud.control.profile` for the model it assumes. ``meet_window`` > 0 asks for more:
 that a *window of that many samples* meets the target with probability about 1 - delta, so the
 acted agreement keeps a sampling margin above the target (any estimator: the binomial at the
-target; with the profile, from the per-sample variances it knows).
+target; with the profile, from the per-sample variances it knows). ``shift_alpha`` > 0: while
+the window's scores show no shift from the validation scores the profile was measured on (a
+chi-square test at that level, :func:`edgecloud.control.profile.score_shift_pvalue`), the scale
+``r`` pools the profile's own validation labels with the window's, so an undrifted stream is
+priced with thousands of labels, not the window's few hundred. ASSUMPTION added: scores that did
+not move come with a curve that did not rise.
 
 Contract with the data plane: ``shadow_prob`` must be the probability a sample really had of
 being labelled by a shadow. A shadow that was drawn but never sent (queue full, send failed)
@@ -69,7 +74,13 @@ from edgecloud.control.estimate import (
     mixture_quantile,
     most_conservative,
 )
-from edgecloud.control.profile import DisagreementProfile, profile_estimate, sampling_margin
+from edgecloud.control.profile import (
+    DisagreementProfile,
+    profile_estimate,
+    sampling_margin,
+    score_shift_pvalue,
+    validation_evidence,
+)
 from edgecloud.exits import PolicyKind
 
 
@@ -103,6 +114,8 @@ class ControlSettings:
     # most confident offloaded samples (next to the threshold); 0: every labelled sample
     profile_bound: Literal["poisson", "exact"] = "poisson"  # r's upper bound: Garwood's Poisson
     # bound, or the exact Poisson-binomial one from the labelled samples' own probabilities
+    shift_alpha: float = 0.0       # > 0: pool the profile's validation labels into r while the
+    # window's scores pass a chi-square test against the validation scores at this level
 
 
 @dataclass
@@ -152,6 +165,7 @@ class ControlState:
     backoff: bool = False     # a cloud saturation report caps offloads right now
     steps: int = 0
     time_s: float = 0.0
+    score_shift_p: float = math.nan  # shift_alpha: the window's score-shift p-value (NaN: no test)
 
 
 _COLUMNS = ("score", "exited", "shadowed", "shadow_prob", "disagree", "compute_j", "radio_j",
@@ -225,6 +239,9 @@ class ExitController:
         if self._profile is not None and self._profile.kind != kind:
             raise ValueError(f"profile {settings.profile}: made for policy {self._profile.kind!r}, "
                              f"the exit uses {kind!r}")
+        self._prior = (validation_evidence(self._profile)
+                       if self._profile is not None and settings.shift_alpha > 0 else None)
+        self.shift_p = math.nan  # the last scan's score-shift p-value (NaN: no test)
         self._lock = threading.RLock()
         self._rng = np.random.default_rng(settings.seed)
         self._data = {c: np.zeros(0, dtype=_DTYPES.get(c, np.float64)) for c in _COLUMNS}
@@ -322,6 +339,7 @@ class ExitController:
                 budgets=self._statuses(final, info, why),
                 backoff=backoff,
                 steps=self._steps,
+                score_shift_p=self.shift_p,
                 time_s=float(now),
             )
             return self._state
@@ -423,9 +441,14 @@ class ExitController:
     def _scan(self, thresholds: np.ndarray, backoff: bool) -> _Scan:
         d = self._data
         if self._profile is not None:
-            est = profile_estimate(self._window(), self._kind, thresholds, self._profile,
+            window = self._window()
+            prior = None
+            if self._prior is not None:
+                self.shift_p = score_shift_pvalue(self._profile, window.score)
+                prior = self._prior if self.shift_p >= self._settings.shift_alpha else None
+            est = profile_estimate(window, self._kind, thresholds, self._profile,
                                    delta=self._budgets.delta, band=self._settings.profile_band,
-                                   exact=self._settings.profile_bound == "exact")
+                                   exact=self._settings.profile_bound == "exact", prior=prior)
         else:
             est = estimate(self._window(), self._kind, thresholds, delta=self._budgets.delta,
                            bound=self._settings.bound, looks=max(1, self._looks),
@@ -642,6 +665,10 @@ def _check_settings(s: ControlSettings) -> None:
         raise ValueError(f"unknown profile_bound {s.profile_bound!r}; use 'poisson' or 'exact'")
     if s.meet_window < 0:
         raise ValueError("meet_window must be >= 0 (0: no sampling margin)")
+    if not 0.0 <= s.shift_alpha < 1.0:
+        raise ValueError(f"shift_alpha must lie in [0, 1) (0: off), got {s.shift_alpha}")
+    if s.shift_alpha and (s.estimator != "profile" or s.profile_bound != "poisson"):
+        raise ValueError("shift_alpha works with estimator='profile' and profile_bound='poisson' only")
     if not 0.0 <= s.backoff_factor <= 1.0 or s.backoff_s < 0:
         raise ValueError("backoff_factor must lie in [0, 1] and backoff_s be >= 0")
 
@@ -669,6 +696,7 @@ def from_config(config: Any, key: str = "control") -> tuple[Budgets, ControlSett
         estimator=getattr(config, "estimator", "shadows"), profile=getattr(config, "profile", "") or "",
         meet_window=getattr(config, "meet_window", 0), profile_band=getattr(config, "profile_band", 0),
         profile_bound=getattr(config, "profile_bound", "poisson"),
+        shift_alpha=getattr(config, "shift_alpha", 0.0),
     )
     return budgets, settings
 

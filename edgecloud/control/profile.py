@@ -47,6 +47,8 @@ class DisagreementProfile:
     rates: tuple[float, ...]   # one rate per bin (len(edges) - 1)
     samples: int
     source: str = ""
+    counts: tuple[int, ...] | None = None  # validation samples per bin (for the shift test)
+    hits: tuple[int, ...] | None = None    # ... and their raw disagreements (pooled evidence on r)
 
     def __post_init__(self) -> None:
         if self.kind not in ("entropy", "max_prob"):
@@ -57,12 +59,22 @@ class DisagreementProfile:
             raise ValueError("profile: edges must be strictly ascending")
         if any(not 0.0 <= r <= 1.0 for r in self.rates):
             raise ValueError("profile: rates must lie in [0, 1]")
+        for name in ("counts", "hits"):
+            v = getattr(self, name)
+            if v is not None and (len(v) != len(self.rates) or any(x < 0 for x in v)):
+                raise ValueError(f"profile: {name} needs one non-negative number per bin")
+        if self.counts is not None and self.hits is not None and any(
+                h > c for h, c in zip(self.hits, self.counts)):
+            raise ValueError("profile: a bin has more disagreements (hits) than samples (counts)")
+
+    def bin_of(self, score: np.ndarray) -> np.ndarray:
+        """Each score's bin (outside the edges: the end bins)."""
+        key = confidence_key(self.kind, np.asarray(score, dtype=np.float64))
+        return np.clip(np.searchsorted(np.asarray(self.edges), key, side="right") - 1, 0, len(self.rates) - 1)
 
     def __call__(self, score: np.ndarray) -> np.ndarray:
         """The profile's disagreement probability of each score (outside the edges: the end bins)."""
-        key = confidence_key(self.kind, score)
-        i = np.clip(np.searchsorted(np.asarray(self.edges), key, side="right") - 1, 0, len(self.rates) - 1)
-        return np.asarray(self.rates)[i]
+        return np.asarray(self.rates)[self.bin_of(score)]
 
     @classmethod
     def fit(cls, kind: PolicyKind, score: np.ndarray, disagree: np.ndarray, bins: int = 40,
@@ -84,11 +96,16 @@ class DisagreementProfile:
         rates = np.where(counts > 0, hits / np.maximum(counts, 1), 0.0)
         rates = np.maximum.accumulate(rates[::-1])[::-1]   # non-increasing with confidence
         return cls(kind, tuple(float(e) for e in edges), tuple(float(r) for r in rates),
-                   int(score.size), source)
+                   int(score.size), source, tuple(int(c) for c in counts), tuple(int(round(h)) for h in hits))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "edges": list(self.edges), "rates": list(self.rates),
-                "samples": self.samples, "source": self.source}
+        d = {"kind": self.kind, "edges": list(self.edges), "rates": list(self.rates),
+             "samples": self.samples, "source": self.source}
+        if self.counts is not None:
+            d["counts"] = list(self.counts)
+        if self.hits is not None:
+            d["hits"] = list(self.hits)
+        return d
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
@@ -97,11 +114,49 @@ class DisagreementProfile:
     def load(cls, path: str | Path) -> "DisagreementProfile":
         try:
             d = json.loads(Path(path).read_text())
-            return cls(d["kind"], tuple(d["edges"]), tuple(d["rates"]), int(d["samples"]), d.get("source", ""))
+            return cls(d["kind"], tuple(d["edges"]), tuple(d["rates"]), int(d["samples"]), d.get("source", ""),
+                       _ints(d.get("counts")), _ints(d.get("hits")))
         except FileNotFoundError as exc:
             raise ValueError(f"profile {path}: no such file (make one with `edgecloud control profile`)") from exc
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"profile {path}: not a disagreement profile ({exc})") from exc
+
+
+def _ints(values) -> tuple[int, ...] | None:
+    return None if values is None else tuple(int(v) for v in values)
+
+
+def score_shift_pvalue(profile: DisagreementProfile, score: np.ndarray) -> float:
+    """p-value of a two-sample chi-square test: do the window's scores fall into the profile's
+    bins as the validation scores did? Why: the profile's curve was measured on validation, so
+    where the scores show no shift the validation labels are evidence on ``r`` too; where they
+    do (noise, blur, a class mix all move the scores), only the window's own labels are. A
+    profile without ``counts`` (older files) is taken as equal-count bins of ``samples``."""
+    score = np.asarray(score, dtype=np.float64)
+    k = len(profile.rates)
+    if score.size == 0:
+        return 1.0
+    window = np.bincount(profile.bin_of(score), minlength=k).astype(np.float64)
+    valid = (np.asarray(profile.counts, dtype=np.float64) if profile.counts is not None
+             else np.full(k, profile.samples / k))
+    both = window + valid
+    used = both > 0
+    n, m = window.sum(), valid.sum()
+    if used.sum() < 2 or m <= 0:
+        return 1.0
+    e_w, e_v = both[used] * n / (n + m), both[used] * m / (n + m)
+    stat = float((((window[used] - e_w) ** 2) / e_w).sum() + (((valid[used] - e_v) ** 2) / e_v).sum())
+    return float(stats.chi2.sf(stat, int(used.sum()) - 1))
+
+
+def validation_evidence(profile: DisagreementProfile) -> tuple[float, float]:
+    """The validation labels as evidence on ``r``: (disagreements, the profile's expected count
+    over the same samples). The monotone envelope makes the mass >= the hits, so pooled with
+    them ``r`` leans low only as far as the envelope lifted noisy bins."""
+    if profile.counts is None or profile.hits is None:
+        raise ValueError("profile: no per-bin counts and hits (made by an older `edgecloud control "
+                         "profile`); make it again to pool its validation labels")
+    return float(sum(profile.hits)), float(np.dot(profile.counts, profile.rates))
 
 
 def scale_upper(disagreements: float, mass: float, delta: float) -> float:
@@ -154,7 +209,8 @@ def scale_upper_exact(disagree: np.ndarray, probs: np.ndarray, delta: float) -> 
 
 
 def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: DisagreementProfile,
-                     *, delta: float = 0.05, band: int = 0, exact: bool = False) -> Estimates:
+                     *, delta: float = 0.05, band: int = 0, exact: bool = False,
+                     prior: tuple[float, float] | None = None) -> Estimates:
     """D(t) at every threshold from the profile over the window's scores, rescaled by ``r``:
     the estimate with r's point estimate, the bound with its (1 - delta) upper bound. The bound
     is on the EXPECTED share given the window's scores; the window's realised share scatters
@@ -163,7 +219,11 @@ def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: 
     ``band`` > 0: ``r`` from the shadowed samples and only the ``band`` most confident offloaded
     ones (those next to the threshold), where a drift that raises the curve unevenly shows first;
     0: from every labelled sample. ``exact``: r's bound from :func:`scale_upper_exact` (the
-    labelled samples' own Poisson-binomial law) instead of Garwood's Poisson bound."""
+    labelled samples' own Poisson-binomial law) instead of Garwood's Poisson bound. ``prior``:
+    (disagreements, mass) of earlier evidence on the same ``r`` (the profile's validation labels,
+    :func:`validation_evidence`), pooled with the window's; Poisson bound only."""
+    if prior is not None and exact:
+        raise ValueError("profile_estimate: prior evidence pools with the Poisson bound only")
     if profile.kind != kind:
         raise ValueError(f"profile is for policy {profile.kind!r}, the exit uses {kind!r}")
     t = as_threshold_array(thresholds)
@@ -182,6 +242,8 @@ def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: 
             labelled[nearest[:band]] = True
     hits = float((window.disagree[labelled] > 0.5).sum())
     mass = float(c[labelled].sum())
+    if prior is not None:
+        hits, mass = hits + prior[0], mass + prior[1]
     r_hat = hits / mass if mass > 0 else 1.0
     if exact:
         r_up = scale_upper_exact(window.disagree[labelled] > 0.5, c[labelled], delta)
@@ -211,4 +273,5 @@ def sampling_margin(agreement: float, meet_window: int, delta: float,
     return float(z * np.sqrt(eps * (1.0 - eps) / meet_window))
 
 
-__all__ = ["DisagreementProfile", "profile_estimate", "sampling_margin", "scale_upper", "scale_upper_exact"]
+__all__ = ["DisagreementProfile", "profile_estimate", "sampling_margin", "scale_upper", "scale_upper_exact",
+           "score_shift_pvalue", "validation_evidence"]

@@ -328,6 +328,8 @@ class ModelControl:
             m.agreement.labels(name, scope, "estimate").set(float(estimate))
             m.agreement.labels(name, scope, "lower_bound").set(float(lower))
         m.control_backoff.labels(name).set(1.0 if state.backoff else 0.0)
+        if not math.isnan(state.score_shift_p):
+            m.control_score_shift_p.labels(name).set(float(state.score_shift_p))
         self.publish_targets()
         for status in state.budgets:
             if status.name not in self._budget_labels:

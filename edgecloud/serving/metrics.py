@@ -124,6 +124,12 @@ class Metrics:
             "1 while a cloud saturation report (RESOURCE_EXHAUSTED, breaker open) caps offloads",
             ["model"], registry=r,
         )
+        self.control_score_shift_p = Gauge(
+            "edgecloud_control_score_shift_p",
+            "p-value of the test that the window's exit scores did not move from the profile's "
+            "validation scores (shift_alpha: at or above it, validation labels are pooled)",
+            ["model"], registry=r,
+        )
 
     def child(self, family: str, *labels: str) -> Any:
         """``getattr(self, family).labels(*labels)``, looked up once: prometheus_client's
