@@ -368,10 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segments", default=None,
                         help="a preset (drift, quick), a JSON list of segments, or "
                              "'kind:length[:key=value,...];...' (default: drift; --quick: quick)")
-    parser.add_argument("--split", choices=("test", "val"), default="test",
+    parser.add_argument("--split", choices=("test", "val", "val-a", "val-b"), default="test",
                         help="images the stream is drawn from: the test split (the measurement) or "
                              "the bundle's validation hold-out of the train split (choose "
-                             "controller settings there, never on test)")
+                             "controller settings there, never on test); val-a / val-b: its even / "
+                             "odd rows (a profile from one half, a stream from the other)")
     parser.add_argument("--seed", type=int, default=0, help="stream seed")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply preset segment lengths")
     parser.add_argument("--window-size", type=int, default=None, help="samples per window (1000)")

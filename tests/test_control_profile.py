@@ -55,6 +55,26 @@ def test_fit_is_monotone_and_round_trips(tmp_path):
         DisagreementProfile.load(tmp_path / "missing.json")
 
 
+def test_isotonic_fit_keeps_the_shape_without_the_envelopes_upward_bias():
+    """Small validation sets make some bins noisy: the envelope lifts every bin below a noisy
+    high one (never under the isotonic fit, and above the true curve on average), the isotonic
+    fit averages violators (close to the true curve on average); both are monotone."""
+    bias_env, bias_iso = [], []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        score = rng.uniform(0, 1.5, 2500)
+        dis = (rng.random(score.size) < _curve(score)).astype(float)
+        env = DisagreementProfile.fit("entropy", score, dis, bins=40)
+        iso = DisagreementProfile.fit("entropy", score, dis, bins=40, method="isotonic")
+        assert np.all(np.diff(iso.rates) <= 1e-12) and np.all(np.asarray(env.rates) >= np.asarray(iso.rates) - 1e-12)
+        probe = rng.uniform(0, 1.5, 5000)
+        bias_env.append(float(np.mean(env(probe) - _curve(probe))))
+        bias_iso.append(float(np.mean(iso(probe) - _curve(probe))))
+    assert np.mean(bias_env) > 0.01 and abs(np.mean(bias_iso)) < 0.005
+    with pytest.raises(ValueError, match="unknown fit method 'spline'"):
+        DisagreementProfile.fit("entropy", score, dis, method="spline")
+
+
 def test_rescaled_profile_estimates_and_bounds_a_raised_curve():
     """Drift raises the curve 1.5x: the point estimate of D(t) is close to the realised share on
     average, and the (1 - delta) bound covers the expected share given the window's scores
@@ -259,3 +279,9 @@ def test_cli_writes_a_profile_from_validation_images(tmp_path, capsys):
     prof = DisagreementProfile.load(out)
     assert prof.kind == "entropy" and len(prof.rates) <= 8 and prof.samples == 400
     assert prof.rates[0] >= prof.rates[-1]         # the least confident bin disagrees most
+    assert sum(prof.counts) == 400
+    assert main(["control", "profile", str(BUNDLE), "--data-root", str(CIFAR), "--limit", "400",
+                 "--bins", "8", "--part", "b", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["split"] == "val-b" and summary["samples"] == 200
+    assert DisagreementProfile.load(out).samples == 200 and "val-b" in DisagreementProfile.load(out).source

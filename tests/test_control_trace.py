@@ -237,8 +237,18 @@ def test_replayer_requests_never_straddle_windows_or_segments():
 def test_load_stream_split_is_checked():
     with pytest.raises(ValueError, match="manifest"):
         trace.load_stream(SPEC, str(CIFAR), split="val")
-    with pytest.raises(ValueError, match="'test' or 'val'"):
+    with pytest.raises(ValueError, match="'test', 'val', 'val-a', 'val-b'"):
         trace.load_stream(SPEC, str(CIFAR), split="train")
+    with pytest.raises(ValueError, match="manifest"):
+        trace.load_stream(SPEC, str(CIFAR), split="val-a")
+
+
+def test_validation_halves_split_the_hold_out_without_overlap():
+    a, b, whole = (trace.val_part_rows(11, p) for p in ("val-a", "val-b", "val"))
+    assert set(a).isdisjoint(b) and sorted(np.concatenate([a, b])) == list(whole) == list(range(11))
+    assert list(a) == [0, 2, 4, 6, 8, 10]
+    with pytest.raises(ValueError, match="unknown validation part 'val-c'"):
+        trace.val_part_rows(11, "val-c")
 
 
 @pytest.mark.skipif(not CIFAR.is_dir() or not (BUNDLE / "manifest.yaml").is_file(),
@@ -257,6 +267,9 @@ def test_val_stream_draws_only_the_bundles_hold_out():
     assert np.array_equal(stream.labels, val.labels.numpy()[stream.source_index])
     test = trace.load_stream(spec, str(CIFAR), split="test")
     assert not np.array_equal(stream.images, test.images)
+    half = trace.load_stream(spec, str(CIFAR), split="val-b", manifest=manifest)  # odd rows only
+    odd = val.images.numpy()[1::2]
+    assert np.array_equal(half.images, odd[half.source_index]) and half.source_index.max() < len(odd)
 
 
 # ---- the benchmark against real servers -----------------------------------------------------

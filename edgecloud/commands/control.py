@@ -31,6 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--data-root", help="data folder (default: the data set's default folder)")
     q.add_argument("--bins", type=int, default=40, help="equal-count score bins (default 40)")
     q.add_argument("--limit", type=int, help="only the first N images of the validation split")
+    q.add_argument("--fit", choices=("envelope", "isotonic"), default="envelope",
+                   help="how noisy bins are made monotone: the upper envelope (conservative, "
+                        "default) or isotonic regression (unbiased shape)")
+    q.add_argument("--part", choices=("a", "b"),
+                   help="only half of the validation split: its even (a) or odd (b) rows, so a "
+                        "controller can be tuned on a stream of the other half (benchmarks/controller.py "
+                        "--split val-b) out of sample")
     q.add_argument("--repository", help="model repository folder (for a bundle given by name)")
     q.add_argument("--json", action="store_true", help="print one JSON object last")
     q.set_defaults(func=run_profile)
@@ -41,7 +48,7 @@ def run_profile(args: argparse.Namespace) -> int:
     if args.bins < 2:
         raise ValueError(f"--bins must be >= 2, got {args.bins}")
     from edgecloud.control.profile import DisagreementProfile
-    from edgecloud.control.trace import compute_reference
+    from edgecloud.control.trace import compute_reference, val_part_rows
     from edgecloud.evaluate import load_eval_data, resolve_bundle
     from edgecloud.evaluate.source import training_dataset
 
@@ -50,9 +57,13 @@ def run_profile(args: argparse.Namespace) -> int:
     if dataset not in DATASETS:
         raise ValueError(f"--dataset is needed: bundle {bundle.name!r}'s manifest names no known data set")
     data, info = load_eval_data(dataset, "val", bundle.manifest, args.data_root, limit=args.limit)
-    ref = compute_reference(bundle, data.images.numpy())
+    split = "val" if args.part is None else f"val-{args.part}"
+    rows = val_part_rows(len(data), split)
+    ref = compute_reference(bundle, data.images.numpy()[rows])
+    info = {**info, "split": split, "samples": int(rows.size)}
     profile = DisagreementProfile.fit(ref.policy, ref.score, (~ref.edge_agrees).astype(float), bins=args.bins,
-                                      source=f"{bundle.name} {dataset} val ({len(data)} images)")
+                                      source=f"{bundle.name} {dataset} {split} ({rows.size} images, {args.fit})",
+                                      method=args.fit)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     profile.save(args.out)
     summary = {"out": str(args.out), "bundle": bundle.name, **info, "policy": profile.kind,

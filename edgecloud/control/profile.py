@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import stats
+from scipy.optimize import isotonic_regression
 
 from edgecloud.control.estimate import (
     Estimates,
@@ -36,6 +37,9 @@ from edgecloud.control.estimate import (
     ranked,
 )
 from edgecloud.exits import PolicyKind
+
+
+FIT_METHODS = ("envelope", "isotonic")
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,17 @@ class DisagreementProfile:
 
     @classmethod
     def fit(cls, kind: PolicyKind, score: np.ndarray, disagree: np.ndarray, bins: int = 40,
-            source: str = "") -> "DisagreementProfile":
-        """Equal-count bins of the confidence key; each bin's observed rate, then the upper
-        monotone envelope (a less confident bin never disagrees less): conservative where a
-        bin is noisy."""
+            source: str = "", method: str = "envelope") -> "DisagreementProfile":
+        """Equal-count bins of the confidence key, each bin's observed rate made non-increasing
+        as confidence grows (a less confident bin never disagrees less). ``method``:
+        ``envelope`` takes the upper monotone envelope (each bin at least every more confident
+        bin: conservative where a bin is noisy, but a noisy high bin lifts all below it and bends
+        the curve's shape); ``isotonic`` the count-weighted isotonic regression (adjacent bins
+        that violate the order are pooled and averaged: the shape without the upward bias). The
+        shape matters because ``r``, measured on the labelled bins next to the threshold, is
+        applied to the confident bins below it."""
+        if method not in FIT_METHODS:
+            raise ValueError(f"profile: unknown fit method {method!r}; use {', '.join(FIT_METHODS)}")
         score = np.asarray(score, dtype=np.float64)
         disagree = np.asarray(disagree, dtype=np.float64)
         if score.shape != disagree.shape or score.size < bins:
@@ -94,8 +105,14 @@ class DisagreementProfile:
         counts = np.bincount(i, minlength=edges.size - 1)
         hits = np.bincount(i, weights=disagree, minlength=edges.size - 1)
         rates = np.where(counts > 0, hits / np.maximum(counts, 1), 0.0)
-        rates = np.maximum.accumulate(rates[::-1])[::-1]   # non-increasing with confidence
-        return cls(kind, tuple(float(e) for e in edges), tuple(float(r) for r in rates),
+        if method == "envelope":
+            rates = np.maximum.accumulate(rates[::-1])[::-1]   # non-increasing with confidence
+        else:
+            used = counts > 0
+            fitted = isotonic_regression(rates[used], weights=counts[used].astype(np.float64),
+                                         increasing=False).x
+            rates = np.interp(np.arange(rates.size), np.flatnonzero(used), fitted)
+        return cls(kind, tuple(float(e) for e in edges), tuple(float(np.clip(r, 0.0, 1.0)) for r in rates),
                    int(score.size), source, tuple(int(c) for c in counts), tuple(int(round(h)) for h in hits))
 
     def to_dict(self) -> dict:

@@ -278,23 +278,41 @@ def build_stream(spec: TraceSpec, images: np.ndarray, labels: np.ndarray) -> Str
                   np.concatenate(out_src), np.concatenate(out_seg))
 
 
+VAL_PARTS = {"val": None, "val-a": 0, "val-b": 1}
+"""The validation hold-out, whole or one of its two halves (even / odd rows). Why halves: a
+disagreement profile measured on ``val-a`` and a stream drawn from ``val-b`` is out of sample, as
+test is; a stream from the same images the profile was measured on flatters any setting that
+trusts the profile."""
+
+
+def val_part_rows(n: int, part: str) -> np.ndarray:
+    """The rows of an ``n``-image validation hold-out that ``part`` (a :data:`VAL_PARTS` key) keeps."""
+    if part not in VAL_PARTS:
+        raise ValueError(f"unknown validation part {part!r}; use {', '.join(VAL_PARTS)}")
+    parity = VAL_PARTS[part]
+    rows = np.arange(n)
+    return rows if parity is None else rows[rows % 2 == parity]
+
+
 def load_stream(spec: TraceSpec, data_root: str, dataset: str = "cifar10", split: str = "test",
                 manifest: Any = None) -> Stream:
     """The stream drawn from ``split``: ``test``, or ``val`` = the bundle's validation hold-out of
-    the train split (needs ``manifest``), so settings can be chosen without touching test images."""
-    if split == "val":
+    the train split (needs ``manifest``), so settings can be chosen without touching test images;
+    ``val-a`` / ``val-b``: one half of it (:data:`VAL_PARTS`)."""
+    if split in VAL_PARTS:
         if manifest is None:
-            raise ValueError("split 'val' needs the bundle's manifest (its hold-out seed and fraction)")
+            raise ValueError(f"split {split!r} needs the bundle's manifest (its hold-out seed and fraction)")
         from edgecloud.evaluate.source import load_eval_data
 
         ds, _ = load_eval_data(dataset, "val", manifest, data_root)
-    elif split == "test":
+        rows = val_part_rows(len(ds.labels), split)
+        return build_stream(spec, ds.images.numpy()[rows], ds.labels.numpy()[rows])
+    if split == "test":
         from edgecloud.data.registry import load_dataset
 
         ds = load_dataset(dataset, "test", data_root)
-    else:
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-    return build_stream(spec, ds.images.numpy(), ds.labels.numpy())
+        return build_stream(spec, ds.images.numpy(), ds.labels.numpy())
+    raise ValueError(f"split must be 'test', {', '.join(repr(v) for v in VAL_PARTS)}, got {split!r}")
 
 
 # ---- windows ---------------------------------------------------------------------------------
