@@ -38,7 +38,9 @@ headline numbers are over the other ("settled") windows; the same numbers over a
         [--target 0.97] [--delta 0.05] [--out runs/controller] [--quick] [--json]
 
 Writes ``<out>/windows.csv``, ``<out>/controller.png`` and ``<out>/summary.json``; the last line
-printed is the one-line JSON summary (``--json``: only that line).
+printed is the one-line JSON summary (``--json``: only that line). With ``estimator=profile``,
+also ``<out>/profile_bins.csv``: per profile bin, the profile's rate next to the disagreement the
+stream's samples in that bin really have, per segment (does drift change the curve's shape?).
 """
 
 from __future__ import annotations
@@ -342,6 +344,31 @@ def plot(path: Path, spec, window: int, settled: np.ndarray, target: float,
     plt.close(fig)
 
 
+def write_profile_bins(path: Path, profile_file: str, ref, spec) -> None:
+    """Per profile bin: its entropy (or max-prob) range, the profile's rate, and per segment the
+    stream's samples in the bin and their true disagreement with the cloud (the reference)."""
+    from edgecloud.control.estimate import confidence_key
+    from edgecloud.control.profile import DisagreementProfile
+
+    prof = DisagreementProfile.load(profile_file)
+    bins = prof.bin_of(ref.score)
+    disagree = ~ref.edge_agrees
+    sign = -1.0 if confidence_key(prof.kind, np.array([1.0]))[0] < 0 else 1.0  # key -> score units
+    bounds = spec.bounds()
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["bin", "score_from", "score_to", "profile_rate", "validation_samples"]
+                   + [f"{i}_{s.kind}_{k}" for i, s in enumerate(spec.segments) for k in ("samples", "disagreement")])
+        for b in range(len(prof.rates)):
+            lo, hi = sorted((sign * prof.edges[b], sign * prof.edges[b + 1]))
+            row: list[Any] = [b, round(lo, 5), round(hi, 5), round(prof.rates[b], 5),
+                              "" if prof.counts is None else prof.counts[b]]
+            for start, stop in bounds:
+                m = bins[start:stop] == b
+                row += [int(m.sum()), round(float(disagree[start:stop][m].mean()), 4) if m.any() else ""]
+            w.writerow(row)
+
+
 def _clean(obj: Any) -> Any:
     """JSON-safe: numpy to lists, NaN to None, floats rounded."""
     if isinstance(obj, dict):
@@ -576,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     summary = _clean(summary)
     write_csv(out / "windows.csv", spec, window, settled, runs)
+    profile_file = (summary.get("control") or {}).get("profile")
+    if (summary.get("control") or {}).get("estimator") == "profile" and profile_file:
+        write_profile_bins(out / "profile_bins.csv", profile_file, ref, spec)
     title = (f"{manifest.name}: target {args.target:g} (delta {args.delta:g}), "
              f"{spec.length} samples, window {window}; CPU {cpu['lscpu_model']}")
     plot(out / "controller.png", spec, window, settled, args.target, runs, title)

@@ -330,3 +330,30 @@ def test_segment_oracle_holds_one_threshold_per_stretch_and_meets_its_share():
     assert (worse.agreement[4:][settled[4:]] >= target).mean() < 0.8
     with pytest.raises(ValueError, match="settled"):
         trace.segment_oracle_windows(ref, spec, window, target, settled[:-1])
+
+
+def test_profile_bins_table_sets_the_profile_beside_each_segments_true_rates(tmp_path):
+    """benchmarks/controller.py's profile_bins.csv: per profile bin, the profile's rate and, per
+    segment, how many stream samples fell in the bin and how often they really disagreed."""
+    import csv
+    import importlib.util
+
+    from edgecloud.control.profile import DisagreementProfile
+
+    spec_ = importlib.util.spec_from_file_location("controller_benchmark", REPO_ROOT / "benchmarks" / "controller.py")
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    DisagreementProfile.fit("entropy", np.array([0.1, 0.2, 0.8, 0.9]), np.array([0.0, 0.0, 1.0, 0.0]),
+                            bins=2).save(tmp_path / "p.json")
+    spec = trace.parse_segments("clean:4;blur:4:blur=1.0", seed=0)
+    # clean: low entropy agrees, high entropy half disagrees; blur: everything disagrees
+    ref = _ref([0.1, 0.15, 0.85, 0.9, 0.1, 0.2, 0.8, 0.95], [1, 1, 0, 1, 0, 0, 0, 0])
+    bench.write_profile_bins(tmp_path / "bins.csv", str(tmp_path / "p.json"), ref, spec)
+    rows = list(csv.DictReader((tmp_path / "bins.csv").open()))
+    assert [r["bin"] for r in rows] == ["0", "1"]
+    high, low = rows  # bin 0 is the least confident (highest entropy)
+    assert float(high["score_from"]) == pytest.approx(0.5) and float(high["score_to"]) == pytest.approx(0.9)
+    assert float(high["profile_rate"]) == 0.5 and float(low["profile_rate"]) == 0.0
+    assert high["0_clean_samples"] == "2" and float(high["0_clean_disagreement"]) == 0.5
+    assert low["0_clean_samples"] == "2" and float(low["0_clean_disagreement"]) == 0.0
+    assert float(high["1_blur_disagreement"]) == 1.0 and float(low["1_blur_disagreement"]) == 1.0
