@@ -71,6 +71,11 @@ def test_isotonic_fit_keeps_the_shape_without_the_envelopes_upward_bias():
         bias_env.append(float(np.mean(env(probe) - _curve(probe))))
         bias_iso.append(float(np.mean(iso(probe) - _curve(probe))))
     assert np.mean(bias_env) > 0.01 and abs(np.mean(bias_iso)) < 0.005
+    upper = DisagreementProfile.fit("entropy", score, dis, bins=40, method="upper", level=0.8)
+    assert np.all(np.diff(upper.rates) <= 1e-12) and np.all(np.asarray(upper.rates) >= np.asarray(env.rates))
+    assert upper.rates[-1] > env.rates[-1]          # even 0 disagreements of n bound above 0
+    with pytest.raises(ValueError, match="level must lie in"):
+        DisagreementProfile.fit("entropy", score, dis, method="upper", level=1.0)
     with pytest.raises(ValueError, match="unknown fit method 'spline'"):
         DisagreementProfile.fit("entropy", score, dis, method="spline")
 

@@ -31,9 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--data-root", help="data folder (default: the data set's default folder)")
     q.add_argument("--bins", type=int, default=40, help="equal-count score bins (default 40)")
     q.add_argument("--limit", type=int, help="only the first N images of the validation split")
-    q.add_argument("--fit", choices=("envelope", "isotonic"), default="envelope",
+    q.add_argument("--fit", choices=("envelope", "isotonic", "upper"), default="envelope",
                    help="how noisy bins are made monotone: the upper envelope (conservative, "
-                        "default) or isotonic regression (unbiased shape)")
+                        "default), isotonic regression (unbiased shape), or each bin's upper "
+                        "confidence bound at --level, then the envelope (pessimistic by rule)")
+    q.add_argument("--level", type=float, default=0.8,
+                   help="--fit upper: the per-bin one-sided confidence level (default 0.8)")
     q.add_argument("--part", choices=("a", "b"),
                    help="only half of the validation split: its even (a) or odd (b) rows, so a "
                         "controller can be tuned on a stream of the other half (benchmarks/controller.py "
@@ -62,8 +65,8 @@ def run_profile(args: argparse.Namespace) -> int:
     ref = compute_reference(bundle, data.images.numpy()[rows])
     info = {**info, "split": split, "samples": int(rows.size)}
     profile = DisagreementProfile.fit(ref.policy, ref.score, (~ref.edge_agrees).astype(float), bins=args.bins,
-                                      source=f"{bundle.name} {dataset} {split} ({rows.size} images, {args.fit})",
-                                      method=args.fit)
+                                      source=f"{bundle.name} {dataset} {split} ({rows.size} images, {args.fit}{f' {args.level:g}' if args.fit == 'upper' else ''})",
+                                      method=args.fit, level=args.level)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     profile.save(args.out)
     summary = {"out": str(args.out), "bundle": bundle.name, **info, "policy": profile.kind,

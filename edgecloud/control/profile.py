@@ -39,7 +39,7 @@ from edgecloud.control.estimate import (
 from edgecloud.exits import PolicyKind
 
 
-FIT_METHODS = ("envelope", "isotonic")
+FIT_METHODS = ("envelope", "isotonic", "upper")
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,16 @@ class DisagreementProfile:
 
     @classmethod
     def fit(cls, kind: PolicyKind, score: np.ndarray, disagree: np.ndarray, bins: int = 40,
-            source: str = "", method: str = "envelope") -> "DisagreementProfile":
+            source: str = "", method: str = "envelope", level: float = 0.8) -> "DisagreementProfile":
         """Equal-count bins of the confidence key, each bin's observed rate made non-increasing
         as confidence grows (a less confident bin never disagrees less). ``method``:
         ``envelope`` takes the upper monotone envelope (each bin at least every more confident
         bin: conservative where a bin is noisy, but a noisy high bin lifts all below it and bends
         the curve's shape); ``isotonic`` the count-weighted isotonic regression (adjacent bins
-        that violate the order are pooled and averaged: the shape without the upward bias). The
+        that violate the order are pooled and averaged: the shape without the upward bias);
+        ``upper`` each bin's one-sided Clopper-Pearson upper bound at ``level``, then the
+        envelope: deliberately pessimistic where validation saw few disagreements (the confident
+        bins, which only shadows label online), by a rule rather than by noise. The
         shape matters because ``r``, measured on the labelled bins next to the threshold, is
         applied to the confident bins below it."""
         if method not in FIT_METHODS:
@@ -105,7 +108,12 @@ class DisagreementProfile:
         counts = np.bincount(i, minlength=edges.size - 1)
         hits = np.bincount(i, weights=disagree, minlength=edges.size - 1)
         rates = np.where(counts > 0, hits / np.maximum(counts, 1), 0.0)
-        if method == "envelope":
+        if method == "upper":
+            if not 0.0 < level < 1.0:
+                raise ValueError(f"profile: level must lie in (0, 1), got {level}")
+            rates = np.where(counts > 0, stats.beta.ppf(level, hits + 1.0, np.maximum(counts - hits, 1e-12)), 0.0)
+            rates = np.where(hits >= counts, 1.0, np.nan_to_num(rates, nan=1.0))
+        if method in ("envelope", "upper"):
             rates = np.maximum.accumulate(rates[::-1])[::-1]   # non-increasing with confidence
         else:
             used = counts > 0
