@@ -37,6 +37,16 @@ def _window(rng, n: int, r: float, threshold: float, shadow: float, profile_scor
     return WindowData.of(score, exited, shadowed, np.where(exited, shadow, 1.0), obs), dis
 
 
+def _observe_and_step(ctl: ExitController, w: WindowData) -> None:
+    """Hand a window to the controller as the data plane would (offloads cost radio), then step."""
+    n = w.n
+    ctl.observe(Observations(score=w.score, exited=w.exited, shadowed=w.shadowed,
+                             shadow_prob=w.shadow_prob, disagree=w.disagree,
+                             compute_j=np.full(n, 1e-6), radio_j=np.where(w.exited, 0.0, 0.02),
+                             sent_bytes=np.where(w.exited, 0, 8192), latency_s=np.full(n, 0.01)))
+    ctl.step()
+
+
 def test_fit_is_monotone_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     score = rng.uniform(0, 1.5, 20000)
@@ -176,13 +186,7 @@ def test_controller_reads_the_profile_and_checks_it(tmp_path):
     plain = ExitController("entropy", 0.5, budgets, ControlSettings(
         estimator="profile", profile=str(tmp_path / "e.json"), min_samples=10), **kw)
     for ctl in (margin, plain):
-        w, dis = _window(np.random.default_rng(4), 3000, 1.0, 0.5, 0.05)
-        n = w.n
-        ctl.observe(Observations(score=w.score, exited=w.exited, shadowed=w.shadowed,
-                                 shadow_prob=w.shadow_prob, disagree=w.disagree,
-                                 compute_j=np.full(n, 1e-6), radio_j=np.where(w.exited, 0.0, 0.02),
-                                 sent_bytes=np.where(w.exited, 0, 8192), latency_s=np.full(n, 0.01)))
-        ctl.step()
+        _observe_and_step(ctl, _window(np.random.default_rng(4), 3000, 1.0, 0.5, 0.05)[0])
     # the sampling margin keeps the threshold lower (fewer exits) than no margin
     assert margin.threshold < plain.threshold
 
@@ -249,13 +253,8 @@ def test_controller_pools_validation_labels_only_while_the_scores_have_not_moved
 
     def run(shift_alpha: float, moved: float) -> ExitController:
         ctl = ExitController("entropy", 0.5, budgets, ControlSettings(**base, shift_alpha=shift_alpha), **kw)
-        w, _ = _window(np.random.default_rng(6), 4000, 1.0, 0.5, 0.003, profile_score_shift=moved)
-        n = w.n
-        ctl.observe(Observations(score=w.score, exited=w.exited, shadowed=w.shadowed,
-                                 shadow_prob=w.shadow_prob, disagree=w.disagree,
-                                 compute_j=np.full(n, 1e-6), radio_j=np.where(w.exited, 0.0, 0.02),
-                                 sent_bytes=np.where(w.exited, 0, 8192), latency_s=np.full(n, 0.01)))
-        ctl.step()
+        _observe_and_step(ctl, _window(np.random.default_rng(6), 4000, 1.0, 0.5, 0.003,
+                                       profile_score_shift=moved)[0])
         return ctl
 
     same_on, same_off = run(0.05, 0.0), run(0.0, 0.0)
