@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--binary-set", action="append", default=[], metavar="KEY=VALUE", help="override for the binary only")
     p.add_argument("--control-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for the control only")
+    p.add_argument("--two-step", type=float, metavar="F",
+                   help="train the binary in two steps, binary weights from epoch round(F x budget) "
+                        "(real weights before; optim.binary_weights_from_epoch per budget; 0 < F < 1)")
     p.add_argument("--exit-share", type=float, default=0.65, help="edge-exit target of the at-exits point")
     p.add_argument("--max-drop", type=float, default=1.0, help="accuracy target: points under the control")
     p.add_argument("--limit", type=int, help="train on only the first N training samples (smoke runs)")
@@ -261,8 +264,17 @@ def curve(args: argparse.Namespace) -> int:
         common.append(f"data.root={json.dumps(str(args.data_root))}")
     sets = {"control": common + args.control_set, "binary": common + args.binary_set}
     names = {"control": args.control, "binary": args.binary}
-    recipes = {(kind, b): load_recipe(names[kind], sets[kind] + [f"optim.epochs={b}"])
-               for b in budgets for kind in ("control", "binary")}  # every recipe checked before training
+    per_budget = {(kind, b): [f"optim.epochs={b}"] for b in budgets for kind in ("control", "binary")}
+    if args.two_step is not None:
+        if not 0 < args.two_step < 1:
+            raise ValueError(f"--two-step must lie in (0, 1), got {args.two_step}")
+        if min(budgets) < 2:
+            raise ValueError("--two-step needs budgets of >= 2 epochs (one per step)")
+        for b in budgets:
+            per_budget[("binary", b)].append(
+                f"optim.binary_weights_from_epoch={min(b - 1, max(1, round(args.two_step * b)))}")
+    recipes = {key: load_recipe(names[key[0]], sets[key[0]] + extra)
+               for key, extra in per_budget.items()}  # every recipe checked before training
     for b in budgets:
         c, h = recipes[("control", b)], recipes[("binary", b)]
         if (c.data.dataset, c.data.val_fraction, c.seed) != (h.data.dataset, h.data.val_fraction, h.seed):
@@ -278,7 +290,7 @@ def curve(args: argparse.Namespace) -> int:
         row: dict[str, Any] = {"budget_epochs": b}
         for kind in ("control", "binary"):
             recipe, run_dir = recipes[(kind, b)], args.out / f"{kind}-e{b}"
-            flags = [s for item in sets[kind] + [f"optim.epochs={b}"] for s in ("--set", item)]
+            flags = [s for item in sets[kind] + per_budget[(kind, b)] for s in ("--set", item)]
             command = shlex.join(["edgecloud", "train", names[kind], "--out", str(run_dir), "--no-progress", *flags])
             _say(args, f"[{b} epochs] {kind}: {names[kind]}")
             t0 = time.perf_counter()
@@ -322,6 +334,7 @@ def curve(args: argparse.Namespace) -> int:
     summary = {
         "benchmark": "train_compute_curve", "binary": args.binary, "control": args.control, "budgets": budgets,
         "sets": common, "binary_sets": args.binary_set, "control_sets": args.control_set,
+        "two_step": args.two_step,
         "exit_share_target": args.exit_share, "max_drop_points": args.max_drop, "test_samples": len(splits.test),
         "cpu": machine.model, "cpu_info": machine.as_dict(), "threads": torch.get_num_threads(), "device": args.device,
         "torch": torch.__version__, "binary_wall_s_per_epoch": round(per_epoch, 1),

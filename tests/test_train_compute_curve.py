@@ -110,3 +110,19 @@ def test_curve_rejects_bad_flags(recipes, tmp_path, capsys) -> None:
     assert bench.main(base + ["--budgets", "0"]) == 2 and "--budgets" in capsys.readouterr().err
     assert bench.main(base + ["--exit-share", "1.5"]) == 2 and "--exit-share" in capsys.readouterr().err
     assert bench.main(base + ["--control-set", "seed=3"]) == 2 and "validation split" in capsys.readouterr().err
+    assert bench.main(base + ["--two-step", "0.5", "--budgets", "1,2"]) == 2 and ">= 2 epochs" in capsys.readouterr().err
+    assert bench.main(base + ["--two-step", "1.0", "--budgets", "2"]) == 2 and "--two-step" in capsys.readouterr().err
+
+
+def test_two_step_switches_to_binary_weights_at_the_same_share_of_every_budget(recipes, tmp_path, capsys) -> None:
+    bench = _bench()
+    control, binary = recipes
+    out = tmp_path / "two-step"
+    assert bench.main(["--binary", str(binary), "--control", str(control), "--budgets", "2,4", "--two-step", "0.5",
+                       "--threads", "1", "--limit", "80", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["two_step"] == 0.5
+    for budget, switch in ((2, 1), (4, 2)):
+        command = (out / f"binary-e{budget}" / "command.txt").read_text()
+        assert f"optim.binary_weights_from_epoch={switch}" in command
+        assert "binary_weights_from_epoch" not in (out / f"control-e{budget}" / "command.txt").read_text()
