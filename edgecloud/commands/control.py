@@ -64,8 +64,9 @@ def run_profile(args: argparse.Namespace) -> int:
     rows = val_part_rows(len(data), split)
     ref = compute_reference(bundle, data.images.numpy()[rows])
     info = {**info, "split": split, "samples": int(rows.size)}
+    fit = f"{args.fit} {args.level:g}" if args.fit == "upper" else args.fit
     profile = DisagreementProfile.fit(ref.policy, ref.score, (~ref.edge_agrees).astype(float), bins=args.bins,
-                                      source=f"{bundle.name} {dataset} {split} ({rows.size} images, {args.fit}{f' {args.level:g}' if args.fit == 'upper' else ''})",
+                                      source=f"{bundle.name} {dataset} {split} ({rows.size} images, {fit})",
                                       method=args.fit, level=args.level)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     profile.save(args.out)
