@@ -111,8 +111,8 @@ class DisagreementProfile:
         if method == "upper":
             if not 0.0 < level < 1.0:
                 raise ValueError(f"profile: level must lie in (0, 1), got {level}")
-            rates = np.where(counts > 0, stats.beta.ppf(level, hits + 1.0, np.maximum(counts - hits, 1e-12)), 0.0)
-            rates = np.where(hits >= counts, 1.0, np.nan_to_num(rates, nan=1.0))
+            upper = stats.beta.ppf(level, hits + 1.0, np.maximum(counts - hits, 1e-12))
+            rates = np.where(counts == 0, 0.0, np.where(hits >= counts, 1.0, upper))  # empty bins: no evidence
         if method in ("envelope", "upper"):
             rates = np.maximum.accumulate(rates[::-1])[::-1]   # non-increasing with confidence
         else:
