@@ -81,6 +81,15 @@ def lscpu_model() -> str:
     return ""
 
 
+def _split(text: str) -> str:
+    from edgecloud.control import trace
+
+    if text != "test" and not trace.is_val_part(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use test, val, val-a, val-b or a fold val-KfI (val-KfIc: all but fold I)")
+    return text
+
+
 def _control_overrides(items: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -395,11 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segments", default=None,
                         help="a preset (drift, quick), a JSON list of segments, or "
                              "'kind:length[:key=value,...];...' (default: drift; --quick: quick)")
-    parser.add_argument("--split", choices=("test", "val", "val-a", "val-b"), default="test",
+    parser.add_argument("--split", type=_split, default="test",
                         help="images the stream is drawn from: the test split (the measurement) or "
                              "the bundle's validation hold-out of the train split (choose "
                              "controller settings there, never on test); val-a / val-b: its even / "
-                             "odd rows (a profile from one half, a stream from the other)")
+                             "odd rows (a profile from one half, a stream from the other); val-KfI: "
+                             "fold I of K (a profile from `--part KfIc`, the other folds)")
     parser.add_argument("--seed", type=int, default=0, help="stream seed")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply preset segment lengths")
     parser.add_argument("--window-size", type=int, default=None, help="samples per window (1000)")

@@ -293,12 +293,18 @@ class ControlConfig(_Strict):
                              "of this many samples meet the target (0: none)")
     profile_band: int = Field(0, ge=0, description="> 0: rescale the profile from shadows and "
                               "the this-many most confident offloaded samples (0: all labelled)")
-    profile_bound: Literal["poisson", "exact"] = Field(
+    profile_bound: Literal["poisson", "exact", "predictive"] = Field(
         "poisson", description="the profile's scale bound: Garwood's Poisson bound, or the exact "
-        "Poisson-binomial bound from the labelled samples' own probabilities")
+        "Poisson-binomial bound from the labelled samples' own probabilities; 'predictive': the "
+        "(1 - delta) quantile of a meet_window-sample window's share, r's uncertainty and the "
+        "sampling scatter in one distribution")
     shift_alpha: float = Field(0.0, ge=0.0, lt=1.0, description="> 0: while the window's scores "
                                "pass a chi-square test against the profile's validation scores at "
                                "this level, the profile's scale also pools its validation labels (0: off)")
+    shift_factor: float = Field(1.0, ge=1.0, description="while that test rejects, the exits' rates "
+                                "are this many times r x profile (a shift may raise the confident "
+                                "part of the curve more than the band r is measured on; from "
+                                "`edgecloud control shift-family`; 1: off)")
 
     @field_validator("priority")
     @classmethod

@@ -14,6 +14,7 @@ from edgecloud.control.budgets import Budgets
 from edgecloud.control.estimate import WindowData
 from edgecloud.control.profile import (
     DisagreementProfile,
+    predictive_upper,
     profile_estimate,
     sampling_margin,
     scale_upper,
@@ -226,7 +227,7 @@ def test_validation_labels_pool_into_the_scale_when_the_curve_did_not_rise(tmp_p
         covered += pooled.disagree_upper[0] >= truth
         tighter += pooled.disagree_upper[0] < alone.disagree_upper[0]
     assert covered >= 36 and tighter >= 36
-    with pytest.raises(ValueError, match="Poisson bound only"):
+    with pytest.raises(ValueError, match="exact bound takes neither prior evidence nor predict"):
         profile_estimate(w, "entropy", [0.6], prof, exact=True, prior=(hits, mass))
     old = {k: v for k, v in prof.to_dict().items() if k not in ("counts", "hits")}
     (tmp_path / "old.json").write_text(json.dumps(old))
@@ -265,6 +266,72 @@ def test_controller_pools_validation_labels_only_while_the_scores_have_not_moved
     assert moved_on.threshold == moved_off.threshold           # moved scores: the window's labels alone
 
 
+def test_predictive_bound_covers_the_next_window_at_its_rate_and_beats_stacking():
+    """The predictive bound, from a window's band labels alone, covers the disagreement share of
+    the NEXT 1,000 samples (fresh draws of the same stream) at about 1 - delta over seeded
+    repetitions: it holds r's uncertainty and the sampling scatter in one distribution. Stacking
+    r's bound and the sampling margin (both at delta) covers far more often, at a lower
+    threshold."""
+    delta, reps, t = 0.1, 300, 0.6
+    rng = np.random.default_rng(21)
+    prof_score = rng.uniform(0, 1.5, 5000)
+    prof = DisagreementProfile.fit("entropy", prof_score,
+                                   (rng.random(prof_score.size) < _curve(prof_score)).astype(float))
+    cover_pred = cover_stack = 0
+    wider = 0
+    for seed in range(reps):
+        r = np.random.default_rng(300 + seed)
+        w, _ = _window(r, 4000, 1.0, t, 0.0)
+        pred = profile_estimate(w, "entropy", [t], prof, delta=delta, band=250, predict=1000)
+        plain = profile_estimate(w, "entropy", [t], prof, delta=delta, band=250)
+        stacked = plain.disagree_upper + sampling_margin(0.97, 1000, delta, plain.sample_var)
+        assert pred.predictive and not plain.predictive
+        nxt, dis = _window(r, 1000, 1.0, t, 0.0)
+        share = float(dis[nxt.score < t].sum() / 1000)
+        cover_pred += share <= pred.disagree_upper[0]
+        cover_stack += share <= stacked[0]
+        wider += stacked[0] > pred.disagree_upper[0]
+    se = math.sqrt(delta * (1 - delta) / reps)
+    assert 1 - delta - 3 * se <= cover_pred / reps <= 1 - delta + 4 * se
+    assert cover_stack / reps > cover_pred / reps and wider == reps
+    # nothing exits: 0; no labelled mass: nothing bounds the share
+    assert predictive_upper(np.array([0.0, 5.0]), np.array([0.0, 1.0]), 100, 3, 10.0, 0.05, 1000)[0] == 0.0
+    assert predictive_upper(np.array([5.0]), np.array([1.0]), 100, 0, 0.0, 0.05, 1000)[0] == 1.0
+
+
+def test_controller_predictive_bound_and_shift_factor(tmp_path):
+    """``profile_bound: predictive`` exits more than the stacked bound on the same window and
+    needs ``meet_window``; ``shift_factor`` lowers the threshold only while the shift test
+    rejects, and needs the test."""
+    rng = np.random.default_rng(5)
+    score = rng.uniform(0, 1.5, 5000)
+    prof = DisagreementProfile.fit("entropy", score, (rng.random(score.size) < _curve(score)).astype(float))
+    prof.save(tmp_path / "e.json")
+    budgets = Budgets(agreement=0.97, delta=0.05)
+    kw = dict(bytes_per_offload=8192, radio_j_per_offload=0.02)
+    base = dict(estimator="profile", profile=str(tmp_path / "e.json"), min_samples=10,
+                profile_band=250, meet_window=1000)
+    with pytest.raises(ValueError, match="needs meet_window > 0"):
+        ExitController("entropy", 0.5, budgets, ControlSettings(**{**base, "meet_window": 0},
+                                                                profile_bound="predictive"), **kw)
+    with pytest.raises(ValueError, match="shift_factor needs shift_alpha"):
+        ExitController("entropy", 0.5, budgets, ControlSettings(**base, shift_factor=1.2), **kw)
+    with pytest.raises(ValueError, match="shift_factor must be >= 1"):
+        ExitController("entropy", 0.5, budgets, ControlSettings(**base, shift_alpha=0.05, shift_factor=0.9), **kw)
+
+    def run(moved: float, **settings) -> ExitController:
+        ctl = ExitController("entropy", 0.5, budgets, ControlSettings(**base, **settings), **kw)
+        _observe_and_step(ctl, _window(np.random.default_rng(6), 4000, 1.0, 0.5, 0.003,
+                                       profile_score_shift=moved)[0])
+        return ctl
+
+    assert run(0.0, profile_bound="predictive").threshold > run(0.0).threshold
+    same = [run(0.0, shift_alpha=0.05, profile_bound="predictive", shift_factor=f) for f in (1.0, 1.5)]
+    assert same[0].shift_p >= 0.05 and same[0].threshold == same[1].threshold
+    moved = [run(0.1, shift_alpha=0.05, profile_bound="predictive", shift_factor=f) for f in (1.0, 1.5)]
+    assert moved[0].shift_p < 0.05 and moved[1].threshold < moved[0].threshold
+
+
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 CIFAR = REPO_ROOT.parent / "shared" / "datasets" / "cifar10"
 BUNDLE = REPO_ROOT / "models" / "cifar10-hybrid-resnet20-4bit"
@@ -289,3 +356,10 @@ def test_cli_writes_a_profile_from_validation_images(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["split"] == "val-b" and summary["samples"] == 200
     assert DisagreementProfile.load(out).samples == 200 and "val-b" in DisagreementProfile.load(out).source
+    assert main(["control", "profile", str(BUNDLE), "--data-root", str(CIFAR), "--limit", "400",
+                 "--bins", "8", "--part", "5f0c", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["split"] == "val-5f0c" and summary["samples"] == 320
+    with pytest.raises(SystemExit):
+        main(["control", "profile", str(BUNDLE), "--part", "5f7", "--out", str(out)])
+    assert "'5f7'" in capsys.readouterr().err

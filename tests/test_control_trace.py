@@ -251,6 +251,21 @@ def test_validation_halves_split_the_hold_out_without_overlap():
         trace.val_part_rows(11, "val-c")
 
 
+def test_validation_folds_partition_the_hold_out_and_their_complements_are_the_rest():
+    folds = [trace.val_part_rows(23, f"val-5f{i}") for i in range(5)]
+    assert sorted(np.concatenate(folds)) == list(range(23))
+    for i, fold in enumerate(folds):
+        rest = trace.val_part_rows(23, f"val-5f{i}c")
+        assert set(fold).isdisjoint(rest) and len(fold) + len(rest) == 23
+    assert list(folds[0]) == [0, 5, 10, 15, 20]
+    assert trace.is_val_part("val-5f4") and trace.is_val_part("val-5f4c") and trace.is_val_part("val-a")
+    assert not trace.is_val_part("val-5f5") and not trace.is_val_part("val-1f0") and not trace.is_val_part("test")
+    with pytest.raises(ValueError, match="needs K >= 2 folds"):
+        trace.val_part_rows(23, "val-5f5")
+    with pytest.raises(ValueError, match="val-KfI"):
+        trace.val_part_rows(23, "val-fold")
+
+
 @pytest.mark.skipif(not CIFAR.is_dir() or not (BUNDLE / "manifest.yaml").is_file(),
                     reason="needs ../shared/datasets/cifar10 and models/cifar10-hybrid-resnet20-4bit")
 def test_val_stream_draws_only_the_bundles_hold_out():
@@ -357,3 +372,16 @@ def test_profile_bins_table_sets_the_profile_beside_each_segments_true_rates(tmp
     assert high["0_clean_samples"] == "2" and float(high["0_clean_disagreement"]) == 0.5
     assert low["0_clean_samples"] == "2" and float(low["0_clean_disagreement"]) == 0.0
     assert float(high["1_blur_disagreement"]) == 1.0 and float(low["1_blur_disagreement"]) == 1.0
+
+
+def test_benchmark_split_accepts_folds_and_names_the_bad_value():
+    import argparse
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("controller_benchmark", REPO_ROOT / "benchmarks" / "controller.py")
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    for good in ("test", "val", "val-b", "val-5f3", "val-5f3c"):
+        assert bench._split(good) == good
+    with pytest.raises(argparse.ArgumentTypeError, match="'val-5f9'"):
+        bench._split("val-5f9")

@@ -112,10 +112,15 @@ class ControlSettings:
     meet_window: int = 0           # > 0: keep the sampling margin for windows of this many samples
     profile_band: int = 0          # > 0: rescale the profile from shadows and only this many of the
     # most confident offloaded samples (next to the threshold); 0: every labelled sample
-    profile_bound: Literal["poisson", "exact"] = "poisson"  # r's upper bound: Garwood's Poisson
-    # bound, or the exact Poisson-binomial one from the labelled samples' own probabilities
+    profile_bound: Literal["poisson", "exact", "predictive"] = "poisson"  # r's upper bound:
+    # Garwood's Poisson bound, or the exact Poisson-binomial one from the labelled samples' own
+    # probabilities; or "predictive": no separate bound on r, the (1 - delta) quantile of a
+    # meet_window-sample window's share with r's uncertainty and the sampling scatter in one
     shift_alpha: float = 0.0       # > 0: pool the profile's validation labels into r while the
     # window's scores pass a chi-square test against the validation scores at this level
+    shift_factor: float = 1.0      # while that test rejects: the exits' rates are this many times
+    # r x profile (a shift may raise the confident part of the curve more than the band where r is
+    # measured; `edgecloud control shift-family` measures it over a family of corruptions)
 
 
 @dataclass
@@ -448,7 +453,9 @@ class ExitController:
                 prior = self._prior if self.shift_p >= self._settings.shift_alpha else None
             est = profile_estimate(window, self._kind, thresholds, self._profile,
                                    delta=self._budgets.delta, band=self._settings.profile_band,
-                                   exact=self._settings.profile_bound == "exact", prior=prior)
+                                   exact=self._settings.profile_bound == "exact", prior=prior,
+                                   predict=self._predict(),
+                                   exit_factor=1.0 if prior is not None else self._settings.shift_factor)
         else:
             est = estimate(self._window(), self._kind, thresholds, delta=self._budgets.delta,
                            bound=self._settings.bound, looks=max(1, self._looks),
@@ -468,6 +475,11 @@ class ExitController:
             compute_j=compute,
         )
 
+    def _predict(self) -> int:
+        """The window size the profile's bound predicts (0: a bound on r, margin apart)."""
+        s = self._settings
+        return s.meet_window if s.profile_bound == "predictive" else 0
+
     def _grid_scan(self, backoff: bool) -> tuple[np.ndarray, _Scan]:
         key = (self._version, self._budgets, self._looks, backoff)
         if self._cache is None or self._cache[0] != key:
@@ -479,7 +491,7 @@ class ExitController:
         """What the agreement budget compares with its target: the bound or the estimate, less
         the sampling margin of ``meet_window`` (at ``target``, default the budget's)."""
         acted = est.agreement_lower if self._settings.act_on == "bound" else est.agreement
-        if self._settings.meet_window > 0:
+        if self._settings.meet_window > 0 and not (est.predictive and self._settings.act_on == "bound"):
             target = self._budgets.agreement if target is None else target
             acted = acted - sampling_margin(float(target or 1.0), self._settings.meet_window,
                                             self._budgets.delta, est.sample_var)
@@ -661,14 +673,22 @@ def _check_settings(s: ControlSettings) -> None:
         raise ValueError("curve_memory works with estimator='shadows' only")
     if s.profile_band < 0:
         raise ValueError("profile_band must be >= 0 (0: every labelled sample)")
-    if s.profile_bound not in ("poisson", "exact"):
-        raise ValueError(f"unknown profile_bound {s.profile_bound!r}; use 'poisson' or 'exact'")
+    if s.profile_bound not in ("poisson", "exact", "predictive"):
+        raise ValueError(f"unknown profile_bound {s.profile_bound!r}; use 'poisson', 'exact' or "
+                         "'predictive'")
+    if s.profile_bound == "predictive" and s.meet_window <= 0:
+        raise ValueError("profile_bound 'predictive' needs meet_window > 0: the window it predicts")
     if s.meet_window < 0:
         raise ValueError("meet_window must be >= 0 (0: no sampling margin)")
     if not 0.0 <= s.shift_alpha < 1.0:
         raise ValueError(f"shift_alpha must lie in [0, 1) (0: off), got {s.shift_alpha}")
-    if s.shift_alpha and (s.estimator != "profile" or s.profile_bound != "poisson"):
-        raise ValueError("shift_alpha works with estimator='profile' and profile_bound='poisson' only")
+    if s.shift_alpha and (s.estimator != "profile" or s.profile_bound == "exact"):
+        raise ValueError("shift_alpha works with estimator='profile' and profile_bound 'poisson' "
+                         "or 'predictive' only")
+    if not s.shift_factor >= 1.0:
+        raise ValueError(f"shift_factor must be >= 1 (1: off), got {s.shift_factor}")
+    if s.shift_factor != 1.0 and not s.shift_alpha:
+        raise ValueError("shift_factor needs shift_alpha > 0: the test that says when scores moved")
     if not 0.0 <= s.backoff_factor <= 1.0 or s.backoff_s < 0:
         raise ValueError("backoff_factor must lie in [0, 1] and backoff_s be >= 0")
 
@@ -697,6 +717,7 @@ def from_config(config: Any, key: str = "control") -> tuple[Budgets, ControlSett
         meet_window=getattr(config, "meet_window", 0), profile_band=getattr(config, "profile_band", 0),
         profile_bound=getattr(config, "profile_bound", "poisson"),
         shift_alpha=getattr(config, "shift_alpha", 0.0),
+        shift_factor=getattr(config, "shift_factor", 1.0),
     )
     return budgets, settings
 

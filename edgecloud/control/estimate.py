@@ -127,6 +127,7 @@ class Estimates:
     disagree_upper: np.ndarray  # (1 - delta) upper bound on D(t)
     sample_var: np.ndarray | None = None  # per-sample variance of the disagreement indicator at
     # each threshold, where a model knows it (the profile); None: the binomial at the target
+    predictive: bool = False    # disagree_upper already holds a window's sampling scatter
 
     @property
     def exit_share(self) -> np.ndarray:

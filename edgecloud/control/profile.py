@@ -233,9 +233,43 @@ def scale_upper_exact(disagree: np.ndarray, probs: np.ndarray, delta: float) -> 
     return hi
 
 
+def predictive_upper(mass_at: np.ndarray, square_at: np.ndarray, n: int, hits: float, mass: float,
+                     delta: float, meet_window: int, draws: int = 256) -> np.ndarray:
+    """(1 - delta) quantile of the disagreement share a window of ``meet_window`` samples will
+    show, per threshold: the uncertainty about ``r`` and the window's sampling scatter in one
+    predictive distribution, instead of a bound on each stacked (which asks both to go wrong
+    at once before a window misses, i.e. far more than 1 - delta).
+
+    ``r`` ~ Gamma(hits + 1, mass) (the flat-prior posterior of a Poisson rate, whose 1 - delta
+    quantile is Garwood's bound); given r, the window's share ~ Normal(r m, (r m - r^2 s) / W)
+    with m = ``mass_at`` / n and s = ``square_at`` / n (sums of the profile's rates and their
+    squares over the window's exits). Mixed over ``draws`` quantiles of r; the quantile by
+    bisection, every threshold at once."""
+    mass_at = np.asarray(mass_at, dtype=np.float64)
+    if mass <= 0:
+        return np.where(mass_at > 0, 1.0, 0.0)
+    r = stats.gamma.ppf((np.arange(draws) + 0.5) / draws, hits + 1.0) / mass   # [R]
+    m = mass_at[:, None] / n
+    s = np.asarray(square_at, dtype=np.float64)[:, None] / n
+    mean = np.minimum(r[None, :] * m, 1.0)                                     # [T, R]
+    sd = np.sqrt(np.maximum(r[None, :] * m - r[None, :] ** 2 * s, 0.0) / meet_window)
+    lo = np.zeros(mass_at.shape)
+    hi = np.ones(mass_at.shape)
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = (mid[:, None] - mean) / sd
+        cdf = np.where(sd > 0, stats.norm.cdf(z), (mid[:, None] >= mean).astype(np.float64)).mean(axis=1)
+        below = cdf < 1.0 - delta
+        lo = np.where(below, mid, lo)
+        hi = np.where(below, hi, mid)
+    return np.where(mass_at > 0, hi, 0.0)
+
+
 def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: DisagreementProfile,
                      *, delta: float = 0.05, band: int = 0, exact: bool = False,
-                     prior: tuple[float, float] | None = None) -> Estimates:
+                     prior: tuple[float, float] | None = None, predict: int = 0,
+                     exit_factor: float = 1.0) -> Estimates:
     """D(t) at every threshold from the profile over the window's scores, rescaled by ``r``:
     the estimate with r's point estimate, the bound with its (1 - delta) upper bound. The bound
     is on the EXPECTED share given the window's scores; the window's realised share scatters
@@ -246,9 +280,13 @@ def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: 
     0: from every labelled sample. ``exact``: r's bound from :func:`scale_upper_exact` (the
     labelled samples' own Poisson-binomial law) instead of Garwood's Poisson bound. ``prior``:
     (disagreements, mass) of earlier evidence on the same ``r`` (the profile's validation labels,
-    :func:`validation_evidence`), pooled with the window's; Poisson bound only."""
-    if prior is not None and exact:
-        raise ValueError("profile_estimate: prior evidence pools with the Poisson bound only")
+    :func:`validation_evidence`), pooled with the window's; Poisson bound only. ``predict`` > 0:
+    the bound is instead :func:`predictive_upper` for windows of that many samples (it then
+    holds the sampling margin too). ``exit_factor``: the exits' rates are this many times what
+    ``r`` times the profile says (a shift that raises the confident part of the curve more than
+    the labelled band, where ``r`` is measured)."""
+    if exact and (prior is not None or predict > 0):
+        raise ValueError("profile_estimate: the exact bound takes neither prior evidence nor predict")
     if profile.kind != kind:
         raise ValueError(f"profile is for policy {profile.kind!r}, the exit uses {kind!r}")
     t = as_threshold_array(thresholds)
@@ -257,7 +295,7 @@ def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: 
         return empty_estimates(t)
     key, order, k = ranked(window, kind, t)
     c = profile(window.score)
-    mass_at = np.concatenate([[0.0], np.cumsum(c[order])])[k]  # expected disagreeing exits at r = 1
+    mass_at = exit_factor * np.concatenate([[0.0], np.cumsum(c[order])])[k]  # expected disagreeing exits at r = 1
     labelled = ~np.isnan(window.disagree)
     if band > 0:
         off = labelled & ~window.exited
@@ -270,15 +308,19 @@ def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: 
     if prior is not None:
         hits, mass = hits + prior[0], mass + prior[1]
     r_hat = hits / mass if mass > 0 else 1.0
-    if exact:
-        r_up = scale_upper_exact(window.disagree[labelled] > 0.5, c[labelled], delta)
+    if predict > 0:
+        square_at = exit_factor ** 2 * np.concatenate([[0.0], np.cumsum(c[order] ** 2)])[k]
+        upper = predictive_upper(mass_at, square_at, n, hits, mass, delta, predict)
     else:
-        r_up = scale_upper(hits, mass, delta)
-    with np.errstate(invalid="ignore"):
-        upper = np.where(mass_at > 0, np.minimum(r_up * mass_at / n, 1.0), 0.0)
-    q = np.clip(r_hat * c[order], 0.0, 1.0)
+        if exact:
+            r_up = scale_upper_exact(window.disagree[labelled] > 0.5, c[labelled], delta)
+        else:
+            r_up = scale_upper(hits, mass, delta)
+        with np.errstate(invalid="ignore"):
+            upper = np.where(mass_at > 0, np.minimum(r_up * mass_at / n, 1.0), 0.0)
+    q = np.clip(r_hat * exit_factor * c[order], 0.0, 1.0)
     var_at = np.concatenate([[0.0], np.cumsum(q * (1.0 - q))])[k] / n
-    return Estimates(t, n, k, r_hat * mass_at / n, upper, sample_var=var_at)
+    return Estimates(t, n, k, r_hat * mass_at / n, upper, sample_var=var_at, predictive=predict > 0)
 
 
 def sampling_margin(agreement: float, meet_window: int, delta: float,
@@ -298,5 +340,5 @@ def sampling_margin(agreement: float, meet_window: int, delta: float,
     return float(z * np.sqrt(eps * (1.0 - eps) / meet_window))
 
 
-__all__ = ["DisagreementProfile", "profile_estimate", "sampling_margin", "scale_upper", "scale_upper_exact",
+__all__ = ["DisagreementProfile", "predictive_upper", "profile_estimate", "sampling_margin", "scale_upper", "scale_upper_exact",
            "score_shift_pvalue", "validation_evidence"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -282,16 +283,35 @@ VAL_PARTS = {"val": None, "val-a": 0, "val-b": 1}
 """The validation hold-out, whole or one of its two halves (even / odd rows). Why halves: a
 disagreement profile measured on ``val-a`` and a stream drawn from ``val-b`` is out of sample, as
 test is; a stream from the same images the profile was measured on flatters any setting that
-trusts the profile."""
+trusts the profile. Folds too (:func:`val_part_rows`): ``val-5f0`` is fold 0 of 5 (rows
+= 0 mod 5), ``val-5f0c`` the other four; a profile from ``5f0c`` has nearly the shipped one's
+noise, and each of the five folds is an out-of-sample stream for it."""
+
+_FOLD = re.compile(r"^val-(\d+)f(\d+)(c?)$")
+
+
+def is_val_part(part: str) -> bool:
+    """Whether ``part`` names the validation hold-out or a part of it (a half or a fold)."""
+    m = _FOLD.match(part)
+    return part in VAL_PARTS or (m is not None and 2 <= int(m.group(1)) and int(m.group(2)) < int(m.group(1)))
 
 
 def val_part_rows(n: int, part: str) -> np.ndarray:
-    """The rows of an ``n``-image validation hold-out that ``part`` (a :data:`VAL_PARTS` key) keeps."""
-    if part not in VAL_PARTS:
-        raise ValueError(f"unknown validation part {part!r}; use {', '.join(VAL_PARTS)}")
-    parity = VAL_PARTS[part]
+    """The rows of an ``n``-image validation hold-out that ``part`` keeps: ``val``, ``val-a`` /
+    ``val-b`` (even / odd rows), ``val-KfI`` (rows = I mod K) or ``val-KfIc`` (the rest)."""
     rows = np.arange(n)
-    return rows if parity is None else rows[rows % 2 == parity]
+    if part in VAL_PARTS:
+        parity = VAL_PARTS[part]
+        return rows if parity is None else rows[rows % 2 == parity]
+    m = _FOLD.match(part)
+    if m is None:
+        raise ValueError(f"unknown validation part {part!r}; use {', '.join(VAL_PARTS)}, val-KfI "
+                         "(fold I of K) or val-KfIc (all but that fold)")
+    k, i, rest = int(m.group(1)), int(m.group(2)), bool(m.group(3))
+    if k < 2 or i >= k:
+        raise ValueError(f"validation part {part!r}: needs K >= 2 folds and 0 <= I < K")
+    inside = rows % k == i
+    return rows[~inside if rest else inside]
 
 
 def load_stream(spec: TraceSpec, data_root: str, dataset: str = "cifar10", split: str = "test",
@@ -299,7 +319,7 @@ def load_stream(spec: TraceSpec, data_root: str, dataset: str = "cifar10", split
     """The stream drawn from ``split``: ``test``, or ``val`` = the bundle's validation hold-out of
     the train split (needs ``manifest``), so settings can be chosen without touching test images;
     ``val-a`` / ``val-b``: one half of it (:data:`VAL_PARTS`)."""
-    if split in VAL_PARTS:
+    if is_val_part(split):
         if manifest is None:
             raise ValueError(f"split {split!r} needs the bundle's manifest (its hold-out seed and fraction)")
         from edgecloud.evaluate.source import load_eval_data
@@ -312,7 +332,8 @@ def load_stream(spec: TraceSpec, data_root: str, dataset: str = "cifar10", split
 
         ds = load_dataset(dataset, "test", data_root)
         return build_stream(spec, ds.images.numpy(), ds.labels.numpy())
-    raise ValueError(f"split must be 'test', {', '.join(repr(v) for v in VAL_PARTS)}, got {split!r}")
+    raise ValueError(f"split must be 'test', {', '.join(repr(v) for v in VAL_PARTS)} or a fold "
+                     f"(val-KfI, val-KfIc), got {split!r}")
 
 
 # ---- windows ---------------------------------------------------------------------------------
