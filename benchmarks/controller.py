@@ -40,7 +40,10 @@ headline numbers are over the other ("settled") windows; the same numbers over a
 Writes ``<out>/windows.csv``, ``<out>/controller.png`` and ``<out>/summary.json``; the last line
 printed is the one-line JSON summary (``--json``: only that line). With ``estimator=profile``,
 also ``<out>/profile_bins.csv``: per profile bin, the profile's rate next to the disagreement the
-stream's samples in that bin really have, per segment (does drift change the curve's shape?).
+stream's samples in that bin really have, per segment (does drift change the curve's shape?),
+and ``<out>/class_rise.csv``: per segment and per class the edge answered, the exits' and the
+band's observed ÷ profile-predicted disagreements at the segment's hindsight threshold (where
+does the band under-price the exits?).
 """
 
 from __future__ import annotations
@@ -378,6 +381,42 @@ def write_profile_bins(path: Path, profile_file: str, ref, spec) -> None:
             w.writerow(row)
 
 
+def write_class_rise(path: Path, profile_file: str, ref, spec, thresholds: list[float],
+                     band_share: float) -> None:
+    """Per segment and per class the edge answered: where does the profile under-price? At the
+    segment's hindsight threshold (``thresholds``, one per segment), the exits' observed and
+    profile-predicted disagreements, and the same for the band (the next ``band_share`` of the
+    segment's samples above it, as the controller's ``profile_band``). r = observed / predicted;
+    a class whose exits' r far exceeds the band's is a rise the band cannot see."""
+    from edgecloud.control.estimate import confidence_key
+    from edgecloud.control.profile import DisagreementProfile
+
+    prof = DisagreementProfile.load(profile_file)
+    disagree = (~ref.edge_agrees).astype(np.float64)
+    rate = prof(ref.score)
+    key = confidence_key(prof.kind, ref.score)
+    classes = sorted(set(int(c) for c in np.unique(ref.edge_class)))
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["segment", "kind", "threshold", "edge_class", "exits", "exits_disagree", "exits_expected",
+                    "exits_r", "band", "band_disagree", "band_expected", "band_r"])
+        for i, ((start, stop), seg) in enumerate(zip(spec.bounds(), spec.segments)):
+            k_seg = key[start:stop]
+            limit = float(confidence_key(prof.kind, np.array([thresholds[i]]))[0])
+            exits = k_seg > limit if prof.kind == "entropy" else k_seg >= limit
+            order = np.flatnonzero(~exits)[np.argsort(-k_seg[~exits], kind="stable")]
+            band = np.zeros(stop - start, dtype=bool)
+            band[order[: max(1, int(round(band_share * (stop - start))))]] = True
+            for c in ["all", *classes]:
+                mine = np.ones(stop - start, dtype=bool) if c == "all" else ref.edge_class[start:stop] == c
+                row: list[Any] = [i, seg.kind, round(thresholds[i], 5), c]
+                for part in (exits & mine, band & mine):
+                    seen, expected = float(disagree[start:stop][part].sum()), float(rate[start:stop][part].sum())
+                    row += [int(part.sum()), int(seen), round(expected, 2),
+                            round(seen / expected, 3) if expected > 0 else ""]
+                w.writerow(row)
+
+
 def _clean(obj: Any) -> Any:
     """JSON-safe: numpy to lists, NaN to None, floats rounded."""
     if isinstance(obj, dict):
@@ -616,6 +655,10 @@ def main(argv: list[str] | None = None) -> int:
     profile_file = (summary.get("control") or {}).get("profile")
     if (summary.get("control") or {}).get("estimator") == "profile" and profile_file:
         write_profile_bins(out / "profile_bins.csv", profile_file, ref, spec)
+        first = [start // window for start, _ in spec.bounds()]
+        band = (summary["control"].get("profile_band") or 0) / max(1, summary["control"]["window"])
+        write_class_rise(out / "class_rise.csv", profile_file, ref, spec,
+                         [float(segment_oracle.threshold[w]) for w in first], band or 250 / 4000)
     title = (f"{manifest.name}: target {args.target:g} (delta {args.delta:g}), "
              f"{spec.length} samples, window {window}; CPU {cpu['lscpu_model']}")
     plot(out / "controller.png", spec, window, settled, args.target, runs, title)

@@ -374,6 +374,36 @@ def test_profile_bins_table_sets_the_profile_beside_each_segments_true_rates(tmp
     assert float(high["1_blur_disagreement"]) == 1.0 and float(low["1_blur_disagreement"]) == 1.0
 
 
+def test_class_rise_table_prices_exits_and_band_per_answered_class(tmp_path):
+    """benchmarks/controller.py's class_rise.csv: per segment and class, the exits (below the
+    segment's threshold) and the band (the next samples above it) with observed and
+    profile-predicted disagreements."""
+    import csv
+    import importlib.util
+
+    from edgecloud.control.profile import DisagreementProfile
+
+    spec_ = importlib.util.spec_from_file_location("controller_benchmark", REPO_ROOT / "benchmarks" / "controller.py")
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    DisagreementProfile.fit("entropy", np.array([0.1, 0.2, 0.8, 0.9]), np.array([1.0, 0.0, 1.0, 0.0]),
+                            bins=2).save(tmp_path / "p.json")      # rate 0.5 in both bins
+    spec = trace.parse_segments("clean:4;blur:4:blur=1.0", seed=0)
+    ref = _ref([0.1, 0.15, 0.85, 0.9, 0.1, 0.2, 0.8, 0.95], [1, 1, 0, 1, 0, 0, 0, 1])
+    bench.write_class_rise(tmp_path / "rise.csv", str(tmp_path / "p.json"), ref, spec, [0.5, 0.5], 0.25)
+    rows = list(csv.DictReader((tmp_path / "rise.csv").open()))
+    first = [r for r in rows if r["segment"] == "0"]
+    assert [r["edge_class"] for r in first] == ["all", "0", "1"]   # the edge's answers (1: disagrees here)
+    allrow = first[0]
+    assert allrow["exits"] == "2" and allrow["exits_disagree"] == "0" and float(allrow["exits_expected"]) == 1.0
+    assert float(allrow["exits_r"]) == 0.0
+    assert allrow["band"] == "1" and allrow["band_disagree"] == "1" and float(allrow["band_r"]) == 2.0  # 0.85
+    blur = [r for r in rows if r["segment"] == "1" and r["edge_class"] == "all"][0]
+    assert blur["kind"] == "blur" and blur["exits_disagree"] == "2" and float(blur["exits_r"]) == 2.0
+    ones = [r for r in rows if r["segment"] == "1" and r["edge_class"] == "1"][0]
+    assert ones["exits"] == "2" and float(ones["exits_r"]) == 2.0 and ones["band"] == "1"
+
+
 def test_benchmark_split_accepts_folds_and_names_the_bad_value():
     import argparse
     import importlib.util
@@ -385,3 +415,39 @@ def test_benchmark_split_accepts_folds_and_names_the_bad_value():
         assert bench._split(good) == good
     with pytest.raises(argparse.ArgumentTypeError, match="'val-5f9'"):
         bench._split("val-5f9")
+
+
+def test_controller_summaries_line_up_runs_and_name_the_settings_that_differ(tmp_path, capsys):
+    """benchmarks/controller_summaries.py: one row per benchmark output, the settings that differ
+    between them, and per setting the worst share where static misses and the mean energy."""
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("controller_summaries",
+                                                   REPO_ROOT / "benchmarks" / "controller_summaries.py")
+    tool = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(tool)
+
+    def write(name, factor, split, where, energy):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({
+            "stream": {"dataset": f"cifar10 {split}"}, "settled_windows": 30, "static_miss_windows": 12,
+            "controlled_meet_share": 1.0, "controlled_meet_share_where_static_misses": where,
+            "energy_vs_oracle": energy, "shadow_share": 0.002, "controlled_source": "offline",
+            "control": {"agreement": 0.97, "profile": f"p-{split}.json", "shift_factor": factor,
+                        "profile_band": 250}}))
+        return d
+
+    dirs = [write("a0", 1.0, "val-5f0", 1.0, 1.10), write("a1", 1.0, "val-5f1", 0.9, 1.12),
+            write("b0", 1.34, "val-5f0", 1.0, 1.20)]
+    assert tool.main([str(d) for d in dirs] + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["setting"] for r in out["rows"]] == ["shift_factor=1.0", "shift_factor=1.0", "shift_factor=1.34"]
+    assert out["rows"][1]["split"] == "val-5f1"
+    s = out["settings"]["shift_factor=1.0"]
+    assert s["runs"] == 2 and s["worst_meet_share_where_static_misses"] == 0.9
+    assert s["mean_energy_vs_oracle"] == pytest.approx(1.11) and s["worst_energy_vs_oracle"] == 1.12
+    assert tool.main([str(d) for d in dirs]) == 0
+    assert "| val-5f1 | shift_factor=1.0 | 100.0% | 90.0% (12) | 1.120 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no summary.json"):
+        tool.main([str(tmp_path / "missing")])
