@@ -22,6 +22,7 @@ from edgecloud.control.profile import (
     score_shift_pvalue,
     validation_evidence,
 )
+from tests.control_data import BUNDLE, CIFAR, needs_cifar_bundle
 
 
 def _curve(score: np.ndarray) -> np.ndarray:
@@ -239,14 +240,20 @@ def test_validation_labels_pool_into_the_scale_when_the_curve_did_not_rise(tmp_p
         DisagreementProfile("entropy", (0.0, 1.0), (0.5,), 10, counts=(3,), hits=(4,))
 
 
-def test_controller_pools_validation_labels_only_while_the_scores_have_not_moved(tmp_path):
+def _profile_controller_kit(tmp_path, **settings) -> tuple[Budgets, dict, dict]:
+    """A seeded profile of the synthetic curve saved to ``tmp_path``; the controller's budgets,
+    its constructor keywords and the profile-estimator settings (plus ``settings``)."""
     rng = np.random.default_rng(5)
     score = rng.uniform(0, 1.5, 5000)
     prof = DisagreementProfile.fit("entropy", score, (rng.random(score.size) < _curve(score)).astype(float))
     prof.save(tmp_path / "e.json")
-    budgets = Budgets(agreement=0.97, delta=0.05)
-    kw = dict(bytes_per_offload=8192, radio_j_per_offload=0.02)
-    base = dict(estimator="profile", profile=str(tmp_path / "e.json"), min_samples=10, profile_band=250)
+    base = dict(estimator="profile", profile=str(tmp_path / "e.json"), min_samples=10, profile_band=250,
+                **settings)
+    return Budgets(agreement=0.97, delta=0.05), dict(bytes_per_offload=8192, radio_j_per_offload=0.02), base
+
+
+def test_controller_pools_validation_labels_only_while_the_scores_have_not_moved(tmp_path):
+    budgets, kw, base = _profile_controller_kit(tmp_path)
     with pytest.raises(ValueError, match="shift_alpha works with estimator='profile'"):
         ExitController("entropy", 0.5, budgets, ControlSettings(shift_alpha=0.05), **kw)
     with pytest.raises(ValueError, match="shift_alpha must lie in"):
@@ -303,14 +310,7 @@ def test_controller_predictive_bound_and_shift_factor(tmp_path):
     """``profile_bound: predictive`` exits more than the stacked bound on the same window and
     needs ``meet_window``; ``shift_factor`` lowers the threshold only while the shift test
     rejects, and needs the test."""
-    rng = np.random.default_rng(5)
-    score = rng.uniform(0, 1.5, 5000)
-    prof = DisagreementProfile.fit("entropy", score, (rng.random(score.size) < _curve(score)).astype(float))
-    prof.save(tmp_path / "e.json")
-    budgets = Budgets(agreement=0.97, delta=0.05)
-    kw = dict(bytes_per_offload=8192, radio_j_per_offload=0.02)
-    base = dict(estimator="profile", profile=str(tmp_path / "e.json"), min_samples=10,
-                profile_band=250, meet_window=1000)
+    budgets, kw, base = _profile_controller_kit(tmp_path, meet_window=1000)
     with pytest.raises(ValueError, match="needs meet_window > 0"):
         ExitController("entropy", 0.5, budgets, ControlSettings(**{**base, "meet_window": 0},
                                                                 profile_bound="predictive"), **kw)
@@ -332,13 +332,9 @@ def test_controller_predictive_bound_and_shift_factor(tmp_path):
     assert moved[0].shift_p < 0.05 and moved[1].threshold < moved[0].threshold
 
 
-REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-CIFAR = REPO_ROOT.parent / "shared" / "datasets" / "cifar10"
-BUNDLE = REPO_ROOT / "models" / "cifar10-hybrid-resnet20-4bit"
 
 
-@pytest.mark.skipif(not CIFAR.is_dir() or not (BUNDLE / "manifest.yaml").is_file(),
-                    reason="needs ../shared/datasets/cifar10 and models/cifar10-hybrid-resnet20-4bit")
+@needs_cifar_bundle
 def test_cli_writes_a_profile_from_validation_images(tmp_path, capsys):
     from edgecloud.cli import main
 

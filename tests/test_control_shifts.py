@@ -4,7 +4,6 @@ exits under a shift; and the `edgecloud control shift-family` command."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from edgecloud.control.profile import DisagreementProfile
 from edgecloud.control.shifts import SHIFT_FAMILY, TRACE_SHIFTS, shift_excess
 from edgecloud.control.trace import Reference
+from tests.control_data import BUNDLE, CIFAR, needs_cifar_bundle
 
 
 def _curve(score: np.ndarray) -> np.ndarray:
@@ -69,13 +69,9 @@ def test_family_corruptions_keep_the_images_shape_change_them_and_repeat_under_a
     assert not any("noise" in n or "blur" in n for n in SHIFT_FAMILY)
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CIFAR = REPO_ROOT.parent / "shared" / "datasets" / "cifar10"
-BUNDLE = REPO_ROOT / "models" / "cifar10-hybrid-resnet20-4bit"
 
 
-@pytest.mark.skipif(not CIFAR.is_dir() or not (BUNDLE / "manifest.yaml").is_file(),
-                    reason="needs ../shared/datasets/cifar10 and models/cifar10-hybrid-resnet20-4bit")
+@needs_cifar_bundle
 def test_cli_measures_the_family_and_names_the_largest_kappa(tmp_path, capsys):
     from edgecloud.cli import main
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgecloud.control import trace
+from tests.control_data import BUNDLE, CIFAR, REPO_ROOT, needs_cifar_bundle
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CIFAR = REPO_ROOT.parent / "shared" / "datasets" / "cifar10"
-BUNDLE = REPO_ROOT / "models" / "cifar10-hybrid-resnet20-4bit"
 
 
 def _data(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -266,8 +263,7 @@ def test_validation_folds_partition_the_hold_out_and_their_complements_are_the_r
         trace.val_part_rows(23, "val-fold")
 
 
-@pytest.mark.skipif(not CIFAR.is_dir() or not (BUNDLE / "manifest.yaml").is_file(),
-                    reason="needs ../shared/datasets/cifar10 and models/cifar10-hybrid-resnet20-4bit")
+@needs_cifar_bundle
 def test_val_stream_draws_only_the_bundles_hold_out():
     """Settings are chosen on a stream of validation images: the bundle's hold-out of the train
     split, none of them a test image."""
@@ -288,8 +284,7 @@ def test_val_stream_draws_only_the_bundles_hold_out():
 
 
 # ---- the benchmark against real servers -----------------------------------------------------
-@pytest.mark.skipif(not CIFAR.is_dir() or not (BUNDLE / "manifest.yaml").is_file(),
-                    reason="needs ../shared/datasets/cifar10 and models/cifar10-hybrid-resnet20-4bit")
+@needs_cifar_bundle
 def test_controller_benchmark_quick(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
