@@ -39,7 +39,12 @@ the window's scores show no shift from the validation scores the profile was mea
 chi-square test at that level, :func:`edgecloud.control.profile.score_shift_pvalue`), the scale
 ``r`` pools the profile's own validation labels with the window's, so an undrifted stream is
 priced with thousands of labels, not the window's few hundred. ASSUMPTION added: scores that did
-not move come with a curve that did not rise.
+not move come with a curve that did not rise. ``profile_bound="predictive"`` replaces r's bound
+plus the sampling margin (each at delta, stacked) by one (1 - delta) quantile of the next
+window's share (:func:`edgecloud.control.profile.predictive_upper`). ``shift_factor`` > 1: while
+the shift test rejects, the exits are priced that many times above r x profile, a model of a
+shift raising the confident part of the curve more than the band r is measured on, calibrated
+over a corruption family by :mod:`edgecloud.control.shifts`.
 
 Contract with the data plane: ``shadow_prob`` must be the probability a sample really had of
 being labelled by a shadow. A shadow that was drawn but never sent (queue full, send failed)

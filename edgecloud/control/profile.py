@@ -295,7 +295,8 @@ def profile_estimate(window: WindowData, kind: PolicyKind, thresholds, profile: 
         return empty_estimates(t)
     key, order, k = ranked(window, kind, t)
     c = profile(window.score)
-    mass_at = exit_factor * np.concatenate([[0.0], np.cumsum(c[order])])[k]  # expected disagreeing exits at r = 1
+    # expected disagreeing exits at r = 1 (times the shift's excess on the exits)
+    mass_at = exit_factor * np.concatenate([[0.0], np.cumsum(c[order])])[k]
     labelled = ~np.isnan(window.disagree)
     if band > 0:
         off = labelled & ~window.exited
@@ -340,5 +341,5 @@ def sampling_margin(agreement: float, meet_window: int, delta: float,
     return float(z * np.sqrt(eps * (1.0 - eps) / meet_window))
 
 
-__all__ = ["DisagreementProfile", "predictive_upper", "profile_estimate", "sampling_margin", "scale_upper", "scale_upper_exact",
-           "score_shift_pvalue", "validation_evidence"]
+__all__ = ["DisagreementProfile", "predictive_upper", "profile_estimate", "sampling_margin", "scale_upper",
+           "scale_upper_exact", "score_shift_pvalue", "validation_evidence"]

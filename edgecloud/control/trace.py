@@ -292,8 +292,10 @@ _FOLD = re.compile(r"^val-(\d+)f(\d+)(c?)$")
 
 def is_val_part(part: str) -> bool:
     """Whether ``part`` names the validation hold-out or a part of it (a half or a fold)."""
+    if part in VAL_PARTS:
+        return True
     m = _FOLD.match(part)
-    return part in VAL_PARTS or (m is not None and 2 <= int(m.group(1)) and int(m.group(2)) < int(m.group(1)))
+    return m is not None and 2 <= int(m.group(1)) and int(m.group(2)) < int(m.group(1))
 
 
 def val_part_rows(n: int, part: str) -> np.ndarray:
@@ -318,7 +320,8 @@ def load_stream(spec: TraceSpec, data_root: str, dataset: str = "cifar10", split
                 manifest: Any = None) -> Stream:
     """The stream drawn from ``split``: ``test``, or ``val`` = the bundle's validation hold-out of
     the train split (needs ``manifest``), so settings can be chosen without touching test images;
-    ``val-a`` / ``val-b``: one half of it (:data:`VAL_PARTS`)."""
+    ``val-a`` / ``val-b``: one half of it (:data:`VAL_PARTS`); ``val-KfI`` / ``val-KfIc``: fold I
+    of K, or all but it (:func:`val_part_rows`)."""
     if is_val_part(split):
         if manifest is None:
             raise ValueError(f"split {split!r} needs the bundle's manifest (its hold-out seed and fraction)")
