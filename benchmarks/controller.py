@@ -356,13 +356,11 @@ def plot(path: Path, spec, window: int, settled: np.ndarray, target: float,
     plt.close(fig)
 
 
-def write_profile_bins(path: Path, profile_file: str, ref, spec) -> None:
+def write_profile_bins(path: Path, prof, ref, spec) -> None:
     """Per profile bin: its entropy (or max-prob) range, the profile's rate, and per segment the
     stream's samples in the bin and their true disagreement with the cloud (the reference)."""
     from edgecloud.control.estimate import confidence_key
-    from edgecloud.control.profile import DisagreementProfile
 
-    prof = DisagreementProfile.load(profile_file)
     bins = prof.bin_of(ref.score)
     disagree = ~ref.edge_agrees
     sign = -1.0 if confidence_key(prof.kind, np.array([1.0]))[0] < 0 else 1.0  # key -> score units
@@ -381,29 +379,26 @@ def write_profile_bins(path: Path, profile_file: str, ref, spec) -> None:
             w.writerow(row)
 
 
-def write_class_rise(path: Path, profile_file: str, ref, spec, thresholds: list[float],
-                     band_share: float) -> None:
+def write_class_rise(path: Path, prof, ref, spec, thresholds: list[float], band_share: float) -> None:
     """Per segment and per class the edge answered: where does the profile under-price? At the
     segment's hindsight threshold (``thresholds``, one per segment), the exits' observed and
     profile-predicted disagreements, and the same for the band (the next ``band_share`` of the
     segment's samples above it, as the controller's ``profile_band``). r = observed / predicted;
     a class whose exits' r far exceeds the band's is a rise the band cannot see."""
     from edgecloud.control.estimate import confidence_key
-    from edgecloud.control.profile import DisagreementProfile
+    from edgecloud.control.trace import exits_at
 
-    prof = DisagreementProfile.load(profile_file)
     disagree = (~ref.edge_agrees).astype(np.float64)
     rate = prof(ref.score)
     key = confidence_key(prof.kind, ref.score)
-    classes = sorted(set(int(c) for c in np.unique(ref.edge_class)))
+    classes = np.unique(ref.edge_class).tolist()
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["segment", "kind", "threshold", "edge_class", "exits", "exits_disagree", "exits_expected",
                     "exits_r", "band", "band_disagree", "band_expected", "band_r"])
         for i, ((start, stop), seg) in enumerate(zip(spec.bounds(), spec.segments)):
             k_seg = key[start:stop]
-            limit = float(confidence_key(prof.kind, np.array([thresholds[i]]))[0])
-            exits = k_seg > limit if prof.kind == "entropy" else k_seg >= limit
+            exits = exits_at(ref.score[start:stop], thresholds[i], prof.kind)
             order = np.flatnonzero(~exits)[np.argsort(-k_seg[~exits], kind="stable")]
             band = np.zeros(stop - start, dtype=bool)
             band[order[: max(1, int(round(band_share * (stop - start))))]] = True
@@ -654,10 +649,13 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "windows.csv", spec, window, settled, runs)
     profile_file = (summary.get("control") or {}).get("profile")
     if (summary.get("control") or {}).get("estimator") == "profile" and profile_file:
-        write_profile_bins(out / "profile_bins.csv", profile_file, ref, spec)
+        from edgecloud.control.profile import DisagreementProfile
+
+        prof = DisagreementProfile.load(profile_file)
+        write_profile_bins(out / "profile_bins.csv", prof, ref, spec)
         first = [start // window for start, _ in spec.bounds()]
         band = (summary["control"].get("profile_band") or 0) / max(1, summary["control"]["window"])
-        write_class_rise(out / "class_rise.csv", profile_file, ref, spec,
+        write_class_rise(out / "class_rise.csv", prof, ref, spec,
                          [float(segment_oracle.threshold[w]) for w in first], band or 250 / 4000)
     title = (f"{manifest.name}: target {args.target:g} (delta {args.delta:g}), "
              f"{spec.length} samples, window {window}; CPU {cpu['lscpu_model']}")

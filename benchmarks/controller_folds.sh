@@ -21,6 +21,6 @@ for i in 0 1 2 3 4; do
   $py benchmarks/controller.py --split val-5f$i --data-root "$data" --scale 2 --control-window 4000 \
     --control shadow_target=0 --control shadow_min=0.003 --control estimator=profile \
     --control meet_window=1000 --control profile_band=250 --control profile="$profile" \
-    "$@" --modes offline --out "$out" | tail -n 1 > /dev/null
+    "$@" --modes offline --out "$out" > /dev/null
 done
 $py benchmarks/controller_summaries.py runs/folds/$tag-5f*/

@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['energy_vs_oracle']:.3f} | {r['shadow_share']:.2%} |")
     for setting, s in summary.items():
         print(f"{setting}: {s['runs']} runs, worst where static misses {s['worst_meet_share_where_static_misses']:.1%}, "
-              f"energy mean {s['mean_energy_vs_oracle']:.3f} / worst {s['worst_energy_vs_oracle']:.3f}",
-              file=sys.stdout)
+              f"energy mean {s['mean_energy_vs_oracle']:.3f} / worst {s['worst_energy_vs_oracle']:.3f}")
     return 0
 
 

@@ -358,7 +358,7 @@ def test_profile_bins_table_sets_the_profile_beside_each_segments_true_rates(tmp
     spec = trace.parse_segments("clean:4;blur:4:blur=1.0", seed=0)
     # clean: low entropy agrees, high entropy half disagrees; blur: everything disagrees
     ref = _ref([0.1, 0.15, 0.85, 0.9, 0.1, 0.2, 0.8, 0.95], [1, 1, 0, 1, 0, 0, 0, 0])
-    bench.write_profile_bins(tmp_path / "bins.csv", str(tmp_path / "p.json"), ref, spec)
+    bench.write_profile_bins(tmp_path / "bins.csv", DisagreementProfile.load(tmp_path / "p.json"), ref, spec)
     rows = list(csv.DictReader((tmp_path / "bins.csv").open()))
     assert [r["bin"] for r in rows] == ["0", "1"]
     high, low = rows  # bin 0 is the least confident (highest entropy)
@@ -385,7 +385,8 @@ def test_class_rise_table_prices_exits_and_band_per_answered_class(tmp_path):
                             bins=2).save(tmp_path / "p.json")      # rate 0.5 in both bins
     spec = trace.parse_segments("clean:4;blur:4:blur=1.0", seed=0)
     ref = _ref([0.1, 0.15, 0.85, 0.9, 0.1, 0.2, 0.8, 0.95], [1, 1, 0, 1, 0, 0, 0, 1])
-    bench.write_class_rise(tmp_path / "rise.csv", str(tmp_path / "p.json"), ref, spec, [0.5, 0.5], 0.25)
+    bench.write_class_rise(tmp_path / "rise.csv", DisagreementProfile.load(tmp_path / "p.json"), ref, spec,
+                           [0.5, 0.5], 0.25)
     rows = list(csv.DictReader((tmp_path / "rise.csv").open()))
     first = [r for r in rows if r["segment"] == "0"]
     assert [r["edge_class"] for r in first] == ["all", "0", "1"]   # the edge's answers (1: disagrees here)

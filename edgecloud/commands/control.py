@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _part(text: str) -> str:
     from edgecloud.control.trace import is_val_part
 
-    if not is_val_part(f"val-{text}") or text in ("", "val"):
+    if not is_val_part(f"val-{text}"):
         raise argparse.ArgumentTypeError(f"{text!r}: use a, b, KfI (fold I of K) or KfIc (all but it)")
     return text
 

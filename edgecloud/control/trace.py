@@ -292,10 +292,11 @@ _FOLD = re.compile(r"^val-(\d+)f(\d+)(c?)$")
 
 def is_val_part(part: str) -> bool:
     """Whether ``part`` names the validation hold-out or a part of it (a half or a fold)."""
-    if part in VAL_PARTS:
-        return True
-    m = _FOLD.match(part)
-    return m is not None and 2 <= int(m.group(1)) and int(m.group(2)) < int(m.group(1))
+    try:
+        val_part_rows(0, part)
+    except ValueError:
+        return False
+    return True
 
 
 def val_part_rows(n: int, part: str) -> np.ndarray:
