@@ -305,6 +305,9 @@ class ControlConfig(_Strict):
                                 "are this many times r x profile (a shift may raise the confident "
                                 "part of the curve more than the band r is measured on; from "
                                 "`edgecloud control shift-family`; 1: off)")
+    shifted_bound: Literal["", "poisson", "predictive"] = Field(
+        "", description="the profile's scale bound while that test rejects ('': profile_bound); "
+        "e.g. 'predictive' for stable scores, 'poisson' (stacked with the margin) once they moved")
 
     @field_validator("priority")
     @classmethod

@@ -87,3 +87,15 @@ def test_from_config_maps_curve_memory() -> None:
     _, settings = from_config(ControlConfig(agreement=0.97, curve_memory=16000), "edge.control.m")
     assert settings.curve_memory == 16000
     assert from_config(ControlConfig(agreement=0.97), "m")[1].curve_memory == 0
+
+
+def test_from_config_maps_the_profile_settings() -> None:
+    _, settings = from_config(ControlConfig(agreement=0.97, estimator="profile", profile="p.json",
+                                            meet_window=1000, profile_bound="predictive",
+                                            shift_alpha=0.05, shift_factor=1.2,
+                                            shifted_bound="poisson"), "edge.control.m")
+    assert (settings.profile_bound, settings.shift_factor, settings.shifted_bound) == (
+        "predictive", 1.2, "poisson")
+    assert from_config(ControlConfig(agreement=0.97), "m")[1].shifted_bound == ""
+    with pytest.raises(ValueError, match="shifted_bound"):
+        ControlConfig(agreement=0.97, shifted_bound="exact")

@@ -332,6 +332,32 @@ def test_controller_predictive_bound_and_shift_factor(tmp_path):
     assert moved[0].shift_p < 0.05 and moved[1].threshold < moved[0].threshold
 
 
+def test_shifted_bound_applies_only_while_the_shift_test_rejects(tmp_path):
+    """``shifted_bound: poisson`` under ``profile_bound: predictive``: stable scores keep the
+    predictive threshold, moved ones get exactly the stacked bound's threshold."""
+    budgets, kw, base = _profile_controller_kit(tmp_path, meet_window=1000)
+    with pytest.raises(ValueError, match="shifted_bound needs shift_alpha"):
+        ExitController("entropy", 0.5, budgets, ControlSettings(**base, shifted_bound="poisson"), **kw)
+    with pytest.raises(ValueError, match="unknown shifted_bound"):
+        ExitController("entropy", 0.5, budgets,
+                       ControlSettings(**base, shift_alpha=0.05, shifted_bound="exact"), **kw)
+    with pytest.raises(ValueError, match="shifted_bound 'predictive' needs meet_window"):
+        ExitController("entropy", 0.5, budgets, ControlSettings(
+            **{**base, "meet_window": 0}, shift_alpha=0.05, shifted_bound="predictive"), **kw)
+
+    def run(moved: float, **settings) -> ExitController:
+        ctl = ExitController("entropy", 0.5, budgets,
+                             ControlSettings(**base, shift_alpha=0.05, **settings), **kw)
+        _observe_and_step(ctl, _window(np.random.default_rng(6), 4000, 1.0, 0.5, 0.003,
+                                       profile_score_shift=moved)[0])
+        return ctl
+
+    pred, stacked = {"profile_bound": "predictive"}, {"profile_bound": "poisson"}
+    hybrid = {"profile_bound": "predictive", "shifted_bound": "poisson"}
+    assert run(0.0, **hybrid).threshold == run(0.0, **pred).threshold != run(0.0, **stacked).threshold
+    assert run(0.1, **hybrid).threshold == run(0.1, **stacked).threshold != run(0.1, **pred).threshold
+
+
 
 
 @needs_cifar_bundle

@@ -44,7 +44,8 @@ plus the sampling margin (each at delta, stacked) by one (1 - delta) quantile of
 window's share (:func:`edgecloud.control.profile.predictive_upper`). ``shift_factor`` > 1: while
 the shift test rejects, the exits are priced that many times above r x profile, a model of a
 shift raising the confident part of the curve more than the band r is measured on, calibrated
-over a corruption family by :mod:`edgecloud.control.shifts`.
+over a corruption family by :mod:`edgecloud.control.shifts`. ``shifted_bound`` picks r's bound
+for the shifted windows apart from the stable ones.
 
 Contract with the data plane: ``shadow_prob`` must be the probability a sample really had of
 being labelled by a shadow. A shadow that was drawn but never sent (queue full, send failed)
@@ -126,6 +127,9 @@ class ControlSettings:
     shift_factor: float = 1.0      # while that test rejects: the exits' rates are this many times
     # r x profile (a shift may raise the confident part of the curve more than the band where r is
     # measured; `edgecloud control shift-family` measures it over a family of corruptions)
+    shifted_bound: Literal["", "poisson", "predictive"] = ""  # r's bound while that test
+    # rejects ("": profile_bound). E.g. predictive while the scores match validation (the model
+    # holds, r is pooled) and the stacked Poisson bound + margin once they moved
 
 
 @dataclass
@@ -456,11 +460,12 @@ class ExitController:
             if self._prior is not None:
                 self.shift_p = score_shift_pvalue(self._profile, window.score)
                 prior = self._prior if self.shift_p >= self._settings.shift_alpha else None
+            shifted = self._prior is not None and prior is None
             est = profile_estimate(window, self._kind, thresholds, self._profile,
                                    delta=self._budgets.delta, band=self._settings.profile_band,
                                    exact=self._settings.profile_bound == "exact", prior=prior,
-                                   predict=self._predict(),
-                                   exit_factor=1.0 if prior is not None else self._settings.shift_factor)
+                                   predict=self._predict(shifted),
+                                   exit_factor=self._settings.shift_factor if shifted else 1.0)
         else:
             est = estimate(self._window(), self._kind, thresholds, delta=self._budgets.delta,
                            bound=self._settings.bound, looks=max(1, self._looks),
@@ -480,10 +485,12 @@ class ExitController:
             compute_j=compute,
         )
 
-    def _predict(self) -> int:
-        """The window size the profile's bound predicts (0: a bound on r, margin apart)."""
+    def _predict(self, shifted: bool = False) -> int:
+        """The window size the profile's bound predicts (0: a bound on r, margin apart);
+        ``shifted``: the score-shift test rejects, so ``shifted_bound`` applies when set."""
         s = self._settings
-        return s.meet_window if s.profile_bound == "predictive" else 0
+        bound = s.shifted_bound if shifted and s.shifted_bound else s.profile_bound
+        return s.meet_window if bound == "predictive" else 0
 
     def _grid_scan(self, backoff: bool) -> tuple[np.ndarray, _Scan]:
         key = (self._version, self._budgets, self._looks, backoff)
@@ -694,6 +701,13 @@ def _check_settings(s: ControlSettings) -> None:
         raise ValueError(f"shift_factor must be >= 1 (1: off), got {s.shift_factor}")
     if s.shift_factor != 1.0 and not s.shift_alpha:
         raise ValueError("shift_factor needs shift_alpha > 0: the test that says when scores moved")
+    if s.shifted_bound not in ("", "poisson", "predictive"):
+        raise ValueError(f"unknown shifted_bound {s.shifted_bound!r}; use 'poisson' or 'predictive' "
+                         "('': profile_bound)")
+    if s.shifted_bound and not s.shift_alpha:
+        raise ValueError("shifted_bound needs shift_alpha > 0: the test that says when scores moved")
+    if s.shifted_bound == "predictive" and s.meet_window <= 0:
+        raise ValueError("shifted_bound 'predictive' needs meet_window > 0: the window it predicts")
     if not 0.0 <= s.backoff_factor <= 1.0 or s.backoff_s < 0:
         raise ValueError("backoff_factor must lie in [0, 1] and backoff_s be >= 0")
 
@@ -723,6 +737,7 @@ def from_config(config: Any, key: str = "control") -> tuple[Budgets, ControlSett
         profile_bound=getattr(config, "profile_bound", "poisson"),
         shift_alpha=getattr(config, "shift_alpha", 0.0),
         shift_factor=getattr(config, "shift_factor", 1.0),
+        shifted_bound=getattr(config, "shifted_bound", "") or "",
     )
     return budgets, settings
 
