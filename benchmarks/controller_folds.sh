@@ -36,4 +36,4 @@ for part in 5f0 5f1 5f2 5f3 5f4 val; do
     "$@" --modes offline --out "$out" > /dev/null
   if [ ! -f "$ref/reference.key" ]; then cp "$out"/reference.npz "$out"/reference.key "$ref"/; fi
 done
-$py benchmarks/controller_summaries.py runs/folds/$tag-*/
+$py benchmarks/controller_summaries.py runs/folds/$tag-5f? runs/folds/$tag-val
