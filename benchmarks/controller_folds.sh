@@ -8,7 +8,7 @@
 #
 # Profiles land in runs/profile-4bit-val-5fIc.json (made once), replays in runs/folds/TAG-5fI/
 # and runs/folds/TAG-val/; each stream's offline reference is computed once and kept in
-# runs/folds/reference-5fI/ (reference-val/).
+# runs/fold-references/5fI/ (val/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:?usage: benchmarks/controller_folds.sh TAG [--control KEY=VALUE ...]}
@@ -27,7 +27,7 @@ for part in 5f0 5f1 5f2 5f3 5f4 val; do
       --part ${part}c --out "$profile"
   fi
   out=runs/folds/$tag-$part
-  ref=runs/folds/reference-$part
+  ref=runs/fold-references/$part
   mkdir -p "$out" "$ref"
   if [ -f "$ref/reference.key" ]; then cp "$ref"/reference.npz "$ref"/reference.key "$out"/; fi
   $py benchmarks/controller.py --split $split --data-root "$data" --scale 2 --control-window 4000 \

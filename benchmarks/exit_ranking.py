@@ -54,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.linear_model import LogisticRegression
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--references", default=str(ROOT / "runs" / "folds"),
-                        help="folder holding reference-5f0 ... reference-5f4 (controller_folds.sh)")
+    parser.add_argument("--references", default=str(ROOT / "runs" / "fold-references"),
+                        help="folder holding 5f0/ ... 5f4/reference.npz (controller_folds.sh)")
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--scale", type=float, default=2.0, help="the stream's --scale")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
 
-    paths = [Path(args.references) / f"reference-5f{i}" / "reference.npz" for i in range(5)]
+    paths = [Path(args.references) / f"5f{i}" / "reference.npz" for i in range(5)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise SystemExit(f"--references: missing {', '.join(missing)}; run "
