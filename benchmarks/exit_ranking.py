@@ -42,12 +42,9 @@ def class_features(score: np.ndarray, cls: np.ndarray, classes: int = 10) -> np.
 
 
 def offload_needed(rank: np.ndarray, agrees: np.ndarray, target: float) -> float:
-    """Smallest offload share reaching ``target`` agreement when the lowest-ranked exit first
-    (offloaded samples agree with the cloud by definition)."""
-    order = np.argsort(rank, kind="stable")
-    wrong = np.cumsum(~agrees[order])
-    ok = np.nonzero(wrong <= (1.0 - target) * rank.size)[0]
-    return 1.0 - (ok[-1] + 1) / rank.size if ok.size else 1.0
+    """Smallest offload share reaching ``target`` agreement, exiting the lowest ``rank`` first:
+    the hindsight oracle's cut with every offload costing the same."""
+    return 1.0 - trace.oracle_threshold(rank, agrees, 0.0, 1.0, target).exit_share
 
 
 def main(argv: list[str] | None = None) -> int:

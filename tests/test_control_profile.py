@@ -358,8 +358,6 @@ def test_shifted_bound_applies_only_while_the_shift_test_rejects(tmp_path):
     assert run(0.1, **hybrid).threshold == run(0.1, **stacked).threshold != run(0.1, **pred).threshold
 
 
-
-
 @needs_cifar_bundle
 def test_cli_writes_a_profile_from_validation_images(tmp_path, capsys):
     from edgecloud.cli import main
